@@ -1,0 +1,17 @@
+"""lightning_spa: SGD with momentum as stochastic primal averaging, for PyTorch Lightning.
+
+Theory: A. Defazio, "Momentum via Primal Averaging" (arXiv 2010.00406); see THEORY.md.
+"""
+
+from lightning_spa.mapping import sgdm_optimizer_to_spa, sgdm_to_spa, spa_optimizer_to_sgdm, spa_to_sgdm
+from lightning_spa.optim import SPA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SPA",
+    "sgdm_optimizer_to_spa",
+    "sgdm_to_spa",
+    "spa_optimizer_to_sgdm",
+    "spa_to_sgdm",
+]

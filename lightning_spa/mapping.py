@@ -1,0 +1,212 @@
+r"""Theorem 1: the exact mapping between SGD+M and SPA (``THEORY.md`` section 2).
+
+Notation, indexed by the optimizer step ``k`` that uses each value:
+
+- SGD+M (torch form): learning rate ``alpha_k`` (``lr``) and momentum ``beta_k``;
+- SPA: step size ``eta_k`` and averaging weight ``c_k`` in ``(0, 1]``.
+
+The forms give identical iterates when ``alpha_k = c_k * eta_k`` and
+``beta_k = (1 - c_{k-1}) * eta_{k-1} / eta_k`` for ``k >= 1``. ``beta_0`` has no effect and
+is reported as ``1 - c_0``; conversely ``eta_0`` is free and defaults to
+``alpha_0 / (1 - beta_0)``, so constant schedules map to constant schedules
+(``lr 0.1, momentum 0.9 <=> eta 1.0, c 0.1``).
+
+Schedules are floats (constant) or equal-length sequences (one value per step); each function
+returns the kind it was given. Optimizer state converts both ways with
+``z = x - (1 - c_{k-1}) * eta_{k-1} * m`` (:func:`sgdm_optimizer_to_spa`,
+:func:`spa_optimizer_to_sgdm`). No Lightning import here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, overload
+
+import torch
+
+from lightning_spa.optim import SPA
+
+__all__ = ["spa_to_sgdm", "sgdm_to_spa", "NoSPAEquivalentError", "sgdm_optimizer_to_spa", "spa_optimizer_to_sgdm"]
+
+Schedule = float | Sequence[float]
+
+
+class NoSPAEquivalentError(ValueError):
+    """An SGD+M schedule has no SPA equivalent from ``step`` on (see :func:`sgdm_to_spa`)."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"No SPA schedule exists at step {step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+def _as_lists(a: Schedule, b: Schedule, names: tuple[str, str]) -> tuple[list[float], list[float], bool]:
+    """Broadcasts two schedules to equal-length lists; the flag says whether both were scalars."""
+    a_scalar, b_scalar = not isinstance(a, Sequence), not isinstance(b, Sequence)
+    if a_scalar and b_scalar:
+        return [float(a)], [float(b)], True  # type: ignore[arg-type]
+    n = len(b) if a_scalar else len(a)  # type: ignore[arg-type]
+    la = [float(a)] * n if a_scalar else [float(v) for v in a]  # type: ignore[arg-type, union-attr]
+    lb = [float(b)] * n if b_scalar else [float(v) for v in b]  # type: ignore[arg-type, union-attr]
+    if len(la) != len(lb):
+        raise ValueError(f"`{names[0]}` and `{names[1]}` must have the same length, got {len(la)} and {len(lb)}.")
+    if not la:
+        raise ValueError(f"`{names[0]}` and `{names[1]}` are empty: give at least one step.")
+    return la, lb, False
+
+
+@overload
+def spa_to_sgdm(eta: float, c: float) -> tuple[float, float]: ...
+@overload
+def spa_to_sgdm(eta: Schedule, c: Schedule) -> tuple[list[float], list[float]]: ...
+
+
+def spa_to_sgdm(eta: Schedule, c: Schedule) -> tuple[Any, Any]:
+    """Maps an SPA schedule ``(eta, c)`` to the SGD+M schedule ``(lr, momentum)``.
+
+    Always defined. A sudden drop of ``eta`` shows up as ``momentum > 1`` for one step (the
+    spike of Figure 1c/e): the tools in this package flag it, this function reports it.
+
+    Raises:
+        ValueError: ``eta`` not finite and positive, ``c`` outside ``(0, 1]``, or lengths differ.
+    """
+    etas, cs, scalar = _as_lists(eta, c, ("eta", "c"))
+    for k, (e, ck) in enumerate(zip(etas, cs, strict=True)):
+        if not (0.0 < e < math.inf):
+            raise ValueError(f"`eta` at step {k} is {e}: it must be finite and > 0.")
+        if not 0.0 < ck <= 1.0:
+            raise ValueError(f"`c` at step {k} is {ck}: it must be in (0, 1].")
+    lr = [ck * e for e, ck in zip(etas, cs, strict=True)]
+    momentum = [1.0 - cs[0]] + [(1.0 - cs[k - 1]) * etas[k - 1] / etas[k] for k in range(1, len(etas))]
+    return (lr[0], momentum[0]) if scalar else (lr, momentum)
+
+
+@overload
+def sgdm_to_spa(lr: float, momentum: float, eta0: float | None = None) -> tuple[float, float]: ...
+@overload
+def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> tuple[list[float], list[float]]: ...
+
+
+def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> tuple[Any, Any]:
+    """Maps an SGD+M schedule ``(lr, momentum)`` to the SPA schedule ``(eta, c)``.
+
+    ``eta_k = (eta_{k-1} - lr_{k-1}) / momentum_k`` and ``c_k = lr_k / eta_k``. After a step
+    with ``c = 1`` the past is forgotten and ``momentum`` must be 0; ``eta`` is then free again
+    and is chosen as ``lr_k / (1 - momentum_{k+1})``, like ``eta0``.
+
+    Args:
+        lr: SGD learning rate(s) ``alpha_k`` (>= 0).
+        momentum: SGD momentum(s) ``beta_k`` (>= 0); ``momentum[0]`` only fixes ``eta0``.
+        eta0: the free initial step size; default ``lr[0] / (1 - momentum[0])``.
+
+    Raises:
+        NoSPAEquivalentError: (a ``ValueError``) naming the first step with no SPA equivalent:
+            momentum 0 after a step with ``c < 1``, or ``c`` leaving ``(0, 1]`` (an increasing
+            momentum, e.g. a momentum warm-up, drives ``eta`` below ``lr``).
+        ValueError: negative or non-finite inputs, or lengths differ.
+    """
+    alphas, betas, scalar = _as_lists(lr, momentum, ("lr", "momentum"))
+    for k, (a, b) in enumerate(zip(alphas, betas, strict=True)):
+        if not (0.0 <= a < math.inf):
+            raise ValueError(f"`lr` at step {k} is {a}: it must be finite and >= 0.")
+        if not (0.0 <= b < math.inf):
+            raise ValueError(f"`momentum` at step {k} is {b}: it must be finite and >= 0.")
+    if eta0 is None:
+        if betas[0] >= 1.0:
+            raise NoSPAEquivalentError(0, f"momentum {betas[0]} >= 1; pass `eta0` explicitly.")
+        eta0 = alphas[0] / (1.0 - betas[0])
+    etas: list[float] = []
+    for k, a in enumerate(alphas):
+        if k == 0:
+            eta = float(eta0)
+        else:
+            carried = etas[-1] - alphas[k - 1]  # (1 - c_{k-1}) * eta_{k-1}
+            if carried <= 1e-12 * etas[-1]:  # c_{k-1} == 1: a fresh start
+                if betas[k] != 0.0:
+                    raise NoSPAEquivalentError(k, f"momentum {betas[k]} > 0 right after a step with c = 1.")
+                nxt = betas[k + 1] if k + 1 < len(betas) else 0.0
+                eta = a / (1.0 - nxt) if nxt < 1.0 else a
+            elif betas[k] == 0.0:
+                raise NoSPAEquivalentError(
+                    k, f"momentum 0 needs c = 1 at step {k - 1}, where c was {alphas[k - 1] / etas[-1]:.6g}."
+                )
+            else:
+                eta = carried / betas[k]
+        if not (0.0 < eta < math.inf):
+            raise NoSPAEquivalentError(k, f"eta would be {eta}; it must be finite and > 0.")
+        ck = a / eta
+        if not 0.0 < ck <= 1.0 + 1e-12:
+            raise NoSPAEquivalentError(
+                k, f"c = lr/eta = {a:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1] (momentum rising too fast?)."
+            )
+        etas.append(eta)
+    cs = [min(1.0, a / e) for a, e in zip(alphas, etas, strict=True)]
+    return (etas[0], cs[0]) if scalar else (etas, cs)
+
+
+def _copy_group_options(group: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in drop}
+
+
+@torch.no_grad()
+def sgdm_optimizer_to_spa(sgd: torch.optim.SGD, eta: float | Sequence[float] | None = None) -> SPA:
+    """Builds an :class:`SPA` optimizer that continues ``sgd``'s trajectory exactly.
+
+    Works between any two steps. Each param group's next step keeps SGD's ``lr`` (alpha) and
+    ``momentum`` (beta): the SPA group gets ``eta`` (default ``alpha / (1 - beta)``, one value
+    or one per group) and ``c = alpha / eta``; the momentum buffers are copied, so that
+    ``z = x - beta * eta * m``. Extra group keys (names, ``initial_lr``) are kept.
+
+    Raises:
+        ValueError: Nesterov or dampening (no SPA form), or a momentum >= 1 without ``eta``.
+    """
+    etas = eta if isinstance(eta, Sequence) else [eta] * len(sgd.param_groups)
+    if len(etas) != len(sgd.param_groups):
+        raise ValueError(f"`eta` has {len(etas)} values for {len(sgd.param_groups)} param groups.")
+    groups = []
+    for group, group_eta in zip(sgd.param_groups, etas, strict=True):
+        if group.get("nesterov") or group.get("dampening", 0) != 0:
+            raise ValueError("Only plain SGD momentum converts to SPA: nesterov=False and dampening=0.")
+        alpha, beta = float(group["lr"]), float(group["momentum"])
+        if group_eta is None:
+            if beta >= 1.0:
+                raise ValueError(f"momentum {beta} >= 1 has no constant SPA form; pass `eta` explicitly.")
+            group_eta = alpha / (1.0 - beta)
+        opts = _copy_group_options(group, ("momentum", "dampening", "nesterov", "differentiable", "lr"))
+        groups.append({**opts, "lr": float(group_eta), "c": alpha / float(group_eta)})
+    spa = SPA(groups)
+    for group, spa_group in zip(sgd.param_groups, spa.param_groups, strict=True):
+        beta = float(group["momentum"])
+        for p in group["params"]:
+            buf = sgd.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and beta != 0.0:
+                spa.state[p] = {"momentum_buffer": buf.clone(), "prev_scale": beta * spa_group["lr"]}
+    return spa
+
+
+@torch.no_grad()
+def spa_optimizer_to_sgdm(spa: SPA) -> torch.optim.SGD:
+    """Builds a ``torch.optim.SGD`` (momentum) that continues ``spa``'s trajectory exactly.
+
+    The SGD group gets ``lr = c * eta`` and ``momentum = prev_scale / eta`` (the Theorem-1
+    momentum of the next step; ``1 - c`` before the first step), and a copy of the buffers.
+    Later steps keep those values unless a schedule changes them (a constant SPA schedule has
+    ``momentum = 1 - c`` from its second step on).
+    """
+    groups = []
+    for group in spa.param_groups:
+        eta, c = float(group["lr"]), float(group["c"])
+        scales = {spa.state[p].get("prev_scale") for p in group["params"] if "momentum_buffer" in spa.state.get(p, {})}
+        if len(scales) > 1:
+            raise ValueError("Parameters of one group carry different momentum histories; step them together first.")
+        momentum = scales.pop() / eta if scales else 1.0 - c
+        opts = _copy_group_options(group, ("c", "lr"))
+        groups.append({**opts, "lr": c * eta, "momentum": momentum})
+    sgd = torch.optim.SGD(groups)
+    for group in spa.param_groups:
+        for p in group["params"]:
+            state = spa.state.get(p, {})
+            if "momentum_buffer" in state and state.get("prev_scale", 0.0) != 0.0:
+                sgd.state[p] = {"momentum_buffer": state["momentum_buffer"].clone()}
+    return sgd
