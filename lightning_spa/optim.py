@@ -209,7 +209,8 @@ class SPA(Optimizer):
             bufs = [self.state[p]["momentum_buffer"] for p in params]
         foreach, fused = group["foreach"], group["fused"]
         if foreach is None and fused is None:
-            fused = all(_fused_supported(p) for p in params)
+            # torch's fused SGD kernel has no DTensor (FSDP2) sharding rule: plain tensors only.
+            fused = all(type(p) in (Tensor, torch.nn.Parameter) and _fused_supported(p) for p in params)
             foreach = not fused and all(_foreach_supported(p) for p in params)
         _torch_sgd(
             params,
