@@ -1,0 +1,307 @@
+r"""SPA schedules as pure functions of the optimizer step index (``THEORY.md`` sections 5-6).
+
+Notation as in the paper: step ``k`` of an SPA optimizer uses the step size ``eta_k`` and the
+averaging weight ``c_k`` in ``(0, 1]``; ``alpha_k = c_k * eta_k`` and
+``beta_k = (1 - c_{k-1}) * eta_{k-1} / eta_k`` are the torch SGD+M learning rate and momentum
+that give the same iterates (Theorem 1, :mod:`lightning_spa.mapping`).
+
+Every schedule here is relative to a parameter group's starting values ``(eta0, c0)`` and is a
+pure function of ``k``, so a resumed run, a plain PyTorch loop and every DDP rank compute the
+same values without saving or communicating anything. A schedule exposes
+
+- ``eta_factor(k)``: the multiplier of ``eta0`` it asks for at step ``k``;
+- ``c_value(k, c0)``: the ``c`` it asks for at step ``k`` (``>= c0``, at most 1).
+
+Several schedules compose (:func:`compose`): the ``eta`` factors multiply and ``c`` is the
+largest of the requested values.
+
+:class:`StepDecay` is the paper's milestone schedule: at milestone step ``m`` ``eta`` is
+multiplied by ``factor`` and, in ``"paper"`` mode, ``c`` is divided by ``factor`` (capped at 1),
+keeping ``alpha = c * eta`` (insight 2). A transition of ``T`` steps is geometric (insight 3):
+step ``m + j`` (``0 <= j < T``) uses ``eta_old * factor**((j+1)/T)`` and
+``c_old * (c_new/c_old)**((j+1)/T)``, so the new values are reached exactly at step
+``m + T - 1``; ``T = 1`` is the classic instant drop, whose equivalent momentum
+``(1 - c_old) / factor`` is 9 for ``c = 0.1, factor = 0.1`` (the loss spike of paper Figure 4).
+:class:`MomentumRemoval` moves ``c`` to 1 while keeping ``eta`` (paper Figure 3).
+
+Example::
+
+    decay = StepDecay(milestones=[100, 200], factor=0.1, transition_steps=30)
+    eta, c = compose([decay], k=120, eta0=1.0, c0=0.1)
+    beta = equivalent_momentum([decay], k=120, eta0=1.0, c0=0.1)   # 0.9 * 10**(1/30) < 1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Literal, Protocol
+
+__all__ = [
+    "SPASchedule",
+    "StepDecay",
+    "MomentumRemoval",
+    "transition_fraction",
+    "compose",
+    "equivalent_momentum",
+    "MomentumOverflow",
+    "find_momentum_overflow",
+    "smallest_safe_transition_steps",
+]
+
+Mode = Literal["paper", "lr"]
+
+
+class SPASchedule(Protocol):
+    """What :func:`compose` needs from a schedule (see the module docstring)."""
+
+    def eta_factor(self, k: int) -> float:
+        """Multiplier of the group's starting ``eta`` at optimizer step ``k``."""
+        ...
+
+    def c_value(self, k: int, c0: float) -> float:
+        """The ``c`` requested at optimizer step ``k`` for a group that started at ``c0``."""
+        ...
+
+    def critical_steps(self) -> Iterable[int]:
+        """Steps at which ``eta`` may fall, i.e. where the equivalent momentum can exceed ``1 - c``."""
+        ...
+
+
+def transition_fraction(k: int, start: int, length: int) -> float:
+    """Share of a transition applied at step ``k``: 0 before ``start``, ``(j+1)/length`` at ``start + j``, then 1.
+
+    Args:
+        k: optimizer step index.
+        start: first step that uses a changed value (the milestone step ``m``).
+        length: number of steps ``T >= 1`` of the transition (1: instant).
+    """
+    if k < start:
+        return 0.0
+    j = k - start
+    return 1.0 if j + 1 >= length else (j + 1) / length
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """Milestone decay of ``eta`` (and, in ``"paper"`` mode, rise of ``c``) in optimizer steps.
+
+    Args:
+        milestones: strictly increasing optimizer steps ``m_i >= 0`` at which a transition starts.
+        factor: multiplier of ``eta`` at each milestone, in ``(0, 1]``.
+        mode: ``"paper"`` also divides ``c`` by ``factor`` (capped at 1), keeping ``alpha = c*eta``;
+            ``"lr"`` changes ``eta`` only.
+        transition_steps: length ``T >= 1`` of each geometric transition (1: instant drop).
+            Transitions may not overlap: ``T <= m_{i+1} - m_i``.
+        warmup_steps: linear warm-up: step ``k < W`` multiplies ``eta`` by ``(k+1)/W`` (so ``eta``
+            rises from ``eta/W``, never exactly 0, and reaches its value at step ``W - 1``).
+
+    Raises:
+        ValueError: milestones negative, non-integer or not strictly increasing, ``factor``
+            outside ``(0, 1]``, an unknown ``mode``, ``transition_steps < 1``, overlapping
+            transitions or ``warmup_steps < 0``.
+    """
+
+    milestones: tuple[int, ...]
+    factor: float = 0.1
+    mode: Mode = "paper"
+    transition_steps: int = 1
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        for m in self.milestones:
+            _check_int(m, "milestones", 0)
+        for a, b in pairwise(self.milestones):
+            if b <= a:
+                raise ValueError(f"`milestones` must be strictly increasing, got {list(self.milestones)}.")
+        if not 0.0 < float(self.factor) <= 1.0:
+            raise ValueError(f"`factor` must be in (0, 1] (eta is multiplied by it), got {self.factor}.")
+        if self.mode not in ("paper", "lr"):
+            raise ValueError(f"`mode` must be 'paper' or 'lr', got {self.mode!r}.")
+        _check_int(self.transition_steps, "transition_steps", 1)
+        _check_int(self.warmup_steps, "warmup_steps", 0)
+        for a, b in pairwise(self.milestones):
+            if b - a < self.transition_steps:
+                raise ValueError(
+                    f"Transitions overlap: milestones at steps {a} and {b} are {b - a} steps apart but "
+                    f"`transition_steps`={self.transition_steps}. Use transition_steps <= {b - a} or move them."
+                )
+
+    def _progress(self, k: int) -> tuple[int, float]:
+        """Number of completed transitions and the fraction of the current one at step ``k``."""
+        done, frac = 0, 0.0
+        for m in self.milestones:
+            f = transition_fraction(k, m, self.transition_steps)
+            if f >= 1.0:
+                done += 1
+            else:
+                frac = f
+                break
+        return done, frac
+
+    def eta_factor(self, k: int) -> float:
+        """``factor**(i + f)`` times the warm-up factor (``i`` transitions done, ``f`` the current share)."""
+        done, frac = self._progress(k)
+        scale = float(self.factor) ** done
+        if frac > 0.0:
+            scale *= float(self.factor) ** frac
+        if k < self.warmup_steps:
+            scale *= (k + 1) / self.warmup_steps
+        return scale
+
+    def c_value(self, k: int, c0: float) -> float:
+        """``c0`` in ``"lr"`` mode; in ``"paper"`` mode ``c_b * (c_a/c_b)**f`` with ``c_a = min(1, c_b/factor)``."""
+        if self.mode == "lr":
+            return c0
+        done, frac = self._progress(k)
+        c_before = min(1.0, c0 / float(self.factor) ** done)
+        if frac == 0.0 or c_before >= 1.0:
+            return c_before
+        c_after = min(1.0, c_before / float(self.factor))
+        return min(1.0, c_before * (c_after / c_before) ** frac)
+
+    def critical_steps(self) -> Iterable[int]:
+        """The steps of every transition (``eta`` falls only there)."""
+        for m in self.milestones:
+            yield from range(m, m + self.transition_steps)
+
+
+@dataclass(frozen=True)
+class MomentumRemoval:
+    """``c`` rises to 1 from step ``start`` (geometrically over ``transition_steps``); ``eta`` is kept.
+
+    In SGD+M terms the learning rate becomes ``lr/(1-momentum)`` and the momentum 0 (paper
+    Figure 3, Figure 1d). Step ``start + j`` uses ``c0 * (1/c0)**((j+1)/T)``.
+
+    Args:
+        start: first optimizer step with a larger ``c``.
+        transition_steps: ``T``; 0 or 1 is instant.
+
+    Raises:
+        ValueError: ``start < 0`` or ``transition_steps < 0``.
+    """
+
+    start: int
+    transition_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int(self.start, "start", 0)
+        _check_int(self.transition_steps, "transition_steps", 0)
+
+    def eta_factor(self, k: int) -> float:
+        """Always 1: ``eta`` is kept."""
+        return 1.0
+
+    def c_value(self, k: int, c0: float) -> float:
+        """``c0 * (1/c0)**f`` with ``f`` the share of the transition at step ``k``."""
+        frac = transition_fraction(k, self.start, max(1, self.transition_steps))
+        return 1.0 if frac >= 1.0 else min(1.0, c0 * (1.0 / c0) ** frac)
+
+    def critical_steps(self) -> Iterable[int]:
+        """None: ``eta`` never falls, so the equivalent momentum stays at most ``1 - c``."""
+        return ()
+
+
+def compose(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float) -> tuple[float, float]:
+    """Returns ``(eta_k, c_k)``: ``eta0`` times every factor, and the largest requested ``c`` (at least ``c0``)."""
+    eta = eta0
+    c = c0
+    for schedule in schedules:
+        eta *= schedule.eta_factor(k)
+        c = max(c, schedule.c_value(k, c0))
+    return eta, min(1.0, c)
+
+
+def equivalent_momentum(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float) -> float:
+    """The SGD+M momentum ``beta_k = (1 - c_{k-1}) * eta_{k-1} / eta_k`` of the composed schedule.
+
+    ``beta_0`` has no effect; it is reported as ``1 - c_0`` (``THEORY.md`` section 2).
+    """
+    eta, c = compose(schedules, k, eta0, c0)
+    if k == 0:
+        return 1.0 - c
+    eta_prev, c_prev = compose(schedules, k - 1, eta0, c0)
+    return (1.0 - c_prev) * eta_prev / eta
+
+
+@dataclass(frozen=True)
+class MomentumOverflow:
+    """A step whose equivalent SGD+M momentum reaches 1 or more."""
+
+    step: int
+    momentum: float
+
+
+def find_momentum_overflow(
+    schedules: Sequence[SPASchedule],
+    eta0: float,
+    c0: float,
+    total_steps: float = math.inf,
+    only: SPASchedule | None = None,
+) -> MomentumOverflow | None:
+    """Returns the first step ``1 <= k < total_steps`` whose equivalent momentum is ``>= 1``, or None.
+
+    Only the :meth:`~SPASchedule.critical_steps` of ``schedules`` (or of ``only``) are examined:
+    elsewhere ``eta`` does not fall and ``beta_k <= 1 - c_{k-1} < 1``.
+    """
+    sources = [only] if only is not None else schedules
+    steps = sorted({k for s in sources for k in s.critical_steps() if 1 <= k < total_steps})
+    for k in steps:
+        beta = equivalent_momentum(schedules, k, eta0, c0)
+        if beta >= 1.0:
+            return MomentumOverflow(k, beta)
+    return None
+
+
+def smallest_safe_transition_steps(
+    decay: StepDecay,
+    others: Sequence[SPASchedule],
+    starts: Sequence[tuple[float, float]],
+    total_steps: float = math.inf,
+) -> int | None:
+    """Smallest ``transition_steps`` for which ``decay`` (with ``others``) keeps every momentum below 1.
+
+    The largest momentum of a transition, ``(1 - c_old) * factor**(-1/T)``, falls as ``T``
+    grows, so a bisection over ``T`` finds the exact smallest value.
+
+    Args:
+        decay: the schedule to fix; only its ``transition_steps`` is varied.
+        others: schedules composed with it (e.g. a :class:`MomentumRemoval`).
+        starts: the ``(eta0, c0)`` of every parameter group that must be safe.
+        total_steps: steps of the run; later steps are not checked.
+
+    Returns:
+        The smallest safe ``T``, or None when no ``T`` that fits between the milestones is safe.
+    """
+    # T_est keeps (1 - c0) * factor**(-1/T) < 1 for the smallest c0: safe, since c only rises
+    # and a warm-up only lowers eta_{k-1}/eta_k. Bisection below it finds the exact minimum.
+    c_min = min(c for _, c in starts)
+    log_q = -math.log(float(decay.factor))
+    t_est = 1 if c_min >= 1.0 or log_q == 0.0 else math.floor(log_q / -math.log1p(-c_min)) + 1
+    gaps = [b - a for a, b in pairwise(decay.milestones)]
+    hi = max(1, min([t_est, *gaps]))
+
+    def safe(t: int) -> bool:
+        candidate = StepDecay(decay.milestones, decay.factor, decay.mode, t, decay.warmup_steps)
+        composed = [candidate, *others]
+        return all(find_momentum_overflow(composed, e, c, total_steps, only=candidate) is None for e, c in starts)
+
+    if not safe(hi):
+        return None
+    lo = 0  # unsafe (or invalid) by convention
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if safe(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
