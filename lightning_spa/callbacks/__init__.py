@@ -1,3 +1,5 @@
 """Lightning callbacks: thin adapters over :mod:`lightning_spa.schedule` and the diagnostics math."""
 
-__all__: list[str] = []
+from lightning_spa.callbacks.schedules import GradualSchedule, MomentumOff
+
+__all__: list[str] = ["GradualSchedule", "MomentumOff"]
