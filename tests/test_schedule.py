@@ -114,7 +114,9 @@ def test_geometric_momentum_is_one_minus_c_times_r_and_stays_below_one() -> None
     assert find_momentum_overflow([decay], 1.0, 0.1) is None
 
 
-@pytest.mark.parametrize(("c0", "factor", "mode"), [(0.1, 0.1, "paper"), (0.1, 0.1, "lr"), (0.01, 0.5, "lr"), (0.3, 0.01, "paper")])
+@pytest.mark.parametrize(
+    ("c0", "factor", "mode"), [(0.1, 0.1, "paper"), (0.1, 0.1, "lr"), (0.01, 0.5, "lr"), (0.3, 0.01, "paper")]
+)
 def test_smallest_safe_transition_steps_is_exact(c0: float, factor: float, mode: str) -> None:
     # the largest momentum of a transition is its first: (1 - c0) * factor**(-1/T) < 1
     expected = math.floor(math.log(1 / factor) / math.log(1 / (1 - c0))) + 1
