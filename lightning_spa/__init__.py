@@ -3,7 +3,7 @@
 Theory: A. Defazio, "Momentum via Primal Averaging" (arXiv 2010.00406); see THEORY.md.
 """
 
-from lightning_spa.callbacks import GradualSchedule, MomentumOff
+from lightning_spa.callbacks import GradualSchedule, MomentumDiagnostics, MomentumOff
 from lightning_spa.mapping import sgdm_optimizer_to_spa, sgdm_to_spa, spa_optimizer_to_sgdm, spa_to_sgdm
 from lightning_spa.optim import SPA
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SPA",
     "GradualSchedule",
+    "MomentumDiagnostics",
     "MomentumOff",
     "sgdm_optimizer_to_spa",
     "sgdm_to_spa",
