@@ -30,6 +30,7 @@ from lightning_spa.optim import SPA
 __all__ = ["spa_to_sgdm", "sgdm_to_spa", "NoSPAEquivalentError", "sgdm_optimizer_to_spa", "spa_optimizer_to_sgdm"]
 
 Schedule = float | Sequence[float]
+_SNAP = 1e-9  # relative drift from the bounded solution treated as round-off
 
 
 class NoSPAEquivalentError(ValueError):
@@ -91,9 +92,17 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> 
 def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> tuple[Any, Any]:
     """Maps an SGD+M schedule ``(lr, momentum)`` to the SPA schedule ``(eta, c)``.
 
-    ``eta_k = (eta_{k-1} - lr_{k-1}) / momentum_k`` and ``c_k = lr_k / eta_k``. After a step
-    with ``c = 1`` the past is forgotten and ``momentum`` must be 0; ``eta`` is then free again
-    and is chosen as ``lr_k / (1 - momentum_{k+1})``, like ``eta0``.
+    ``eta_k = (eta_{k-1} - lr_{k-1}) / momentum_k`` and ``c_k = lr_k / eta_k``. A step with
+    ``momentum 0`` (``k >= 1``) needs ``c = 1`` on the step before; the past is then forgotten
+    and ``eta`` is free again, chosen as ``lr_k / (1 - momentum_{k+1})`` like ``eta0``.
+
+    Numerics: run forwards, this recursion multiplies any error in ``eta`` by ``1/momentum``
+    a step (the geometric drift of Figure 1a is this instability at work), so a long schedule
+    would be ruined by round-off. Each stretch between momentum-0 steps is therefore solved
+    as ``eta_k = p_k + d / (momentum_1 * ... * momentum_k)``: ``p`` is the bounded solution,
+    computed backwards (where errors shrink), and ``d`` the genuine drift away from it, set by
+    the choice of ``eta0``. A ``d`` below ``1e-9 * eta0`` is round-off and dropped, so
+    constant and gradual schedules map back to constant and gradual ones.
 
     Args:
         lr: SGD learning rate(s) ``alpha_k`` (>= 0).
@@ -112,37 +121,61 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> 
             raise ValueError(f"`lr` at step {k} is {a}: it must be finite and >= 0.")
         if not (0.0 <= b < math.inf):
             raise ValueError(f"`momentum` at step {k} is {b}: it must be finite and >= 0.")
-    if eta0 is None:
-        if betas[0] >= 1.0:
-            raise NoSPAEquivalentError(0, f"momentum {betas[0]} >= 1; pass `eta0` explicitly.")
-        eta0 = alphas[0] / (1.0 - betas[0])
+    if eta0 is None and betas[0] >= 1.0:
+        raise NoSPAEquivalentError(0, f"momentum {betas[0]} >= 1; pass `eta0` explicitly.")
+    n = len(alphas)
+    starts = [0] + [k for k in range(1, n) if betas[k] == 0.0]
     etas: list[float] = []
-    for k, a in enumerate(alphas):
-        if k == 0:
-            eta = float(eta0)
+    for s, e in zip(starts, [*starts[1:], n], strict=True):
+        # Bounded solution p, backwards from the stretch's last step: c = 1 there if a momentum-0
+        # step follows, else "constant from then on".
+        last = e - 1
+        if e < n:
+            p_last = alphas[last]
         else:
-            carried = etas[-1] - alphas[k - 1]  # (1 - c_{k-1}) * eta_{k-1}
-            if carried <= 1e-12 * etas[-1]:  # c_{k-1} == 1: a fresh start
-                if betas[k] != 0.0:
-                    raise NoSPAEquivalentError(k, f"momentum {betas[k]} > 0 right after a step with c = 1.")
-                nxt = betas[k + 1] if k + 1 < len(betas) else 0.0
-                eta = a / (1.0 - nxt) if nxt < 1.0 else a
-            elif betas[k] == 0.0:
+            b_end = betas[last] if last > s else (betas[last + 1] if last + 1 < n else 0.0)
+            p_last = alphas[last] / (1.0 - b_end) if b_end < 1.0 else alphas[last]
+        p = [p_last]
+        for k in range(last, s, -1):
+            p.append(betas[k] * p[-1] + alphas[k - 1])
+        p.reverse()
+        if s == 0:
+            start = alphas[0] / (1.0 - betas[0]) if eta0 is None else float(eta0)
+        else:
+            nxt = betas[s + 1] if s + 1 < n else 0.0
+            start = alphas[s] / (1.0 - nxt) if nxt < 1.0 else alphas[s]
+        drift = start - p[0]
+        if abs(drift) <= _SNAP * abs(start):
+            drift = 0.0
+        for j, k in enumerate(range(s, e)):
+            if j > 0 and drift != 0.0:
+                drift = _drift(drift, betas[k], 1)
+            eta = p[j] + drift
+            if not (0.0 < eta < math.inf):
+                raise NoSPAEquivalentError(k, f"eta would be {eta}; it must be finite and > 0.")
+            ck = alphas[k] / eta
+            if not 0.0 < ck <= 1.0 + 1e-12:
                 raise NoSPAEquivalentError(
-                    k, f"momentum 0 needs c = 1 at step {k - 1}, where c was {alphas[k - 1] / etas[-1]:.6g}."
+                    k,
+                    f"c = lr/eta = {alphas[k]:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1] (momentum rising too fast?).",
                 )
-            else:
-                eta = carried / betas[k]
-        if not (0.0 < eta < math.inf):
-            raise NoSPAEquivalentError(k, f"eta would be {eta}; it must be finite and > 0.")
-        ck = a / eta
-        if not 0.0 < ck <= 1.0 + 1e-12:
+            etas.append(eta)
+        if e < n and abs(alphas[last] / etas[-1] - 1.0) > 1e-9:
             raise NoSPAEquivalentError(
-                k, f"c = lr/eta = {a:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1] (momentum rising too fast?)."
+                e, f"momentum 0 needs c = 1 at step {last}, where c was {alphas[last] / etas[-1]:.6g}."
             )
-        etas.append(eta)
     cs = [min(1.0, a / e) for a, e in zip(alphas, etas, strict=True)]
     return (etas[0], cs[0]) if scalar else (etas, cs)
+
+
+def _drift(dev: float, b: float, j: int) -> float:
+    """``dev / b**j`` without ``ZeroDivisionError`` or ``OverflowError`` for long runs."""
+    if dev == 0.0:
+        return 0.0
+    try:
+        return dev / b**j
+    except (ZeroDivisionError, OverflowError):
+        return math.copysign(math.inf, dev)
 
 
 def _copy_group_options(group: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:

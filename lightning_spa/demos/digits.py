@@ -53,7 +53,7 @@ class DigitsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         images, labels = load_digits_tensors()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        n_val = int(round(self.val_fraction * len(labels)))
+        n_val = round(self.val_fraction * len(labels))
         val, train = order[:n_val], order[n_val:]
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
