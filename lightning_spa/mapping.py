@@ -15,6 +15,12 @@ Schedules are floats (constant) or equal-length sequences (one value per step); 
 returns the kind it was given. Optimizer state converts both ways with
 ``z = x - (1 - c_{k-1}) * eta_{k-1} * m`` (:func:`sgdm_optimizer_to_spa`,
 :func:`spa_optimizer_to_sgdm`). No Lightning import here.
+
+A torch detail that matters for exactness: ``torch.optim.SGD`` leaves its momentum buffer
+untouched on steps with ``momentum == 0`` instead of setting ``m = g``. Code that drives torch
+SGD through a schedule with momentum-0 steps followed by momentum again must drop the buffer
+on those steps (torch then restarts it from ``g``, which is the SGD+M recursion); :class:`SPA`
+follows the recursion by itself.
 """
 
 from __future__ import annotations
