@@ -13,7 +13,7 @@ same values without saving or communicating anything. A schedule exposes
 - ``c_value(k, c0)``: the ``c`` it asks for at step ``k`` (``>= c0``, at most 1).
 
 Several schedules compose (:func:`compose`): the ``eta`` factors multiply and ``c`` is the
-largest of the requested values.
+largest of the requested values (a value within ``1e-12`` of 1 is written as 1).
 
 :class:`StepDecay` is the paper's milestone schedule: at milestone step ``m`` ``eta`` is
 multiplied by ``factor`` and, in ``"paper"`` mode, ``c`` is divided by ``factor`` (capped at 1),
@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 Mode = Literal["paper", "lr"]
+
+# A composed c this close to 1 is 1: it absorbs the round-off of c0 = 1 - momentum (0.1 / 0.1 for
+# SGD's 0.9 gives 0.9999999999999998), so "momentum off" writes exactly 0 rather than 2e-16.
+_C_ONE_TOL = 1e-12
 
 
 class SPASchedule(Protocol):
@@ -218,7 +222,7 @@ def compose(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float) ->
     for schedule in schedules:
         eta *= schedule.eta_factor(k)
         c = max(c, schedule.c_value(k, c0))
-    return eta, min(1.0, c)
+    return eta, 1.0 if c >= 1.0 - _C_ONE_TOL else c
 
 
 def equivalent_momentum(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float) -> float:

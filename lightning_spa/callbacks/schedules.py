@@ -90,7 +90,9 @@ class _SPAScheduleCallback(Callback):
 
     @staticmethod
     def _steps_per_epoch(trainer: pl.Trainer) -> tuple[int, float]:
-        total = float(trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        total = float(trainer.estimated_stepping_batches)
+        if trainer.train_dataloader is None:  # not set up yet when max_steps alone bounds the run
+            trainer.fit_loop.setup_data()
         batches = trainer.num_training_batches
         if not math.isfinite(batches):
             return 0, total
