@@ -40,7 +40,8 @@ def _explicit(opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torc
             gs.append((sign * p.grad + group["weight_decay"] * p.detach()).double())
             state = opt.state.get(p, {})
             history = "momentum_buffer" in state and (not isinstance(opt, SPA) or state["prev_scale"] != 0.0)
-            ms.append(state["momentum_buffer"].double().clone() if history else torch.zeros_like(p, dtype=torch.float64))
+            zero = torch.zeros_like(p, dtype=torch.float64)
+            ms.append(state["momentum_buffer"].double().clone() if history else zero)
     return gs, ms
 
 
@@ -319,3 +320,20 @@ def test_tensorboard_layout_and_prog_bar(tmp_path: Path) -> None:
 def test_invalid_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         MomentumDiagnostics(**kwargs)
+
+
+def test_amp_step_skipped_by_grad_scaler_is_not_measured(tmp_path: Path) -> None:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    class Overflow(NoiseOrQuadratic):
+        def on_after_backward(self) -> None:
+            if self.global_step == 2:
+                self.w.grad[0] = float("inf")  # the scaler finds it and skips optimizer.step()
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, s = _fit(tmp_path, Overflow("sgd", dim=64), 6, MomentumDiagnostics(every_n_steps=1),
+                    plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+    assert sorted(s["spa/step_sq"]) == [0, 1, 3, 4, 5]
+    assert sum("step 2 was skipped" in str(w.message) for w in record) == 1
+    assert all(math.isfinite(v) for tag in s for v in s[tag].values())

@@ -1,0 +1,59 @@
+"""MomentumDiagnostics logs the single-process numbers under 2-process DDP and FSDP2 (CPU, gloo).
+
+Each run is a subprocess (``tests/diagnostics_dist_script.py``) with a timeout, so a hanging
+rank fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from test_diagnostics import read_scalars
+
+SCRIPT = Path(__file__).with_name("diagnostics_dist_script.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _run(mode: str, optimizer: str, out: Path) -> dict[str, dict[int, float]]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, optimizer, str(out)],
+        env=env, cwd=out.parent, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_scalars(out / "tb" / "version_0")
+
+
+def _assert_same(reference: dict[str, dict[int, float]], other: dict[str, dict[int, float]]) -> None:
+    tags = {t for t in reference if t.startswith("spa/")}
+    assert tags == {t for t in other if t.startswith("spa/")}
+    assert {"spa/ratio", "spa/cosine", "spa/ratio/body", "spa/step_sq/1"} <= tags
+    for tag in tags:
+        assert reference[tag].keys() == other[tag].keys(), tag
+        for step, value in reference[tag].items():
+            assert other[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-30), (tag, step)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "modes"),
+    # DDP takes the same (communication-free) path for both optimizers: checked once, to save time.
+    [("spa", ("ddp", "fsdp")), ("sgd", ("fsdp",))],
+)
+def test_ddp_and_fsdp2_log_the_single_process_numbers(tmp_path: Path, optimizer: str, modes: tuple[str, ...]) -> None:
+    single = _run("single", optimizer, tmp_path / "single")
+    assert len(single["spa/ratio"]) == 30
+    for mode in modes:
+        _assert_same(single, _run(mode, optimizer, tmp_path / mode))
+    for rank in (0, 1):  # the FSDP2 parameters really were sharded
+        shards = json.loads((tmp_path / "fsdp" / f"params_rank{rank}.json").read_text())
+        assert all(s["type"] == "DTensor" for s in shards)
+        assert all(s["local"][0] < s["full"][0] for s in shards)
