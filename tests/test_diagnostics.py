@@ -337,3 +337,19 @@ def test_amp_step_skipped_by_grad_scaler_is_not_measured(tmp_path: Path) -> None
     assert sorted(s["spa/step_sq"]) == [0, 1, 3, 4, 5]
     assert sum("step 2 was skipped" in str(w.message) for w in record) == 1
     assert all(math.isfinite(v) for tag in s for v in s[tag].values())
+
+
+def test_plot_run_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_spa.plotting import plot_run, read_run
+
+    _fit(tmp_path, NoiseOrQuadratic(dim=8), 5, MomentumDiagnostics(every_n_steps=1))
+    data = read_run(tmp_path / "run")
+    assert data["spa/ratio"][0] == [0, 1, 2, 3, 4]
+    out = plot_run(tmp_path / "run" / "version_0", tmp_path / "fig" / "diag.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="run_dir"):
+        plot_run(tmp_path / "missing", tmp_path / "x.png")
+    _fit(tmp_path, NoiseOrQuadratic(dim=8), 2, MomentumDiagnostics(every_n_steps=1), name="second")
+    with pytest.raises(ValueError, match="several runs"):
+        read_run(tmp_path)
