@@ -17,7 +17,8 @@ are aligned with the momentum buffer (momentum helps) and below 1 when the itera
 The first step has no momentum yet, so its ratio is ``c (2 - c)``.
 
 Everything is computed from dot products of the parameters, their gradients and the momentum
-buffers, without a parameter-sized allocation: ``||g||^2 = ||grad||^2 +- 2 wd <grad, x> + wd^2 ||x||^2``.
+buffers, without a parameter-sized allocation (for float32/float64 parameters; half-precision
+ones are upcast tensor by tensor so that the sums accumulate in float32): ``||g||^2 = ||grad||^2 +- 2 wd <grad, x> + wd^2 ||x||^2``.
 The dot products are taken in two halves around the step: :func:`measure_before_step` (``x_k``,
 ``m_k`` and the gradient as it stands) and :func:`measure_after_step` (the gradient the optimizer
 really used, e.g. after clipping, and ``m_{k+1}``). A clipping by norm rescales the gradient by a
