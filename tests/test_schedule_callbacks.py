@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -373,3 +374,56 @@ def test_cli_help_shows_the_arguments(capsys: pytest.CaptureFixture[str]) -> Non
     out = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
     assert "--trainer.callbacks.transition_steps" in out and "None: one epoch of optimizer steps" in out
     assert "--trainer.callbacks.mode {paper,lr}" in out
+
+
+# ----- DDP (2 ranks, gloo): this file run as a script is the training program -------------------------
+
+
+def _ddp_program(out: Path) -> None:
+    """Trains under DDP and writes, per rank, the values every optimizer step used."""
+    import json
+
+    torch.set_num_threads(1)
+    cbs = [GradualSchedule([1], mode="paper", transition_steps=4), MomentumOff(2.5, 2)]
+    trainer, _, rec = fit(
+        cbs, spa(1.0, 0.5), accelerator="cpu", devices=2, strategy="ddp", limit_train_batches=6, max_epochs=3
+    )
+    rank = trainer.global_rank
+    payload = {"steps": rec.steps, "groups": rec.groups, "batches": trainer.num_training_batches}
+    (out / f"rank{rank}.json").write_text(json.dumps(payload))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
+def test_ddp_ranks_use_identical_values_without_collectives(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "ddp", str(tmp_path)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the DDP run did not finish within 240 s: a rank hangs")
+    assert proc.returncode == 0, stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["batches"] == 6 and ranks[0]["steps"] == list(range(18))
+    # 6 optimizer steps per epoch on each rank: milestone step 6 (T = 4), momentum off from step 15 (T = 2)
+    etas = [1.0] * 6 + [0.1 ** ((j + 1) / 4) for j in range(4)] + [0.1] * 8
+    cs = [0.5] * 6 + [0.5 * 2 ** ((j + 1) / 4) for j in range(4)] + [1.0] * 8
+    got = [gs[0] for gs in ranks[0]["groups"]]
+    assert [g["lr"] for g in got] == pytest.approx(etas, rel=1e-14)
+    assert [g["c"] for g in got] == pytest.approx(cs, rel=1e-14)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ddp":
+    _ddp_program(Path(sys.argv[2]))
