@@ -245,6 +245,13 @@ def test_momentum_off_in_sgd_terms_keeps_the_effective_step() -> None:
     assert rec.key("momentum") == pytest.approx([0.9] * 4 + [0.0])
 
 
+def test_warmup_in_sgd_terms() -> None:
+    _, _, rec = fit([GradualSchedule([], warmup_steps=4, unit="step")], sgd(0.1, 0.9), max_steps=6)
+    # eta_k = (k+1)/4 (eta0 = 1): lr = 0.1 * (k+1)/4; momentum = 0.9 * eta_{k-1}/eta_k = 0.9 * k/(k+1)
+    assert rec.key("lr") == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1], rel=1e-13)
+    assert rec.key("momentum") == pytest.approx([0.9, 0.45, 0.6, 0.675, 0.9, 0.9], rel=1e-13)
+
+
 def test_epoch_milestones_and_default_transition_of_one_epoch() -> None:
     cb = GradualSchedule([0.5], factor=0.1, mode="lr")  # 10 steps per epoch: milestone step 5, T = 10
     _, _, rec = fit([cb], spa(1.0, 0.9), limit_train_batches=10, max_epochs=2)
