@@ -1,0 +1,70 @@
+"""LightningCLI app: a small CNN on scikit-learn's bundled digits, configured entirely from YAML.
+
+Runs offline on 2 CPU cores in seconds. The optimizer can be given in both LightningCLI modes:
+
+- automatic mode, a top-level ``optimizer:`` key (``configs/digits_spa.yaml``)::
+
+      optimizer:
+        class_path: lightning_spa.SPA
+        init_args: {lr: 1.0, c: 0.1}          # SPA's lr is eta: SGD+M lr 0.1, momentum 0.9
+
+- dependency injection, the model's ``optimizer: OptimizerCallable`` argument
+  (``configs/digits_grouped.yaml``, with parameter groups)::
+
+      model:
+        optimizer:
+          class_path: lightning_spa.GroupedSPA
+          init_args: {lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
+
+Usage::
+
+    python examples/digits_cli.py fit --config examples/configs/digits_spa.yaml
+    python examples/digits_cli.py fit --config examples/configs/digits_grouped.yaml --trainer.max_epochs 5
+    tensorboard --logdir runs/digits
+
+When you switch ``optimizer.class_path`` on the command line, LightningCLI carries the init
+arguments of the previous class over to the new one when their names match: SPA's
+``lr`` (eta = 1.0) would become torch SGD's ``lr`` (1.0, ten times the usual 0.1). Restate every
+init argument when you change the class, or use a separate config file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pytorch_lightning.cli import LightningCLI
+
+from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
+
+__all__ = ["DigitsModel", "cli_main"]
+
+
+class DigitsModel(DigitsCNN):
+    """:class:`~lightning_spa.demos.DigitsCNN` that hands the optimizer named parameters.
+
+    With names, :class:`~lightning_spa.GroupedSPA` can exempt biases and normalisation weights
+    from weight decay by module type and apply ``lr_multipliers`` (``{"net.8": 2.0}``: the head).
+    """
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(self.named_parameters())
+        return super().configure_optimizers()
+
+
+def cli_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> LightningCLI:
+    """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv`` (tests, notebooks)."""
+    return LightningCLI(
+        DigitsModel,
+        DigitsDataModule,
+        args=args,  # type: ignore[arg-type]
+        run=run,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,127 @@
+"""The YAML files shipped in examples/: both LightningCLI modes, parsed and fitted on tiny runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_spa import SPA, GroupedSPA
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CONFIGS = EXAMPLES / "configs"
+sys.path.insert(0, str(EXAMPLES))
+
+import digits_cli  # noqa: E402
+import vision_cli  # noqa: E402
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    return [
+        *QUIET,
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+
+
+def _groups(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, dict]:
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    return {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+
+def test_automatic_mode_spa_yaml(tmp_path: Path) -> None:
+    cli = digits_cli.cli_main(["--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)], run=False)
+    opt = cli.model.configure_optimizers()
+    assert type(opt) is SPA
+    assert [(g["lr"], g["c"], g["weight_decay"]) for g in opt.param_groups] == [(1.0, 0.1, 1e-4)]
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert "GradualSchedule" in names and "MomentumDiagnostics" in names
+
+
+def test_automatic_mode_fits(tmp_path: Path) -> None:
+    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)])
+    assert cli.trainer.global_step == 3
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, SPA) and opt.param_groups[0]["c"] == pytest.approx(0.1)  # milestone at epoch 10
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/acc"]) <= 1.0
+
+
+def test_dependency_injection_grouped_yaml(tmp_path: Path) -> None:
+    cli = digits_cli.cli_main(["--config", str(CONFIGS / "digits_grouped.yaml"), *_tiny(tmp_path)], run=False)
+    opt = cli.model.configure_optimizers()
+    assert isinstance(opt, GroupedSPA)
+    groups = _groups(opt, cli.model)
+    for name, g in groups.items():
+        head = name.startswith("net.8.")
+        assert g["lr"] == pytest.approx(1.0 * (2.0 if head else 1.0))  # lr 0.1, momentum 0.9 -> eta 1.0
+        assert g["c"] == pytest.approx(0.1)
+        decayed = name in ("net.0.weight", "net.3.weight", "net.8.weight")  # conv and linear weights only
+        assert g["weight_decay"] == (1e-4 if decayed else 0.0), name
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert {"GradualSchedule", "MomentumOff", "MomentumDiagnostics"} <= set(names)
+
+
+def test_dependency_injection_fits(tmp_path: Path) -> None:
+    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_grouped.yaml"), *_tiny(tmp_path)])
+    assert cli.trainer.global_step == 3
+    assert isinstance(cli.trainer.optimizers[0], GroupedSPA)
+
+
+def test_torch_sgd_yaml_fits(tmp_path: Path) -> None:
+    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_sgd.yaml"), *_tiny(tmp_path)])
+    opt = cli.trainer.optimizers[0]
+    assert type(opt) is torch.optim.SGD
+    # GradualSchedule writes the Theorem-1 values of step 3 (no milestone yet): lr 0.1, momentum 0.9
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and opt.param_groups[0]["momentum"] == pytest.approx(0.9)
+
+
+def test_class_switch_carries_init_args_over(tmp_path: Path) -> None:
+    """The LightningCLI behaviour the docs warn about: init_args of the previous class are kept."""
+    base = ["--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)]
+    # SPA's eta (lr 1.0) silently becomes torch SGD's lr: 10x the usual 0.1.
+    cli = digits_cli.cli_main([*base, "--optimizer", "torch.optim.SGD", "--optimizer.momentum", "0.9"], run=False)
+    assert cli.model.configure_optimizers().param_groups[0]["lr"] == 1.0
+    # GroupedSPA refuses the mix of SPA's carried-over c with a new momentum, naming both, when the
+    # CLI builds it (automatic mode instantiates the optimizer up front, before any training step).
+    switch = ["--optimizer", "lightning_spa.GroupedSPA", "--optimizer.lr", "0.1", "--optimizer.momentum", "0.9"]
+    with pytest.raises(ValueError, match=r"not both: got lr=0.1, momentum=0.9, eta=None, c=0.1"):
+        digits_cli.cli_main([*base, *switch], run=False)
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        ("cifar10_preact_resnet.yaml", []),
+        ("imagenet_resnet50.yaml", ["--data.init_args.image_size", "64", "--trainer.precision", "32-true"]),
+    ],
+)
+def test_vision_configs_parse_and_step_on_fake_data(tmp_path: Path, config: str, extra: list[str]) -> None:
+    args = [
+        "fit", "--config", str(CONFIGS / config), *QUIET,
+        "--data.init_args.fake_data", "true",
+        "--data.init_args.fake_size", "2",
+        "--data.init_args.batch_size", "2",
+        "--data.init_args.num_workers", "0",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.strategy", "auto",
+        "--trainer.max_epochs", "1",
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        *extra,
+    ]  # fmt: skip
+    cli = vision_cli.cli_main(args)
+    assert cli.trainer.global_step == 1
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, GroupedSPA)
+    assert {(g["lr"], g["c"], g["weight_decay"]) for g in opt.param_groups} == {(1.0, 0.1, 1e-4)}
+    assert "val/acc" in cli.trainer.callback_metrics
