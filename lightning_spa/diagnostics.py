@@ -18,7 +18,8 @@ The first step has no momentum yet, so its ratio is ``c (2 - c)``.
 
 Everything is computed from dot products of the parameters, their gradients and the momentum
 buffers, without a parameter-sized allocation (for float32/float64 parameters; half-precision
-ones are upcast tensor by tensor so that the sums accumulate in float32): ``||g||^2 = ||grad||^2 +- 2 wd <grad, x> + wd^2 ||x||^2``.
+ones are upcast tensor by tensor so that the sums accumulate in float32), e.g.
+``||g||^2 = ||grad||^2 +- 2 wd <grad, x> + wd^2 ||x||^2``.
 The dot products are taken in two halves around the step: :func:`measure_before_step` (``x_k``,
 ``m_k`` and the gradient as it stands) and :func:`measure_after_step` (the gradient the optimizer
 really used, e.g. after clipping, and ``m_{k+1}``). A clipping by norm rescales the gradient by a
@@ -146,16 +147,19 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a, b)
 
 
-def _sq(tensors: list[Tensor], dtype: torch.dtype) -> Tensor | float:
-    if not tensors:
-        return 0.0
-    return torch.stack(torch._foreach_norm(tensors, 2)).to(dtype).square().sum()
-
-
-def _dots(pairs: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor | float:
-    if not pairs:
-        return 0.0
-    return torch.stack([_dot(a, b) for a, b in pairs]).to(dtype).sum()
+def _sums(squares: list[list[Tensor]], dots: list[list[tuple[Tensor, Tensor]]], dtype: torch.dtype) -> Tensor:
+    """Sums of squared norms of each list in ``squares`` then of dot products of each list in ``dots``,
+    as one vector: one ``foreach`` norm for all the squares, one dot per pair, one segment sum."""
+    flat = [t for ts in squares for t in ts]
+    pairs = [pr for prs in dots for pr in prs]
+    device = flat[0].device
+    parts = [torch.stack(torch._foreach_norm(flat, 2)).to(dtype).square()]
+    if pairs:
+        parts.append(torch.stack([_dot(a, b) for a, b in pairs]).to(dtype))
+    sizes = [len(ts) for ts in squares] + [len(prs) for prs in dots]
+    segments = [[1.0 if start <= j < start + n else 0.0 for j in range(sum(sizes))]
+                for start, n in zip([sum(sizes[:i]) for i in range(len(sizes))], sizes, strict=True)]  # fmt: skip
+    return torch.tensor(segments, device=device, dtype=dtype) @ torch.cat(parts)
 
 
 def _buckets(params: list[Tensor]) -> dict[int, list[Tensor]]:
@@ -167,22 +171,18 @@ def _buckets(params: list[Tensor]) -> dict[int, list[Tensor]]:
     return out
 
 
-def _to_row(values: list[Tensor | float], device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.stack([torch.as_tensor(v, device=device, dtype=dtype) for v in values])
-
-
 def _split_sums(
     params: list[Tensor], fields: Any, n: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """``(sharded, replicated)`` sums of ``fields(params) -> n values`` over the buckets of ``params``."""
+    """``(sharded, replicated)`` sums of ``fields(params) -> (n,) tensor`` over the buckets of ``params``."""
     sharded = torch.zeros(n, device=device, dtype=dtype)
     replicated = torch.zeros(n, device=device, dtype=dtype)
     for factor, ps in _buckets(params).items():
-        row = _to_row(fields(ps), device, dtype)
+        row = fields(ps).to(device)
         if factor:
-            sharded += row / factor
+            sharded = sharded + row / factor
         else:
-            replicated += row
+            replicated = replicated + row
     return sharded, replicated
 
 
@@ -198,20 +198,16 @@ def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch
     for gi, group in enumerate(optimizer.param_groups):
         wd = bool(group.get("weight_decay", 0.0))
 
-        def fields(ps: list[Tensor], wd: bool = wd) -> list[Tensor | float]:
-            g = [local_tensor(p.grad) for p in ps if p.grad is not None]
-            x = [local_tensor(p) for p in ps if p.grad is not None]
-            m = [_history(optimizer, p) for p in ps if p.grad is not None]
-            gm = [(gi_, local_tensor(mi)) for gi_, mi in zip(g, m, strict=True) if mi is not None]
-            xm = [(xi, local_tensor(mi)) for xi, mi in zip(x, m, strict=True) if mi is not None]
-            return [
-                _sq(g, dtype),
-                _dots(list(zip(g, x, strict=True)), dtype) if wd else 0.0,
-                _sq(x, dtype) if wd else 0.0,
-                _dots(gm, dtype),
-                _dots(xm, dtype) if wd else 0.0,
-                _sq([b for _, b in gm], dtype),
-            ]
+        def fields(ps: list[Tensor], wd: bool = wd) -> Tensor:
+            g = [local_tensor(p.grad) for p in ps]  # type: ignore[arg-type]
+            x = [local_tensor(p) for p in ps] if wd else []
+            hist = [(gi_, local_tensor(h), local_tensor(p)) for gi_, h, p in
+                    zip(g, (_history(optimizer, p) for p in ps), ps, strict=True) if h is not None]  # fmt: skip
+            m = [h for _, h, _ in hist]
+            gm = [(gi_, h) for gi_, h, _ in hist]
+            xm = [(xi, h) for _, h, xi in hist] if wd else []
+            sums = _sums([g, x, m], [list(zip(g, x, strict=True)) if wd else [], gm, xm], dtype)
+            return sums[[0, 3, 1, 4, 5, 2]]  # -> grad_sq, grad_x, x_sq, grad_m, x_m, m_sq
 
         params = [p for p in group["params"] if p.grad is not None]
         if params:
@@ -232,12 +228,10 @@ def measure_after_step(
     out = torch.zeros(2, len(optimizer.param_groups), len(AFTER_FIELDS), device=device, dtype=dtype)
     for gi, (group, hyper) in enumerate(zip(optimizer.param_groups, hypers, strict=True)):
 
-        def fields(ps: list[Tensor], hyper: GroupHyper = hyper) -> list[Tensor | float]:
+        def fields(ps: list[Tensor], hyper: GroupHyper = hyper) -> Tensor:
             bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in ps] if hyper.uses_buffer else []
-            return [
-                _sq([local_tensor(p.grad) for p in ps if p.grad is not None], dtype),
-                _sq([local_tensor(b) for b in bufs if b is not None], dtype),
-            ]
+            g = [local_tensor(p.grad) for p in ps]  # type: ignore[arg-type]
+            return _sums([g, [local_tensor(b) for b in bufs if b is not None]], [], dtype)
 
         params = [p for p in group["params"] if p.grad is not None]
         if params:
@@ -258,24 +252,17 @@ def step_samples(before: Tensor, after: Tensor, hypers: list[GroupHyper]) -> Ten
         ``step_sq, grad_sq, grad_sq_scaled, <g, m_k>, ||g||^2, ||m_k||^2``. The cosine is
         ``col3 / sqrt(col4 * col5)``; the optimizer row's is the cosine of the concatenated vectors.
     """
-    dev, dt = before.device, before.dtype
     gsq, gx, xsq, gm, xm, msq = before.unbind(-1)
     used, m_next = after.unbind(-1)
-
-    def col(values: list[float]) -> Tensor:
-        return torch.tensor(values, device=dev, dtype=dt)
-
-    eta, c, alpha = col([h.eta for h in hypers]), col([h.c for h in hypers]), col([h.lr for h in hypers])
-    wd, sign = col([h.weight_decay for h in hypers]), col([h.sign for h in hypers])
-    uses_buffer = torch.tensor([h.uses_buffer for h in hypers], device=dev)
-    kappa_sq = torch.where(gsq > 0, used / gsq, torch.ones_like(gsq))  # gradient clipping, if any
+    table = [[h.eta, h.c, h.lr, h.weight_decay, h.sign, float(h.uses_buffer)] for h in hypers]
+    eta, c, alpha, wd, sign, uses_buffer = torch.tensor(table, device=before.device, dtype=before.dtype).unbind(-1)
+    kappa_sq = torch.where(gsq > 0, used / gsq, 1.0)  # gradient clipping, if any: used = kappa^2 * before
     kappa = kappa_sq.sqrt()
     g_sq = kappa_sq * gsq + 2.0 * sign * wd * kappa * gx + wd.square() * xsq
     g_m = sign * kappa * gm + wd * xm
-    step_sq = alpha.square() * torch.where(uses_buffer, m_next, g_sq)
+    step_sq = alpha.square() * torch.where(uses_buffer > 0, m_next, g_sq)
     grad_sq = eta.square() * g_sq
-    scaled = c / (2.0 - c) * grad_sq
-    rows = torch.stack([step_sq, grad_sq, scaled, g_m, g_sq, msq], dim=-1)
+    rows = torch.stack([step_sq, grad_sq, c / (2.0 - c) * grad_sq, g_m, g_sq, msq], dim=-1)
     return torch.cat([rows, rows.sum(0, keepdim=True)])
 
 
