@@ -125,3 +125,35 @@ def test_vision_configs_parse_and_step_on_fake_data(tmp_path: Path, config: str,
     assert isinstance(opt, GroupedSPA)
     assert {(g["lr"], g["c"], g["weight_decay"]) for g in opt.param_groups} == {(1.0, 0.1, 1e-4)}
     assert "val/acc" in cli.trainer.callback_metrics
+
+
+def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import demo
+
+    from lightning_spa.cli import main as spa_cli
+
+    pytest.importorskip("matplotlib")
+    threads = torch.get_num_threads()
+    try:
+        args = ["--epochs", "2", "--limit-train-batches", "22", "--save-dir", str(tmp_path), "--no-progress-bar"]
+        out = demo.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    log_dir = Path(str(out["log_dir"]))
+    assert f"tensorboard --logdir {tmp_path / 'demo'}" in text
+    assert "final validation accuracy" in text
+    scalars = demo.read_scalars(log_dir)
+    steps, ratio = scalars["spa/ratio"]
+    assert steps == list(range(44)) and all(r > 0 for r in ratio)
+    assert ratio[0] == pytest.approx(0.1 * (2 - 0.1), rel=1e-4)  # no momentum yet at the first step: c(2-c)
+    # milestone at epoch 1 = step 22, geometric over one epoch (22 steps, the smallest safe length for c = 0.1):
+    # step 22 + j uses eta 0.1**((j+1)/22) and c 0.1 * 10**((j+1)/22), so lr = c * eta stays 0.1
+    eta, c, lr = (scalars[t][1] for t in ("spa/eta", "spa/c", "spa/lr"))
+    assert eta[21] == pytest.approx(1.0) and eta[22] == pytest.approx(0.1 ** (1 / 22), rel=1e-5)
+    assert eta[43] == pytest.approx(0.1, rel=1e-5) and c[43] == pytest.approx(1.0)
+    assert all(v == pytest.approx(0.1, rel=1e-5) for v in lr)
+    assert Path(str(out["summary"])).read_bytes()[:4] == b"\x89PNG"
+    png = tmp_path / "diag.png"
+    assert spa_cli(["plot", str(log_dir), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
