@@ -62,6 +62,10 @@ def validate_c(value: float, name: str = "c") -> float:
     return value
 
 
+# Parameter types the default dispatch sends to the fused kernel (not DTensor & co., see SPA._step_batch).
+_PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+
 def _fused_supported(p: Tensor) -> bool:
     devices = _torch_optimizer._get_fused_kernels_supported_devices()
     return p.device.type in devices and torch.is_floating_point(p)
@@ -175,57 +179,120 @@ class SPA(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        state_of = self.state
         for group in self.param_groups:
             eta = validate_eta(group["lr"], "lr")
             c = validate_c(group["c"], "c")
-            # Parameters are batched by the scale their buffer carries (all equal, unless some
-            # parameters skipped steps or were added later).
-            batches: dict[float | None, list[Tensor]] = {}
+            # One pass over the parameters (this loop is most of SPA's Python cost per step).
+            # They are batched by the scale their buffer carries: all equal, unless some
+            # parameters skipped steps or were added later.
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            bufs: list[Tensor | None] = []
+            keys: list[float | None] = []
+            key0: float | None = None
+            uniform = True
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
-                state = self.state[p]
-                key = state.get("prev_scale") if "momentum_buffer" in state else None
-                batches.setdefault(key, []).append(p)
-            for prev_scale, params in batches.items():
-                self._step_batch(group, params, eta, c, prev_scale)
+                state = state_of[p]
+                buf = state.get("momentum_buffer")
+                key = None if buf is None else state.get("prev_scale")  # no buffer: m_{k+1} = g_k
+                if not params:
+                    key0 = key
+                elif uniform and key != key0:
+                    uniform = False
+                params.append(p)
+                grads.append(grad)
+                bufs.append(buf)
+                keys.append(key)
+            if not params:
+                continue
+            if uniform:
+                self._step_batch(group, params, grads, bufs, eta, c, key0)
+                continue
+            batches: dict[float | None, list[int]] = {}
+            for i, key in enumerate(keys):
+                batches.setdefault(key, []).append(i)
+            for prev_scale, idx in batches.items():
+                self._step_batch(
+                    group, [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], eta, c, prev_scale
+                )
         return loss
 
-    def _step_batch(self, group: dict[str, Any], params: list[Tensor], eta: float, c: float, prev_scale: float | None) -> None:
+    def _step_batch(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        bufs: list[Tensor | None],
+        eta: float,
+        c: float,
+        prev_scale: float | None,
+    ) -> None:
+        """One Theorem-1 SGD step on ``params``, whose buffers ``bufs`` all carry ``prev_scale``."""
         alpha = c * eta
-        if prev_scale is None or prev_scale == 0.0:
+        fresh = prev_scale is None or prev_scale == 0.0
+        if fresh:
             # No usable history: m_{k+1} = g_k. torch's kernels start a buffer from None.
             beta = 1.0 if c < 1.0 else 0.0  # any non-zero momentum makes torch create the buffer
-            bufs: list[Tensor | None] = [None] * len(params)
+            bufs = [None] * len(params)
         else:
             if eta == 0.0:
                 raise ValueError(
                     "`lr` (eta) became 0 while momentum was active: beta = (1-c_prev)*eta_prev/eta is undefined. "
                     "Set c=1 first or keep eta > 0."
                 )
-            beta = prev_scale / eta
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            beta = cast(float, prev_scale) / eta
         foreach, fused = group["foreach"], group["fused"]
+        grouped = None
         if foreach is None and fused is None:
             # torch's fused SGD kernel has no DTensor (FSDP2) sharding rule: plain tensors only.
-            fused = all(type(p) in (Tensor, torch.nn.Parameter) and _fused_supported(p) for p in params)
+            fused = set(map(type, params)) <= _PLAIN_TENSOR_TYPES
+            if fused:  # device and dtype support, checked once per (device, dtype) bucket
+                grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])  # type: ignore[list-item]
+                fused_devices = _torch_optimizer._get_fused_kernels_supported_devices()
+                keys = cast(list[tuple[torch.device, torch.dtype]], list(grouped))
+                fused = all(dev.type in fused_devices and dtype.is_floating_point for dev, dtype in keys)
             foreach = not fused and all(_foreach_supported(p) for p in params)
-        _torch_sgd(
-            params,
-            [cast(Tensor, p.grad) for p in params],
-            bufs,
-            foreach=bool(foreach),
-            fused=bool(fused),
-            weight_decay=group["weight_decay"],
-            momentum=beta,
-            lr=alpha,
-            dampening=0.0,
-            nesterov=False,
-            maximize=group["maximize"],
-        )
+        if fused and not fresh and beta != 0.0:
+            # Steady state: call torch's fused kernel directly, once per (device, dtype) bucket, with
+            # exactly the arguments torch.optim.sgd._fused_sgd would pass (no first step, no AMP scaling).
+            if grouped is None:
+                grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])  # type: ignore[list-item]
+            for (device_params, device_grads, device_bufs), _ in grouped.values():
+                torch._fused_sgd_(
+                    cast(list[Tensor], device_params),
+                    cast(list[Tensor], device_grads),
+                    cast(list[Tensor], device_bufs),
+                    weight_decay=group["weight_decay"],
+                    momentum=beta,
+                    lr=alpha,
+                    dampening=0.0,
+                    nesterov=False,
+                    maximize=group["maximize"],
+                    is_first_step=False,
+                )
+        else:
+            _torch_sgd(
+                params,
+                grads,
+                bufs,
+                foreach=bool(foreach),
+                fused=bool(fused),
+                weight_decay=group["weight_decay"],
+                momentum=beta,
+                lr=alpha,
+                dampening=0.0,
+                nesterov=False,
+                maximize=group["maximize"],
+            )
         scale = (1.0 - c) * eta
+        if not fresh and scale == prev_scale:
+            return  # buffers were updated in place and the scale they carry is unchanged: no state to write
         for p, buf in zip(params, bufs, strict=True):
             state = self.state[p]
             if beta != 0.0:
