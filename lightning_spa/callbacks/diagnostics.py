@@ -137,6 +137,10 @@ class MomentumDiagnostics(Callback):
         self._warned: set[str] = set()
         self._loggers: list[Any] = []
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, ema_decay=self.ema_decay)
+
     # -- set-up ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,8 +297,13 @@ class MomentumDiagnostics(Callback):
 
     def _apply_loaded(self) -> None:
         assert self._loaded is not None
-        saved = self._loaded.get("ema", {})
+        saved = dict(self._loaded.get("ema", {}))
         for tracker in self._trackers:
             if (tracker.suffix or "/") in saved:
-                tracker.ema.load_state_dict(saved[tracker.suffix or "/"])
+                tracker.ema.load_state_dict(saved.pop(tracker.suffix or "/"))
+        if saved:
+            rank_zero_warn(
+                f"MomentumDiagnostics: the checkpoint holds EMA state for optimizers {sorted(saved)} that this run "
+                "does not measure; that state is dropped and their EMAs restart."
+            )
         self._loaded = None
