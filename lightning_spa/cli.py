@@ -215,7 +215,8 @@ def format_report(report) -> str:  # type: ignore[no-untyped-def]
         more = f" ... ({len(steps)} steps: {_ranges(steps)})" if len(steps) > 10 else ""
         lines.append(
             f"FLAG: equivalent momentum >= 1 at {len(steps)} step(s): {shown}{more}; largest {worst[1]:.4g} at step "
-            f"{worst[0]}. SGD+M with these values diverges along the momentum buffer: the loss spikes."
+            f"{worst[0]}. A momentum >= 1 amplifies the buffer instead of averaging it: the iterates jump and the loss "
+            "spikes (paper Figure 4)."
         )
     else:
         lines.append("OK: the equivalent momentum stays below 1 at every step.")

@@ -258,7 +258,9 @@ def convert_spa(
                 "text": (
                     f"geometric transition over {t} steps (eta x{1.0 / rate:.6g} a step"
                     + (", c rising as fast until 1" if decay.mode == "paper" else "")
-                    + f"): largest equivalent momentum {max(safe_beta[1:], default=safe_beta[0]):.6g} < 1"
+                    + f"): largest equivalent momentum {max(safe_beta[1:], default=safe_beta[0]):.6g} < 1. That is "
+                    "the shortest safe transition; longer ones keep the momentum further from 1 (the paper spreads "
+                    "each over a few epochs)"
                 ),
             }
         else:
