@@ -36,7 +36,7 @@ __all__ = [
     "spa_schedule",
 ]
 
-_RTOL = 1e-9
+_RTOL = 1e-7  # values closer than this print alike (6 significant digits) and count as constant
 
 
 def _close(a: float, b: float) -> bool:
@@ -78,20 +78,34 @@ def _classify(values: Sequence[float], start: int, end: int) -> Segment:
     return Segment(start, end, "varying", v[0], v[-1], low=min(v), high=max(v))
 
 
-def _breaks(values: Sequence[float]) -> list[int]:
-    """Start indices of maximal constant runs (length >= 2) and of the stretches between them."""
+def _run_length(values: Sequence[float], start: int, cap: int) -> int:
+    """Length (at most ``cap``) of the run of values close to ``values[start]`` that starts there."""
+    n, j = len(values), start
+    while j + 1 < n and j + 1 - start < cap and _close(values[j + 1], values[start]):
+        j += 1
+    return j - start + 1
+
+
+def _breaks(values: Sequence[float], min_run: int = 8) -> list[int]:
+    """Start indices of constant runs (at least ``min_run`` steps, or reaching an end) and of the stretches between.
+
+    Shorter runs of equal values (a slow drift seen at 6 significant digits) belong to the
+    stretch around them, so a drifting value prints as one "varying" segment.
+    """
     n, starts, i = len(values), [], 0
+
+    def is_run(k: int) -> bool:
+        length = _run_length(values, k, min_run)
+        return length >= min_run or k + length == n or (k == 0 and length >= 2)
+
     while i < n:
         starts.append(i)
-        j = i
-        while j + 1 < n and _close(values[j + 1], values[i]):
-            j += 1
-        if j > i:
-            i = j + 1
+        if is_run(i):
+            i += _run_length(values, i, n)
             continue
-        while j + 1 < n and not (j + 2 < n and _close(values[j + 1], values[j + 2])):
-            j += 1
-        i = j + 1
+        i += 1
+        while i < n and not is_run(i):
+            i += 1
     return starts
 
 
@@ -271,22 +285,6 @@ def convert_spa(
     return report
 
 
-def _sgdm_to_spa_chunked(alpha: list[float], beta: list[float], chunk: int = 64) -> tuple[list[float], list[float]]:
-    """:func:`~lightning_spa.mapping.sgdm_to_spa` over short chunks, each continuing the last ``eta``.
-
-    The same recursion; chunking keeps ``momentum**n`` of long runs inside the float range.
-    """
-    etas, _ = sgdm_to_spa(alpha[:chunk], beta[:chunk])
-    for s in range(chunk, len(alpha), chunk):
-        try:
-            e, _ = sgdm_to_spa(alpha[s - 1 : s + chunk], beta[s - 1 : s + chunk], eta0=etas[-1])
-        except NoSPAEquivalentError as err:
-            raise NoSPAEquivalentError(err.step + s - 1, err.reason) from err
-        etas += e[1:]
-    # c_k = alpha_k / eta_k (THEORY.md section 2), recomputed so tiny values keep their precision
-    return etas, [min(1.0, a / e) for a, e in zip(alpha, etas, strict=False)]
-
-
 def convert_sgdm(
     alpha: Sequence[float],
     beta: Sequence[float],
@@ -314,11 +312,11 @@ def convert_sgdm(
         report.no_spa_equivalent = {"step": 0, "reason": f"momentum {beta[0]:.6g} >= 1 at step 0"}
         return report
     try:
-        report.eta, report.c = _sgdm_to_spa_chunked(alpha, beta)
+        report.eta, report.c = sgdm_to_spa(alpha, beta)
     except NoSPAEquivalentError as err:
         report.no_spa_equivalent = {"step": err.step, "reason": err.reason}
         if err.step > 0:
-            report.eta, report.c = _sgdm_to_spa_chunked(alpha[: err.step], beta[: err.step])
+            report.eta, report.c = sgdm_to_spa(alpha[: err.step], beta[: err.step])
     if milestones and 0.0 < factor < 1.0:
         eta0, c0 = alpha[0] / (1.0 - beta[0]), 1.0 - beta[0]
         decay = StepDecay(tuple(milestones), factor, "paper", 1)
