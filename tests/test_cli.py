@@ -119,3 +119,19 @@ def test_figure1_and_convert_plot_write_pngs(tmp_path: Path, capsys: pytest.Capt
 def test_plot_needs_a_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_long_schedule_prints_compactly(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["convert", "--eta", "1", "--c", "0.1", "--milestones", "150", "225", "--unit", "epoch"]
+    argv += ["--steps-per-epoch", "100", "--epochs", "300", "--transition", "geometric", "--transition-steps", "100"]
+    out = _json(capsys, argv)
+    # constant / transition (eta down, c up) / constant / transition (eta only, c = 1) / constant
+    assert [(s["start"], s["end"]) for s in out["spa"]] == [(0, 14999), (15000, 15098), (15099, 22499),
+                                                            (22500, 22598), (22599, 29999)]  # fmt: skip
+    kinds = [(s["eta"]["kind"], s["c"]["kind"]) for s in out["spa"]]
+    assert kinds == [("constant", "constant"), ("geometric", "geometric"), ("constant", "constant"),
+                     ("geometric", "constant"), ("constant", "constant")]  # fmt: skip
+    assert out["spa"][1]["eta"]["ratio"] == pytest.approx(0.1 ** (1 / 100))
+    assert len(out["sgdm"]) == 5 and out["momentum_ge_1"] == []
+    assert main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) < 25
