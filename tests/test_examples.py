@@ -157,3 +157,27 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "diag.png"
     assert spa_cli(["plot", str(log_dir), "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "rows"),
+    [
+        ("figure2", ["--epochs", "1", "--seeds", "1", "--etas", "1.0"], 7),
+        ("figure3", ["--epochs", "4", "--seeds", "1"], 4),
+        ("figure4", ["--seeds", "1", "--milestone-epoch", "1", "--before", "2", "--after", "3"], 2),
+    ],
+)
+def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str], rows: int) -> None:
+    """Shortened runs of examples/reproduce/*.py: a PNG and a markdown table with one row per case."""
+    pytest.importorskip("matplotlib")
+    import importlib
+
+    sys.path.insert(0, str(EXAMPLES / "reproduce"))
+    threads = torch.get_num_threads()
+    try:
+        table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / f"{script}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / f"{script}.md").read_text() == table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == rows + 1  # + header
