@@ -20,6 +20,15 @@ import vision_cli  # noqa: E402
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """Small models on a shared 2-core machine: one intra-op thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny(tmp_path: Path) -> list[str]:
     return [
         *QUIET,
@@ -133,12 +142,8 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_spa.cli import main as spa_cli
 
     pytest.importorskip("matplotlib")
-    threads = torch.get_num_threads()
-    try:
-        args = ["--epochs", "2", "--limit-train-batches", "22", "--save-dir", str(tmp_path), "--no-progress-bar"]
-        out = demo.main(args)
-    finally:
-        torch.set_num_threads(threads)
+    args = ["--epochs", "2", "--limit-train-batches", "22", "--save-dir", str(tmp_path), "--no-progress-bar"]
+    out = demo.main(args)
     text = capsys.readouterr().out
     log_dir = Path(str(out["log_dir"]))
     assert f"tensorboard --logdir {tmp_path / 'demo'}" in text
@@ -173,11 +178,7 @@ def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str]
     import importlib
 
     sys.path.insert(0, str(EXAMPLES / "reproduce"))
-    threads = torch.get_num_threads()
-    try:
-        table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
     assert (tmp_path / f"{script}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / f"{script}.md").read_text() == table
     assert sum(line.startswith("| ") for line in table.splitlines()) == rows + 1  # + header
