@@ -197,7 +197,8 @@ def spa_param_groups(
     if lr_multipliers and any(n is None for n, _ in named):
         raise ValueError(
             "`lr_multipliers` needs parameter names: pass the module or `module.named_parameters()`, "
-            "not `module.parameters()`."
+            "not `module.parameters()`. In LightningCLI, give the optimizer to the model's `optimizer` argument "
+            "(dependency injection) rather than the top-level `optimizer:` key, which passes bare parameters."
         )
     used: set[str] = set()
     groups: dict[tuple[float, float], list[torch.Tensor]] = {}
