@@ -142,9 +142,12 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
             raise ValueError("For an SGD+M schedule give `--transition-steps` with `--transition geometric`.")
         alpha, beta = sgdm_schedule(total, args.lr, args.momentum, milestones, args.factor, args.momentum_after, t)
         desc = (
-            f"SGD+M lr {args.lr:g}, momentum {args.momentum:g}; {where}, lr x{args.factor:g}"
+            f"SGD+M lr {args.lr:g}, momentum {args.momentum:g}; {where}"
+            + (f", lr x{args.factor:g}" if milestones else "")
             + (f", momentum -> {args.momentum_after}" if args.momentum_after else "")
-            + f", {args.transition}" + (f" over {t} steps" if t > 1 else "") + f"; {total} steps"
+            + (f", {args.transition}" if milestones else "")
+            + (f" over {t} steps" if t > 1 else "")
+            + f"; {total} steps"
         )
         return convert_sgdm(alpha, beta, desc, milestones, args.factor)
 
@@ -167,8 +170,10 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
     elif args.warmup_steps:
         decay = StepDecay((), args.factor, mode, 1, args.warmup_steps)
     desc = (
-        f"SPA eta {eta0:g}, c {c0:g}; {where}, eta x{args.factor:g} ({mode} mode), {args.transition}"
+        f"SPA eta {eta0:g}, c {c0:g}; {where}"
+        + (f", eta x{args.factor:g} ({mode} mode), {args.transition}" if milestones else "")
         + (f" over {t} steps" if t > 1 else "")
+        + (f", linear warm-up over {args.warmup_steps} steps" if args.warmup_steps else "")
         + (f", momentum off at {args.momentum_off} ({unit}s)" if args.momentum_off is not None else "")
         + f"; {total} steps"
     )
