@@ -92,40 +92,48 @@ def spa_to_sgdm(eta: Schedule, c: Schedule) -> tuple[Any, Any]:
 
 
 @overload
-def sgdm_to_spa(lr: float, momentum: float, eta0: float | None = None) -> tuple[float, float]: ...
+def sgdm_to_spa(lr: float, momentum: float, eta0: float | str | None = None) -> tuple[float, float]: ...
 @overload
 def sgdm_to_spa(
-    lr: Sequence[float], momentum: Schedule, eta0: float | None = None
+    lr: Sequence[float], momentum: Schedule, eta0: float | str | None = None
 ) -> tuple[list[float], list[float]]: ...
 @overload
 def sgdm_to_spa(lr: float, momentum: Sequence[float], eta0: float | None = None) -> tuple[list[float], list[float]]: ...
 
 
-def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> tuple[Any, Any]:
+def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = None) -> tuple[Any, Any]:
     """Maps an SGD+M schedule ``(lr, momentum)`` to the SPA schedule ``(eta, c)``.
 
     ``eta_k = (eta_{k-1} - lr_{k-1}) / momentum_k`` and ``c_k = lr_k / eta_k``. A step with
     ``momentum 0`` (``k >= 1``) needs ``c = 1`` on the step before; the past is then forgotten
     and ``eta`` is free again, chosen as ``lr_k / (1 - momentum_{k+1})`` like ``eta0``.
 
-    Numerics: run forwards, this recursion multiplies any error in ``eta`` by ``1/momentum``
-    a step (the geometric drift of Figure 1a is this instability at work), so a long schedule
-    would be ruined by round-off. Each stretch between momentum-0 steps is therefore solved
-    as ``eta_k = p_k + d / (momentum_1 * ... * momentum_k)``: ``p`` is the bounded solution,
-    computed backwards (where errors shrink), and ``d`` the genuine drift away from it, set by
-    the choice of ``eta0``. A ``d`` below ``1e-9 * eta0`` is round-off and dropped, so
-    constant and gradual schedules map back to constant and gradual ones.
+    ``eta0`` is free: every choice gives an exact equivalent. The default keeps a constant
+    start constant; then a later ``lr`` drop at fixed momentum makes ``eta`` grow by
+    ``1/momentum`` a step for ever (Figure 1a), until it overflows a float (an error names the
+    step). ``eta0="bounded"`` picks the one member of the family that stays bounded: it moves
+    ``eta`` and ``c`` ahead of each change, so that e.g. a MultiStepLR schedule maps to a
+    finite SPA schedule of any length.
+
+    Numerics: run forwards, the recursion multiplies any error in ``eta`` by ``1/momentum``
+    a step. Runs of constant ``(lr, momentum)`` are therefore computed in closed form
+    (``eta* + d / momentum**j``, ``eta* = lr / (1 - momentum)``), stretches that change every
+    step as the bounded solution (computed backwards, where errors shrink) plus the drift
+    away from it, and a drift below ``1e-9 * eta`` at the start of either counts as round-off.
+    So a constant or gradual schedule maps back to the constant or gradual one it came from.
 
     Args:
         lr: SGD learning rate(s) ``alpha_k`` (>= 0).
         momentum: SGD momentum(s) ``beta_k`` (>= 0); ``momentum[0]`` only fixes ``eta0``.
-        eta0: the free initial step size; default ``lr[0] / (1 - momentum[0])``.
+        eta0: the free initial step size: a float, None for ``lr[0] / (1 - momentum[0])``, or
+            ``"bounded"``.
 
     Raises:
         NoSPAEquivalentError: (a ``ValueError``) naming the first step with no SPA equivalent:
-            momentum 0 after a step with ``c < 1``, or ``c`` leaving ``(0, 1]`` (an increasing
-            momentum, e.g. a momentum warm-up, drives ``eta`` below ``lr``).
-        ValueError: negative or non-finite inputs, or lengths differ.
+            momentum 0 after a step with ``c < 1``, ``c`` leaving ``(0, 1]`` (an increasing
+            momentum, e.g. a momentum warm-up, drives ``eta`` below ``lr``), or ``eta``
+            overflowing.
+        ValueError: negative or non-finite inputs, lengths differ, or an unknown ``eta0``.
     """
     alphas, betas, scalar = _as_lists(lr, momentum, ("lr", "momentum"))
     for k, (a, b) in enumerate(zip(alphas, betas, strict=True)):
@@ -133,51 +141,93 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | None = None) -> 
             raise ValueError(f"`lr` at step {k} is {a}: it must be finite and >= 0.")
         if not (0.0 <= b < math.inf):
             raise ValueError(f"`momentum` at step {k} is {b}: it must be finite and >= 0.")
+    if isinstance(eta0, str) and eta0 != "bounded":
+        raise ValueError(f"`eta0` must be a float, None or 'bounded', got {eta0!r}.")
     if eta0 is None and betas[0] >= 1.0:
         raise NoSPAEquivalentError(0, f"momentum {betas[0]} >= 1; pass `eta0` explicitly.")
     n = len(alphas)
     starts = [0] + [k for k in range(1, n) if betas[k] == 0.0]
     etas: list[float] = []
     for s, e in zip(starts, [*starts[1:], n], strict=True):
-        # Bounded solution p, backwards from the stretch's last step: c = 1 there if a momentum-0
-        # step follows, else "constant from then on".
-        last = e - 1
-        if e < n:
-            p_last = alphas[last]
+        p = _bounded_solution(alphas, betas, s, e)
+        if eta0 == "bounded":
+            segment = p
         else:
-            b_end = betas[last] if last > s else (betas[last + 1] if last + 1 < n else 0.0)
-            p_last = alphas[last] / (1.0 - b_end) if b_end < 1.0 else alphas[last]
-        p = [p_last]
-        for k in range(last, s, -1):
-            p.append(betas[k] * p[-1] + alphas[k - 1])
-        p.reverse()
-        if s == 0:
-            start = alphas[0] / (1.0 - betas[0]) if eta0 is None else float(eta0)
-        else:
-            nxt = betas[s + 1] if s + 1 < n else 0.0
-            start = alphas[s] / (1.0 - nxt) if nxt < 1.0 else alphas[s]
-        drift = start - p[0]
-        if abs(drift) <= _SNAP * abs(start):
-            drift = 0.0
-        for j, k in enumerate(range(s, e)):
-            if j > 0 and drift != 0.0:
-                drift = _drift(drift, betas[k], 1)
-            eta = p[j] + drift
+            if s == 0:
+                start = alphas[0] / (1.0 - betas[0]) if eta0 is None else float(eta0)
+            else:
+                nxt = betas[s + 1] if s + 1 < n else 0.0
+                start = alphas[s] / (1.0 - nxt) if nxt < 1.0 else alphas[s]
+            segment = _forward(alphas, betas, s, e, start, p)
+        for k, eta in enumerate(segment, start=s):
             if not (0.0 < eta < math.inf):
-                raise NoSPAEquivalentError(k, f"eta would be {eta}; it must be finite and > 0.")
+                hint = "" if eta0 == "bounded" else " Pass eta0='bounded' for the SPA form that stays finite."
+                raise NoSPAEquivalentError(k, f"eta would be {eta} (it drifts by 1/momentum a step).{hint}")
             ck = alphas[k] / eta
             if not 0.0 < ck <= 1.0 + 1e-12:
                 raise NoSPAEquivalentError(
                     k,
                     f"c = lr/eta = {alphas[k]:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1] (momentum rising too fast?).",
                 )
-            etas.append(eta)
-        if e < n and abs(alphas[last] / etas[-1] - 1.0) > 1e-9:
+        etas.extend(segment)
+        if e < n and abs(alphas[e - 1] / etas[-1] - 1.0) > 1e-9:
             raise NoSPAEquivalentError(
-                e, f"momentum 0 needs c = 1 at step {last}, where c was {alphas[last] / etas[-1]:.6g}."
+                e, f"momentum 0 needs c = 1 at step {e - 1}, where c was {alphas[e - 1] / etas[-1]:.6g}."
             )
     cs = [min(1.0, a / e) for a, e in zip(alphas, etas, strict=True)]
     return (etas[0], cs[0]) if scalar else (etas, cs)
+
+
+def _bounded_solution(alphas: list[float], betas: list[float], s: int, e: int) -> list[float]:
+    """The bounded solution of the recursion on steps ``s..e-1``, computed backwards.
+
+    At the last step ``c = 1`` if a momentum-0 step follows, else the schedule is taken as
+    constant from there on (``eta = lr / (1 - momentum)``).
+    """
+    last = e - 1
+    if e < len(alphas):
+        p_last = alphas[last]
+    else:
+        b_end = betas[last] if last > s or s == 0 else 0.0  # a one-step restart at the end: c = 1
+        p_last = alphas[last] / (1.0 - b_end) if b_end < 1.0 else alphas[last]
+    p = [p_last]
+    for k in range(last, s, -1):  # eta_{k-1} = momentum_k * eta_k + lr_{k-1}: errors shrink
+        p.append(betas[k] * p[-1] + alphas[k - 1])
+    p.reverse()
+    return p
+
+
+def _forward(alphas: list[float], betas: list[float], s: int, e: int, start: float, p: list[float]) -> list[float]:
+    """The solution from ``start`` on steps ``s..e-1`` (see :func:`sgdm_to_spa`, Numerics)."""
+    out = [start]
+    mode, fixed, dev, j, drift = "start", 0.0, 0.0, 0, 0.0
+    for k in range(s + 1, e):
+        pair = (alphas[k - 1], betas[k])
+        same_prev = k - 1 > s and (alphas[k - 2], betas[k - 1]) == pair
+        same_next = k + 1 < e and (alphas[k], betas[k + 1]) == pair
+        b, prev = pair[1], out[-1]
+        if not b < 1.0:  # a spike: one plain step
+            eta, mode = (prev - pair[0]) / b, "plain"
+        elif same_prev and mode == "run":
+            j += 1
+            eta = fixed + _drift(dev, b, j)
+        elif same_next or k == e - 1:  # a run of constant (lr, momentum) starts
+            fixed = pair[0] / (1.0 - b)
+            dev = prev - fixed
+            if abs(dev) <= _SNAP * abs(fixed):
+                dev = 0.0
+            j, mode = 1, "run"
+            eta = fixed + _drift(dev, b, 1)
+        else:  # changes every step: bounded solution plus drift
+            if mode != "changing":
+                drift = prev - p[k - 1 - s]
+                if abs(drift) <= _SNAP * abs(prev):
+                    drift = 0.0
+                mode = "changing"
+            drift = _drift(drift, b, 1)
+            eta = p[k - s] + drift
+        out.append(eta)
+    return out
 
 
 def _drift(dev: float, b: float, j: int) -> float:

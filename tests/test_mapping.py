@@ -202,3 +202,24 @@ def test_state_conversion_refuses_nesterov():
     sgd = torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.9, nesterov=True)
     with pytest.raises(ValueError, match="nesterov"):
         sgdm_optimizer_to_spa(sgd)
+
+
+def test_multisteplr_drifts_by_default_and_bounded_stays_finite():
+    # CIFAR-10 recipe in SGD form: lr 0.1, momentum 0.9, 10x drops at epochs 150 and 225 (391 steps each).
+    m = 150 * 391
+    lr = [0.1] * m + [0.01] * (75 * 391) + [0.001] * (75 * 391)
+    eta, _ = sgdm_to_spa(lr[: m + 50], 0.9)  # the natural form: constant, then Figure 1a's drift ...
+    assert eta[m - 1] == pytest.approx(1.0) and eta[m + 1] == pytest.approx(1.1) and eta[-1] > 100
+    with pytest.raises(NoSPAEquivalentError, match="eta0='bounded'") as err:
+        sgdm_to_spa(lr, 0.9)  # ... until eta overflows a float
+    assert m < err.value.step < len(lr)
+    eta, c = sgdm_to_spa(lr, 0.9, eta0="bounded")  # moves ahead of each drop and stays finite
+    assert eta[0] == pytest.approx(1.0) and c[m + 1000] == pytest.approx(0.1) and eta[-1] == pytest.approx(0.01)
+    assert max(c[m - 300 : m]) > 0.5  # c rises before the drop: the equivalent of keeping momentum 0.9
+    lr2, momentum2 = spa_to_sgdm(eta, c)
+    assert lr2 == pytest.approx(lr, rel=1e-12) and momentum2[1:] == pytest.approx([0.9] * (len(lr) - 1), rel=1e-12)
+
+
+def test_unknown_eta0_string_is_refused():
+    with pytest.raises(ValueError, match="`eta0`"):
+        sgdm_to_spa([0.1], [0.9], eta0="natural")
