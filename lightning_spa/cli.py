@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sched.add_argument("--momentum-off", type=int, help="SPA only: c becomes 1 from this step/epoch on (eta kept)")
     sched.add_argument("--warmup-steps", type=int, default=0, help="SPA only: linear eta warm-up (optimizer steps)")
+    sched.add_argument(
+        "--bounded",
+        action="store_true",
+        help="SGD+M input: pick the SPA form that stays finite (eta moves ahead of each change) instead of the one "
+        "that starts constant and drifts after an lr drop (Figure 1a)",
+    )
     out = conv.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     out.add_argument("--per-step", action="store_true", help="with --json: include every step's values")
@@ -149,7 +155,7 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
             + (f" over {t} steps" if t > 1 else "")
             + f"; {total} steps"
         )
-        return convert_sgdm(alpha, beta, desc, milestones, args.factor)
+        return convert_sgdm(alpha, beta, desc, milestones, args.factor, eta0="bounded" if args.bounded else None)
 
     if args.momentum_after:
         raise ValueError("`--momentum-after` applies to SGD+M schedules (--lr/--momentum) only.")

@@ -291,6 +291,7 @@ def convert_sgdm(
     description: str = "",
     milestones: Sequence[int] = (),
     factor: float = 0.1,
+    eta0: float | str | None = None,
 ) -> ConversionReport:
     """Maps a per-step SGD+M schedule to SPA; names the first step with no SPA equivalent.
 
@@ -300,6 +301,8 @@ def convert_sgdm(
         description: a one-line summary for the report.
         milestones: the milestones of ``alpha`` (for the suggestion of the paper's SPA recipe).
         factor: the ``lr`` factor at each milestone.
+        eta0: the free initial ``eta`` (see :func:`~lightning_spa.mapping.sgdm_to_spa`): None for
+            ``lr/(1-momentum)``, or ``"bounded"`` for the SPA form that stays finite.
 
     Example::
 
@@ -312,11 +315,11 @@ def convert_sgdm(
         report.no_spa_equivalent = {"step": 0, "reason": f"momentum {beta[0]:.6g} >= 1 at step 0"}
         return report
     try:
-        report.eta, report.c = sgdm_to_spa(alpha, beta)
+        report.eta, report.c = sgdm_to_spa(alpha, beta, eta0=eta0)
     except NoSPAEquivalentError as err:
         report.no_spa_equivalent = {"step": err.step, "reason": err.reason}
         if err.step > 0:
-            report.eta, report.c = sgdm_to_spa(alpha[: err.step], beta[: err.step])
+            report.eta, report.c = sgdm_to_spa(alpha[: err.step], beta[: err.step], eta0=eta0)
     if milestones and 0.0 < factor < 1.0:
         eta0, c0 = alpha[0] / (1.0 - beta[0]), 1.0 - beta[0]
         decay = StepDecay(tuple(milestones), factor, "paper", 1)

@@ -135,3 +135,13 @@ def test_long_schedule_prints_compactly(capsys: pytest.CaptureFixture[str]) -> N
     assert len(out["sgdm"]) == 5 and out["momentum_ge_1"] == []
     assert main(argv) == 0
     assert len(capsys.readouterr().out.splitlines()) < 25
+
+
+def test_multisteplr_overflow_is_named_and_bounded_form_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["convert", "--lr", "0.1", "--momentum", "0.9", "--milestones", "150", "225", "--unit", "epoch"]
+    argv += ["--steps-per-epoch", "391", "--epochs", "300"]
+    out = _json(capsys, argv)  # the natural SPA form drifts after the first drop until eta overflows
+    assert 150 * 391 < out["no_spa_equivalent"]["step"] and "bounded" in out["no_spa_equivalent"]["reason"]
+    out = _json(capsys, [*argv, "--bounded"])
+    assert out["no_spa_equivalent"] is None and out["momentum_ge_1"] == []
+    assert out["spa"][-1]["eta"]["kind"] == "constant" and out["spa"][-1]["c"]["kind"] == "constant"
