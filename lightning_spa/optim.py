@@ -68,7 +68,7 @@ _PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 def _fused_supported(p: Tensor) -> bool:
     devices = _torch_optimizer._get_fused_kernels_supported_devices()
-    return p.device.type in devices and torch.is_floating_point(p)
+    return type(p) in _PLAIN_TENSOR_TYPES and p.device.type in devices and torch.is_floating_point(p)
 
 
 def _foreach_supported(p: Tensor) -> bool:
@@ -140,8 +140,9 @@ class SPA(Optimizer):
                 for p in group["params"]:
                     if not _fused_supported(p):
                         raise RuntimeError(
-                            "`fused=True` needs floating-point parameters on a device with torch's fused SGD "
-                            f"kernel, got {p.dtype} on {p.device.type}; pass `fused=None` to pick a path."
+                            "`fused=True` needs plain floating-point tensors on a device with torch's fused SGD "
+                            f"kernel, got a {type(p).__name__} of {p.dtype} on {p.device.type} (DTensor/FSDP2 "
+                            "parameters have no fused kernel); pass `fused=None` to pick a path."
                         )
 
     @classmethod

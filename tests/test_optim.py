@@ -239,3 +239,23 @@ def test_sparse_gradients_are_refused():
 def test_from_sgdm_rejects_momentum_one():
     with pytest.raises(ValueError, match="`momentum`"):
         SPA.from_sgdm([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=1.0)
+
+
+def test_fused_request_on_dtensor_parameters_is_refused_at_construction(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(RuntimeError, match="DTensor"):
+            SPA([param], fused=True)
+        opt = SPA([param])  # the default dispatch avoids the fused kernel for DTensor
+        param.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+        before = param.detach().full_tensor().clone()
+        opt.step()
+        torch.testing.assert_close(param.detach().full_tensor(), before - 0.1)  # c * eta * g on the first step
+    finally:
+        dist.destroy_process_group()
