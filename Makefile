@@ -30,12 +30,12 @@ pytest: $(STAMP)
 
 ## make demo: the digits app with the paper's recipe (SPA, gradual schedule, diagnostics).
 demo: $(STAMP)
-	@test -f examples/demo.py || { echo "make demo: the demo is not built yet (issue 5)."; exit 1; }
 	$(BIN)/python examples/demo.py
 
 ## make bench: optimizer-step and callback-overhead benchmarks (prints tables; slow).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
+	$(BIN)/python benchmarks/diagnostics_overhead.py
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache .mypy_cache .ruff_cache
