@@ -222,6 +222,24 @@ def _check_form(form: str) -> None:
         raise ValueError(f"Invalid `form`={form!r}: use 'spa' (lightning_spa.SPA) or 'sgd' (torch.optim.SGD).")
 
 
+def _resolved_groups(
+    params: ParamSource,
+    lr: float | None,
+    momentum: float | None,
+    eta: float | None,
+    c: float | None,
+    weight_decay: float,
+    no_decay: Sequence[str],
+    lr_multipliers: Mapping[str, float] | None,
+) -> tuple[float, float, list[dict[str, Any]]]:
+    """``(eta, c, groups)`` for :class:`GroupedSPA` and :class:`GroupedSGD`."""
+    eta_, c_ = resolve_hyperparameters(lr=lr, momentum=momentum, eta=eta, c=c)
+    groups = spa_param_groups(params, weight_decay=weight_decay, no_decay=no_decay, lr_multipliers=lr_multipliers)
+    if not groups:
+        raise ValueError("`params` holds no trainable parameter.")
+    return eta_, c_, groups
+
+
 class GroupedSPA(SPA):
     """:class:`~lightning_spa.SPA` built from either parametrisation, with parameter groups.
 
@@ -265,10 +283,7 @@ class GroupedSPA(SPA):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        eta_, c_ = resolve_hyperparameters(lr=lr, momentum=momentum, eta=eta, c=c)
-        groups = spa_param_groups(params, weight_decay=weight_decay, no_decay=no_decay, lr_multipliers=lr_multipliers)
-        if not groups:
-            raise ValueError("`params` holds no trainable parameter.")
+        eta_, c_, groups = _resolved_groups(params, lr, momentum, eta, c, weight_decay, no_decay, lr_multipliers)
         groups = [{**g, "lr": eta_ * g["lr_multiplier"], "c": c_} for g in groups]
         super().__init__(groups, lr=eta_, c=c_, weight_decay=weight_decay, foreach=foreach, fused=fused)
 
@@ -299,10 +314,7 @@ class GroupedSGD(torch.optim.SGD):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        eta_, c_ = resolve_hyperparameters(lr=lr, momentum=momentum, eta=eta, c=c)
-        groups = spa_param_groups(params, weight_decay=weight_decay, no_decay=no_decay, lr_multipliers=lr_multipliers)
-        if not groups:
-            raise ValueError("`params` holds no trainable parameter.")
+        eta_, c_, groups = _resolved_groups(params, lr, momentum, eta, c, weight_decay, no_decay, lr_multipliers)
         alpha, beta = c_ * eta_, 1.0 - c_
         groups = [{**g, "lr": alpha * g["lr_multiplier"], "momentum": beta} for g in groups]
         super().__init__(groups, lr=alpha, momentum=beta, weight_decay=weight_decay, foreach=foreach, fused=fused)

@@ -259,6 +259,10 @@ class SPA(Optimizer):
                 keys = cast(list[tuple[torch.device, torch.dtype]], list(grouped))
                 fused = all(dev.type in fused_devices and dtype.is_floating_point for dev, dtype in keys)
             foreach = not fused and all(_foreach_supported(p) for p in params)
+        hyper: dict[str, Any] = dict(
+            weight_decay=group["weight_decay"], momentum=beta, lr=alpha, dampening=0.0, nesterov=False,
+            maximize=group["maximize"],
+        )  # fmt: skip
         if fused and not fresh and beta != 0.0:
             # Steady state: call torch's fused kernel directly, once per (device, dtype) bucket, with
             # exactly the arguments torch.optim.sgd._fused_sgd would pass (no first step, no AMP scaling).
@@ -269,12 +273,7 @@ class SPA(Optimizer):
                     cast(list[Tensor], device_params),
                     cast(list[Tensor], device_grads),
                     cast(list[Tensor], device_bufs),
-                    weight_decay=group["weight_decay"],
-                    momentum=beta,
-                    lr=alpha,
-                    dampening=0.0,
-                    nesterov=False,
-                    maximize=group["maximize"],
+                    **hyper,
                     is_first_step=False,
                 )
         else:
@@ -284,12 +283,7 @@ class SPA(Optimizer):
                 bufs,
                 foreach=bool(foreach),
                 fused=bool(fused),
-                weight_decay=group["weight_decay"],
-                momentum=beta,
-                lr=alpha,
-                dampening=0.0,
-                nesterov=False,
-                maximize=group["maximize"],
+                **hyper,
             )
         scale = (1.0 - c) * eta
         if not fresh and scale == prev_scale:
