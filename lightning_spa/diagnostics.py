@@ -57,6 +57,7 @@ __all__ = [
     "DiagnosticsEMA",
     "unsupported_reason",
     "group_hyper",
+    "has_spa_form",
     "measure_before_step",
     "measure_after_step",
     "step_samples",
@@ -137,7 +138,14 @@ def group_hyper(optimizer: Optimizer, group: dict[str, Any]) -> GroupHyper:
         # SPA stores m_{k+1} unless the step restarts (no history) with c = 1 (then m_{k+1} = g_k).
         return GroupHyper(eta, c, c * eta, beta, wd, sign, uses_buffer=prev is not None or c < 1.0)
     lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    if beta >= 1.0:  # the one-step spike of an instant change: no constant-schedule SPA form (see has_spa_form)
+        return GroupHyper(math.nan, math.nan, lr, beta, wd, sign, uses_buffer=True)
     return GroupHyper(lr / (1.0 - beta), 1.0 - beta, lr, beta, wd, sign, uses_buffer=beta != 0.0)
+
+
+def has_spa_form(hyper: GroupHyper) -> bool:
+    """False for a torch SGD step with ``momentum >= 1``, which such a step cannot be measured by."""
+    return not math.isnan(hyper.eta)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -353,3 +353,26 @@ def test_plot_run_writes_a_png(tmp_path: Path) -> None:
     _fit(tmp_path, NoiseOrQuadratic(dim=8), 2, MomentumDiagnostics(every_n_steps=1), name="second")
     with pytest.raises(ValueError, match="several runs"):
         read_run(tmp_path)
+
+
+def test_torch_sgd_momentum_spike_is_not_measured(tmp_path: Path) -> None:
+    from lightning_spa import GradualSchedule
+
+    # An instant paper-mode drop writes momentum (1-c)/factor = 9 into torch SGD at step 5: that step
+    # has no SPA form, so it is left out (one warning) and every logged value stays finite.
+    schedule = GradualSchedule(milestones=[5], unit="step", transition="instant")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        callbacks=[schedule, MomentumDiagnostics(every_n_steps=1)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with pytest.warns(UserWarning, match="momentum >= 1 at optimizer step 5"):
+        trainer.fit(NoiseOrQuadratic("sgd"), DataLoader(TensorDataset(torch.zeros(12, 1)), batch_size=1))
+    s = read_scalars(tmp_path / "run" / "version_0")
+    assert 5 not in s["spa/ratio"] and set(s["spa/ratio"]) == set(range(12)) - {5}
+    assert all(math.isfinite(v) for tag in s.values() for v in tag.values())
+    assert s["spa/eta"][6] == pytest.approx(0.1) and s["spa/c"][6] == pytest.approx(1.0)  # eta 10x down, c -> 1

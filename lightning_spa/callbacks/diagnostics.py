@@ -23,6 +23,7 @@ from lightning_spa.diagnostics import (
     GroupHyper,
     complete_sums,
     group_hyper,
+    has_spa_form,
     measure_after_step,
     measure_before_step,
     step_samples,
@@ -227,6 +228,13 @@ class MomentumDiagnostics(Callback):
             if step % self._n:
                 return
             hypers = [group_hyper(optimizer, g) for g in optimizer.param_groups]
+            if not all(has_spa_form(h) for h in hypers):
+                self._warn_once(
+                    "spike",
+                    f"MomentumDiagnostics: torch SGD momentum >= 1 at optimizer step {step} (the spike of an instant "
+                    "hyper-parameter change) has no SPA form; that step is not measured. Further ones are not reported.",
+                )
+                return
             tracker.pending = (step, hypers, measure_before_step(optimizer, tracker.device, tracker.ema.values.dtype))
 
     def _make_post_hook(self, tracker: _Tracker) -> Any:
