@@ -232,7 +232,8 @@ class MomentumDiagnostics(Callback):
                 self._warn_once(
                     "spike",
                     f"MomentumDiagnostics: torch SGD momentum >= 1 at optimizer step {step} (the spike of an instant "
-                    "hyper-parameter change) has no SPA form; that step is not measured. Further ones are not reported.",
+                    "hyper-parameter change) has no SPA form; that step is not measured. Further ones are not "
+                    "reported.",
                 )
                 return
             tracker.pending = (step, hypers, measure_before_step(optimizer, tracker.device, tracker.ema.values.dtype))
