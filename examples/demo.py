@@ -46,6 +46,7 @@ def read_scalars(log_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
 def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     """Four panels over optimizer steps: loss, accuracy, ``spa/ratio`` and ``eta``/``c``."""
     from lightning_spa.figures import require_matplotlib
+    from lightning_spa.plotting import draw_hyperparameters
 
     plt = require_matplotlib()
     s = read_scalars(log_dir)
@@ -67,12 +68,7 @@ def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     ax_ratio.axhline(1.0, color="black", lw=0.8, ls=":", label="1: noise level")
     ax_ratio.set_yscale("log")
     ax_ratio.set_title("alignment ratio (> 1: momentum helps)")
-    line(ax_hyper, "spa/eta", "eta")
-    line(ax_hyper, "spa/c", "c")
-    line(ax_hyper, "spa/lr", "SGD+M lr", ls="--")
-    line(ax_hyper, "spa/momentum", "SGD+M momentum", ls="--")
-    ax_hyper.set_yscale("log")
-    ax_hyper.set_title("hyper-parameters (both forms)")
+    draw_hyperparameters(ax_hyper, s)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -14,8 +14,9 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["plot_run", "read_run"]
+__all__ = ["draw_hyperparameters", "plot_run", "read_run"]
 
 _REQUIRED = "spa/ratio"
 
@@ -60,6 +61,21 @@ def read_run(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
     return next(iter(runs.values()))
 
 
+def draw_hyperparameters(ax: Any, data: dict[str, tuple[list[int], list[float]]]) -> None:
+    """Draws ``spa/eta``, ``spa/c``, ``spa/lr`` and ``spa/momentum`` (both forms, log scale) on ``ax``."""
+    styles = [
+        ("spa/eta", r"$\eta$", "-"),
+        ("spa/c", "$c$", "-"),
+        ("spa/lr", r"SGD+M lr $\alpha$", "--"),
+        ("spa/momentum", r"SGD+M momentum $\beta$", "--"),
+    ]
+    for tag, label, linestyle in styles:
+        if tag in data:
+            ax.plot(*data[tag], label=label, linestyle=linestyle)
+    ax.set_yscale("log")
+    ax.set_title("hyper-parameters (both forms)")
+
+
 def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     """Draws the momentum diagnostics of one run to ``out_png`` and returns its path.
 
@@ -99,12 +115,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     line(ax_cos, "spa/cosine", r"$\cos(g_k, m_k)$ (EMA)")
     ax_cos.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
     ax_cos.set_title("gradient / momentum alignment")
-    line(ax_hyper, "spa/eta", r"$\eta$")
-    line(ax_hyper, "spa/c", "$c$")
-    line(ax_hyper, "spa/lr", r"SGD+M lr $\alpha$", linestyle="--")
-    line(ax_hyper, "spa/momentum", r"SGD+M momentum $\beta$", linestyle="--")
-    ax_hyper.set_yscale("log")
-    ax_hyper.set_title("hyper-parameters (both forms)")
+    draw_hyperparameters(ax_hyper, data)
     for ax in axes.flat:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
