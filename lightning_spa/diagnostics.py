@@ -100,7 +100,7 @@ def unsupported_reason(optimizer: Optimizer) -> str | None:
     dampening and Nesterov)."""
     if isinstance(optimizer, SPA):
         return None
-    if type(optimizer) is torch.optim.SGD:
+    if isinstance(optimizer, torch.optim.SGD):  # subclasses too (e.g. lightning_spa.GroupedSGD)
         for group in optimizer.param_groups:
             if group.get("nesterov", False) or group.get("dampening", 0.0) != 0.0:
                 return "torch.optim.SGD with nesterov=True or dampening != 0 has no SPA form"
@@ -108,8 +108,14 @@ def unsupported_reason(optimizer: Optimizer) -> str | None:
     return f"{type(optimizer).__name__} is neither SPA nor torch.optim.SGD"
 
 
-def _history(optimizer: Optimizer, p: Tensor) -> Tensor | None:
-    """``m_k`` of ``p`` if the coming step folds it in (``beta_k != 0``), else ``None``."""
+def _history(optimizer: Optimizer, p: Tensor, group: dict[str, Any] | None = None) -> Tensor | None:
+    """``m_k`` of ``p`` if the coming step folds it in (``beta_k != 0``), else ``None``.
+
+    ``group`` is ``p``'s param group; for torch SGD a group with momentum 0 leaves its old buffer
+    in place but does not use it.
+    """
+    if group is not None and not isinstance(optimizer, SPA) and float(group.get("momentum", 0.0)) == 0.0:
+        return None
     state = optimizer.state.get(p, {})
     buf = state.get("momentum_buffer")
     if buf is None:
@@ -206,11 +212,11 @@ def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch
     for gi, group in enumerate(optimizer.param_groups):
         wd = bool(group.get("weight_decay", 0.0))
 
-        def fields(ps: list[Tensor], wd: bool = wd) -> Tensor:
+        def fields(ps: list[Tensor], wd: bool = wd, group: dict[str, Any] = group) -> Tensor:
             g = [local_tensor(p.grad) for p in ps]  # type: ignore[arg-type]
             x = [local_tensor(p) for p in ps] if wd else []
             hist = [(gi_, local_tensor(h), local_tensor(p)) for gi_, h, p in
-                    zip(g, (_history(optimizer, p) for p in ps), ps, strict=True) if h is not None]  # fmt: skip
+                    zip(g, (_history(optimizer, p, group) for p in ps), ps, strict=True) if h is not None]  # fmt: skip
             m = [h for _, h, _ in hist]
             gm = [(gi_, h) for gi_, h, _ in hist]
             xm = [(xi, h) for _, h, xi in hist] if wd else []
@@ -301,16 +307,25 @@ class DiagnosticsEMA:
         self.decay = decay
         self.values = torch.zeros(n_rows, 4, device=device, dtype=dtype)
         self.weights = torch.zeros(n_rows, 4, device=device, dtype=dtype)
-        self.last_step: int | None = None
+        # The step of the last accepted sample, on the device (NaN: none yet), so that rejecting a
+        # sample needs no host sync.
+        self._last = torch.full((), math.nan, device=device, dtype=dtype)
+
+    @property
+    def last_step(self) -> int | None:
+        """The optimizer step of the last sample folded in (a host sync; for checkpoints and tests)."""
+        last = float(self._last.item())
+        return None if math.isnan(last) else int(last)
 
     def update(self, samples: Tensor, step: int, default_gap: int = 1) -> Tensor:
         """Folds one step's :func:`step_samples` in; returns the 0-dim bool ``ok`` (all finite).
 
         A step whose samples are not all finite leaves the state unchanged (its weight is not
-        spent either), and so do rows whose cosine is undefined for the cosine column.
+        spent either: the next accepted sample weighs for the steps since the last accepted
+        one), and so do rows whose cosine is undefined for the cosine column. No host sync.
         """
-        gap = step - self.last_step if self.last_step is not None else default_gap
-        weight = 1.0 - self.decay ** max(gap, 1)
+        gap = torch.where(torch.isnan(self._last), float(default_gap), step - self._last).clamp(min=1.0)
+        weight = 1.0 - self.decay**gap
         cos, cos_valid = cosine_of(samples)
         new = torch.stack([samples[:, 0], samples[:, 1], samples[:, 2], cos], dim=-1)
         ok = torch.isfinite(new).all()
@@ -319,7 +334,7 @@ class DiagnosticsEMA:
         w = torch.where(valid, weight, 0.0).to(self.values.dtype)
         self.values = self.values * (1 - w) + w * torch.where(valid, new, 0.0)
         self.weights = self.weights * (1 - w) + w
-        self.last_step = step
+        self._last = torch.where(ok, float(step), self._last)
         return ok
 
     def corrected(self) -> Tensor:
@@ -341,7 +356,9 @@ class DiagnosticsEMA:
             )
         self.values = values
         self.weights = torch.tensor(state["weights"], device=self.values.device, dtype=self.values.dtype)
-        self.last_step = state["last_step"]
+        last = state["last_step"]
+        self._last = torch.tensor(math.nan if last is None else float(last), device=self.values.device,
+                                  dtype=self.values.dtype)  # fmt: skip
 
 
 def complete_sums(before: Tensor, after: Tensor, sharded: bool) -> tuple[Tensor, Tensor]:

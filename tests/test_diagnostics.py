@@ -120,11 +120,16 @@ def test_ema_bias_correction_gaps_and_nonfinite() -> None:
     assert ema.corrected()[0, 0].item() == pytest.approx(expected)
     before = ema.corrected().clone()
     assert not bool(ema.update(sample(float("nan"), 3.0), step=6))  # not folded in
-    assert torch.equal(ema.corrected(), before)
+    assert torch.equal(ema.corrected(), before) and ema.last_step == 5
     state = ema.state_dict()
     other = DiagnosticsEMA(1, decay=0.9, device=CPU)
     other.load_state_dict(state)
-    assert torch.equal(other.corrected(), before) and other.last_step == 6
+    assert torch.equal(other.corrected(), before) and other.last_step == 5
+    # The rejected step spent no weight: a sample at step 7 weighs for steps 6 and 7 (1 - 0.9**2).
+    other.update(sample(2.0, 3.0), step=7)
+    w_new, w_old = 1 - 0.9**2, 0.9**2 * (w_old + w_new)
+    expected_7 = (w_old * expected + w_new * 2.0) / (w_old + w_new)
+    assert other.corrected()[0, 0].item() == pytest.approx(expected_7)
 
 
 # ----------------------------------------------------------------------------- callback
@@ -376,3 +381,26 @@ def test_torch_sgd_momentum_spike_is_not_measured(tmp_path: Path) -> None:
     assert 5 not in s["spa/ratio"] and set(s["spa/ratio"]) == set(range(12)) - {5}
     assert all(math.isfinite(v) for tag in s.values() for v in tag.values())
     assert s["spa/eta"][6] == pytest.approx(0.1) and s["spa/c"][6] == pytest.approx(1.0)  # eta 10x down, c -> 1
+
+
+def test_torch_sgd_buffer_left_by_momentum_zero_is_not_used(tmp_path: Path) -> None:
+    from lightning_spa import MomentumOff
+
+    # From step 4 torch SGD runs with momentum 0 and keeps its old buffer untouched: the cosine
+    # with m_k is undefined from then on, so the cosine EMA must stop changing.
+    off = MomentumOff(after_epochs=3, unit="step")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        callbacks=[off, MomentumDiagnostics(every_n_steps=1)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    model = NoiseOrQuadratic("sgd")
+    trainer.fit(model, DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=1))
+    s = read_scalars(tmp_path / "run" / "version_0")
+    assert s["spa/momentum"][4] == 0.0 and s["spa/momentum"][2] == pytest.approx(0.9)
+    assert len({s["spa/cosine"][k] for k in range(3, 10)}) == 1
+    assert s["spa/cosine"][2] != s["spa/cosine"][3]

@@ -145,3 +145,40 @@ def test_build_optimizer_rejects_unknown_form_and_empty_params() -> None:
         build_optimizer(frozen)
     with pytest.raises(TypeError, match="param-group dicts"):
         GroupedSPA([{"params": list(Net().parameters())}])
+
+
+@pytest.mark.parametrize("form", ["spa", "sgd"])
+def test_both_forms_work_with_the_callbacks(form: str, tmp_path) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_spa import GradualSchedule, MomentumDiagnostics
+    from lightning_spa.demos import DigitsCNN, DigitsDataModule
+
+    def fit(form: str) -> tuple[list[torch.Tensor], EventAccumulator]:
+        pl.seed_everything(0)
+        model = DigitsCNN(channels=4, optimizer=lambda p: build_optimizer(p, lr=0.1, momentum=0.9, form=form))
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=30,
+            precision="64-true",
+            logger=TensorBoardLogger(tmp_path, name=form, version=0),
+            callbacks=[GradualSchedule([6], unit="step", transition_steps=22), MomentumDiagnostics(every_n_steps=1)],
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(model, DigitsDataModule())
+        acc = EventAccumulator(str(tmp_path / form / "version_0"))
+        acc.Reload()
+        return [p.detach().clone() for p in model.parameters()], acc
+
+    params, acc = fit(form)
+    reference, _ = fit("spa") if form == "sgd" else (params, acc)
+    for p, q in zip(params, reference, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    ratio = acc.Scalars("spa/ratio")
+    assert [e.step for e in ratio] == list(range(30))  # GroupedSGD is measured, like SPA
+    assert acc.Scalars("spa/eta")[-1].value == pytest.approx(0.1)  # eta 10x down through the schedule

@@ -40,7 +40,7 @@ def optimizer_kind(optimizer: Optimizer, owner: str = "This callback") -> Optimi
     """
     if isinstance(optimizer, SPA):
         return "spa"
-    if type(optimizer) is torch.optim.SGD:
+    if isinstance(optimizer, torch.optim.SGD):  # subclasses too (e.g. lightning_spa.GroupedSGD)
         for i, group in enumerate(optimizer.param_groups):
             momentum = float(group["momentum"])
             if group.get("nesterov", False):
