@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument(
         "--milestones", type=int, nargs="*", default=[], help="where eta (or lr) is multiplied by --factor"
     )
-    sched.add_argument("--factor", type=float, default=0.1, help="multiplier at each milestone (default 0.1)")
+    sched.add_argument("--factor", type=float, help="multiplier at each milestone (default 0.1)")
     sched.add_argument("--unit", choices=["step", "epoch"], default="step", help="unit of milestones (default step)")
     sched.add_argument("--steps-per-epoch", type=_positive_int, help="optimizer steps per epoch (needed for epochs)")
     sched.add_argument("--total-steps", type=_positive_int, help="length of the schedule in optimizer steps")
@@ -132,6 +132,19 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
         total = args.total_steps
     else:
         total = max(100, 2 * max(milestones, default=0))
+    if args.factor is not None and not milestones:
+        raise ValueError("`--factor` applies at `--milestones`: give the milestones too.")
+    args.factor = 0.1 if args.factor is None else args.factor
+    late = [m for m, step in zip(args.milestones, milestones, strict=True) if step >= total]
+    if late:
+        raise ValueError(
+            f"`--milestones` {late} fall at or after the end of the schedule ({total} steps) and would be ignored: "
+            "lengthen it with `--total-steps`/`--epochs` or drop them."
+        )
+    if args.per_step and not args.json:
+        raise ValueError("`--per-step` lists every step in the JSON output: add `--json`.")
+    if args.unit == "step" and args.steps_per_epoch is not None and args.epochs is None:
+        raise ValueError("`--steps-per-epoch` is only used with `--unit epoch` or `--epochs`; drop it or use them.")
     if args.transition == "instant" and args.transition_steps not in (None, 1):
         raise ValueError("`--transition-steps` needs `--transition geometric` (an instant change is 1 step).")
     unit = "epoch" if args.unit == "epoch" else "step"
@@ -169,7 +182,7 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
         if args.transition == "geometric":
             if args.transition_steps is None:
                 probe = StepDecay(tuple(milestones), args.factor, mode, 1, args.warmup_steps)
-                t = smallest_safe_transition_steps(probe, others, [(eta0, c0)], total) or 1
+                t = smallest_safe_transition_steps(probe, others, [(eta0, c0)]) or 1
             else:
                 t = args.transition_steps
         decay = StepDecay(tuple(milestones), args.factor, mode, t, args.warmup_steps)

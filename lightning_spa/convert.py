@@ -260,7 +260,7 @@ def convert_spa(
     alpha, beta = spa_to_sgdm(eta, c)
     report = ConversionReport("spa", description, alpha, beta, eta, c, momentum_ge_1=_flags(beta))
     if decay is not None and decay.milestones:
-        t = smallest_safe_transition_steps(decay, list(others), [(eta0, c0)], total_steps)
+        t = smallest_safe_transition_steps(decay, list(others), [(eta0, c0)])  # whole transitions, past the end too
         if t is not None:
             rate = float(decay.factor) ** (-1.0 / t)
             safe = StepDecay(decay.milestones, decay.factor, decay.mode, t, decay.warmup_steps)
@@ -323,7 +323,7 @@ def convert_sgdm(
     if milestones and 0.0 < factor < 1.0:
         eta0, c0 = alpha[0] / (1.0 - beta[0]), 1.0 - beta[0]
         decay = StepDecay(tuple(milestones), factor, "paper", 1)
-        t = smallest_safe_transition_steps(decay, [], [(eta0, c0)], len(alpha))
+        t = smallest_safe_transition_steps(decay, [], [(eta0, c0)])
         if t is not None:
             report.suggestion = {
                 "transition_steps": t,

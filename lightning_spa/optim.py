@@ -125,8 +125,8 @@ class SPA(Optimizer):
     ) -> None:
         validate_eta(lr, "lr")
         validate_c(c, "c")
-        if not float(weight_decay) >= 0.0:
-            raise ValueError(f"Invalid `weight_decay`={weight_decay}: it must be >= 0.")
+        if not 0.0 <= float(weight_decay) < float("inf"):
+            raise ValueError(f"Invalid `weight_decay`={weight_decay}: it must be finite and >= 0.")
         if fused and foreach:
             raise ValueError("`fused=True` and `foreach=True` cannot be used together; choose one.")
         defaults = dict(lr=lr, c=c, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
@@ -134,8 +134,10 @@ class SPA(Optimizer):
         for group in self.param_groups:  # per-group overrides are checked too
             validate_eta(group["lr"], "lr")
             validate_c(group["c"], "c")
-            if not float(group["weight_decay"]) >= 0.0:
-                raise ValueError(f"Invalid `weight_decay`={group['weight_decay']} in a param group: it must be >= 0.")
+            if not 0.0 <= float(group["weight_decay"]) < float("inf"):
+                raise ValueError(
+                    f"Invalid `weight_decay`={group['weight_decay']} in a param group: it must be finite and >= 0."
+                )
             if group["fused"]:
                 for p in group["params"]:
                     if not _fused_supported(p):

@@ -145,3 +145,19 @@ def test_multisteplr_overflow_is_named_and_bounded_form_is_finite(capsys: pytest
     out = _json(capsys, [*argv, "--bounded"])
     assert out["no_spa_equivalent"] is None and out["momentum_ge_1"] == []
     assert out["spa"][-1]["eta"]["kind"] == "constant" and out["spa"][-1]["c"]["kind"] == "constant"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--milestones", "200", "--total-steps", "100"], "at or after the end of the schedule"),
+        (["--factor", "0.5", "--total-steps", "100"], "`--factor` applies at `--milestones`"),
+        (["--per-step"], "add `--json`"),
+        (["--milestones", "20", "--steps-per-epoch", "10"], "`--steps-per-epoch` is only used"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert main(["convert", "--eta", "1", "--c", "0.1", *extra]) == 1
+    assert message in capsys.readouterr().err

@@ -201,6 +201,7 @@ def test_state_dict_resume_is_bit_exact(path, tmp_path):
         ({"c": 1.5}, "`c`"),
         ({"c": math.nan}, "`c`"),
         ({"weight_decay": -1e-4}, "`weight_decay`"),
+        ({"weight_decay": math.inf}, "`weight_decay`"),
         ({"fused": True, "foreach": True}, "`fused=True` and `foreach=True`"),
     ],
 )
