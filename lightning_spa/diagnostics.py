@@ -154,6 +154,12 @@ def has_spa_form(hyper: GroupHyper) -> bool:
     return not math.isnan(hyper.eta)
 
 
+def _to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small host table on ``device`` without a device synchronisation (``torch.tensor(..., device=cuda)``
+    would wait for the queued kernels; a non-blocking copy from the host does not)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.reshape(-1), b.reshape(-1)
     if a.dtype not in (torch.float32, torch.float64):  # half precision: accumulate in float32
@@ -173,7 +179,7 @@ def _sums(squares: list[list[Tensor]], dots: list[list[tuple[Tensor, Tensor]]], 
     sizes = [len(ts) for ts in squares] + [len(prs) for prs in dots]
     segments = [[1.0 if start <= j < start + n else 0.0 for j in range(sum(sizes))]
                 for start, n in zip([sum(sizes[:i]) for i in range(len(sizes))], sizes, strict=True)]  # fmt: skip
-    return torch.tensor(segments, device=device, dtype=dtype) @ torch.cat(parts)
+    return _to_device(segments, device, dtype) @ torch.cat(parts)
 
 
 def _buckets(params: list[Tensor]) -> dict[int, list[Tensor]]:
@@ -269,7 +275,7 @@ def step_samples(before: Tensor, after: Tensor, hypers: list[GroupHyper]) -> Ten
     gsq, gx, xsq, gm, xm, msq = before.unbind(-1)
     used, m_next = after.unbind(-1)
     table = [[h.eta, h.c, h.lr, h.weight_decay, h.sign, float(h.uses_buffer)] for h in hypers]
-    eta, c, alpha, wd, sign, uses_buffer = torch.tensor(table, device=before.device, dtype=before.dtype).unbind(-1)
+    eta, c, alpha, wd, sign, uses_buffer = _to_device(table, before.device, before.dtype).unbind(-1)
     kappa_sq = torch.where(gsq > 0, used / gsq, 1.0)  # gradient clipping, if any: used = kappa^2 * before
     kappa = kappa_sq.sqrt()
     g_sq = kappa_sq * gsq + 2.0 * sign * wd * kappa * gx + wd.square() * xsq

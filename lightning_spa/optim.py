@@ -88,7 +88,8 @@ class SPA(Optimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr: the step size ``eta`` of the ``z`` sequence (float or one-element tensor).
+        lr: the step size ``eta`` of the ``z`` sequence (float or one-element tensor; a tensor
+            is read with ``.item()`` each step, a host sync on CUDA).
             ``eta = 1.0, c = 0.1`` is SGD+M ``lr 0.1, momentum 0.9``.
         c: averaging weight in ``(0, 1]``; ``1 - c`` plays the role of momentum and
             ``c = 1`` is plain SGD.
