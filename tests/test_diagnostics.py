@@ -167,13 +167,15 @@ def _fit(
     callback: MomentumDiagnostics,
     name: str = "run",
     ckpt_path: str | None = None,
+    before: tuple[pl.Callback, ...] = (),
     **trainer_kwargs: Any,
 ) -> tuple[pl.Trainer, dict[str, dict[int, float]]]:
+    """Fits ``model`` for ``steps`` steps with ``before`` (e.g. schedules) and then ``callback``."""
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=steps,
         logger=TensorBoardLogger(tmp_path, name=name, version=0),
-        callbacks=[callback],
+        callbacks=[*before, callback],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -366,18 +368,8 @@ def test_torch_sgd_momentum_spike_is_not_measured(tmp_path: Path) -> None:
     # An instant paper-mode drop writes momentum (1-c)/factor = 9 into torch SGD at step 5: that step
     # has no SPA form, so it is left out (one warning) and every logged value stays finite.
     schedule = GradualSchedule(milestones=[5], unit="step", transition="instant")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=12,
-        logger=TensorBoardLogger(tmp_path, name="run", version=0),
-        callbacks=[schedule, MomentumDiagnostics(every_n_steps=1)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
     with pytest.warns(UserWarning, match="momentum >= 1 at optimizer step 5"):
-        trainer.fit(NoiseOrQuadratic("sgd"), DataLoader(TensorDataset(torch.zeros(12, 1)), batch_size=1))
-    s = read_scalars(tmp_path / "run" / "version_0")
+        _, s = _fit(tmp_path, NoiseOrQuadratic("sgd"), 12, MomentumDiagnostics(every_n_steps=1), before=(schedule,))
     assert 5 not in s["spa/ratio"] and set(s["spa/ratio"]) == set(range(12)) - {5}
     assert all(math.isfinite(v) for tag in s.values() for v in tag.values())
     assert s["spa/eta"][6] == pytest.approx(0.1) and s["spa/c"][6] == pytest.approx(1.0)  # eta 10x down, c -> 1
@@ -389,18 +381,7 @@ def test_torch_sgd_buffer_left_by_momentum_zero_is_not_used(tmp_path: Path) -> N
     # From step 4 torch SGD runs with momentum 0 and keeps its old buffer untouched: the cosine
     # with m_k is undefined from then on, so the cosine EMA must stop changing.
     off = MomentumOff(after_epochs=3, unit="step")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=10,
-        logger=TensorBoardLogger(tmp_path, name="run", version=0),
-        callbacks=[off, MomentumDiagnostics(every_n_steps=1)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    model = NoiseOrQuadratic("sgd")
-    trainer.fit(model, DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=1))
-    s = read_scalars(tmp_path / "run" / "version_0")
+    _, s = _fit(tmp_path, NoiseOrQuadratic("sgd"), 10, MomentumDiagnostics(every_n_steps=1), before=(off,))
     assert s["spa/momentum"][4] == 0.0 and s["spa/momentum"][2] == pytest.approx(0.9)
     assert len({s["spa/cosine"][k] for k in range(3, 10)}) == 1
     assert s["spa/cosine"][2] != s["spa/cosine"][3]
