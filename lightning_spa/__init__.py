@@ -1,14 +1,33 @@
 """lightning_spa: SGD with momentum as stochastic primal averaging, for PyTorch Lightning.
 
 Theory: A. Defazio, "Momentum via Primal Averaging" (arXiv 2010.00406); see THEORY.md.
+
+Public names are imported lazily (PEP 562): ``from lightning_spa import SPA`` or the scalar
+mapping never import Lightning; the callbacks import it when first used.
 """
 
-from lightning_spa.callbacks import GradualSchedule, MomentumDiagnostics, MomentumOff
-from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
-from lightning_spa.mapping import sgdm_optimizer_to_spa, sgdm_to_spa, spa_optimizer_to_sgdm, spa_to_sgdm
-from lightning_spa.optim import SPA
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "SPA": "lightning_spa.optim",
+    "GradualSchedule": "lightning_spa.callbacks",
+    "MomentumDiagnostics": "lightning_spa.callbacks",
+    "MomentumOff": "lightning_spa.callbacks",
+    "GroupedSGD": "lightning_spa.factory",
+    "GroupedSPA": "lightning_spa.factory",
+    "build_optimizer": "lightning_spa.factory",
+    "spa_param_groups": "lightning_spa.factory",
+    "sgdm_optimizer_to_spa": "lightning_spa.mapping",
+    "sgdm_to_spa": "lightning_spa.mapping",
+    "spa_optimizer_to_sgdm": "lightning_spa.mapping",
+    "spa_to_sgdm": "lightning_spa.mapping",
+}
 
 __all__ = [
     "SPA",
@@ -24,3 +43,22 @@ __all__ = [
     "spa_param_groups",
     "spa_to_sgdm",
 ]
+
+if TYPE_CHECKING:
+    from lightning_spa.callbacks import GradualSchedule, MomentumDiagnostics, MomentumOff
+    from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
+    from lightning_spa.mapping import sgdm_optimizer_to_spa, sgdm_to_spa, spa_optimizer_to_sgdm, spa_to_sgdm
+    from lightning_spa.optim import SPA
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_spa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -1,6 +1,35 @@
-"""Lightning callbacks: thin adapters over :mod:`lightning_spa.schedule` and the diagnostics math."""
+"""Lightning callbacks: thin adapters over :mod:`lightning_spa.schedule` and the diagnostics math.
 
-from lightning_spa.callbacks.diagnostics import MomentumDiagnostics
-from lightning_spa.callbacks.schedules import GradualSchedule, MomentumOff
+Imported lazily, like the top-level package, so ``import lightning_spa.callbacks._adapter``
+style imports of the pure helpers stay cheap.
+"""
 
-__all__: list[str] = ["GradualSchedule", "MomentumDiagnostics", "MomentumOff"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "GradualSchedule": "lightning_spa.callbacks.schedules",
+    "MomentumOff": "lightning_spa.callbacks.schedules",
+    "MomentumDiagnostics": "lightning_spa.callbacks.diagnostics",
+}
+
+__all__ = ["GradualSchedule", "MomentumDiagnostics", "MomentumOff"]
+
+if TYPE_CHECKING:
+    from lightning_spa.callbacks.diagnostics import MomentumDiagnostics
+    from lightning_spa.callbacks.schedules import GradualSchedule, MomentumOff
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_spa.callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

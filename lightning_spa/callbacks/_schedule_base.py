@@ -9,12 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.core.optimizer import LightningOptimizer
-from pytorch_lightning.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_spa import _lightning as pl
+from lightning_spa._lightning import Callback, rank_zero_warn, unwrap_optimizer
 from lightning_spa.callbacks._adapter import (
     OptimizerKind,
     optimizer_kind,
@@ -172,7 +170,7 @@ class SPAScheduleCallback(Callback):
     ) -> None:
         if not self._peers:
             return
-        raw = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        raw = unwrap_optimizer(optimizer)
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is raw), None)
         if index is None:
             raise RuntimeError(f"{self._name}: an optimizer that was not configured at fit start is being stepped.")

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_spa import _lightning as pl
+from lightning_spa._lightning import Callback, is_tensorboard_logger, rank_zero_warn, unwrap_optimizer
 from lightning_spa.diagnostics import (
     DiagnosticsEMA,
     GroupHyper,
@@ -190,7 +188,7 @@ class MomentumDiagnostics(Callback):
             }
         }
         for logger in self._loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if is_tensorboard_logger(logger):
                 logger.experiment.add_custom_scalars(layout)
 
     def _remove_hooks(self) -> None:
@@ -213,7 +211,7 @@ class MomentumDiagnostics(Callback):
             rank_zero_warn(message)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        optimizer = unwrap_optimizer(optimizer)
         for tracker in self._trackers:
             if tracker.optimizer is not optimizer:
                 continue

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Literal
 
-from pytorch_lightning.utilities import rank_zero_warn
-
+from lightning_spa._lightning import rank_zero_warn
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_unit, to_steps
 from lightning_spa.schedule import (
     MomentumRemoval,
