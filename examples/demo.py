@@ -12,7 +12,9 @@ Usage::
 
     python examples/demo.py                       # 15 epochs, logs under runs/demo
     python examples/demo.py --epochs 3 --limit-train-batches 5 --save-dir /tmp/x   # a smoke run
+    python examples/demo.py --lightning           # the same run with `lightning.pytorch`'s CLI and Trainer
     LIGHTNING_SPA_DEMO_EPOCHS=3 make demo
+    make demo DEMO_ARGS=--lightning
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--save-dir", default="runs", help="TensorBoard root (default: %(default)s)")
     parser.add_argument("--name", default="demo", help="run name under --save-dir (default: %(default)s)")
     parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument(
+        "--lightning", action="store_true", help="run with the unified `lightning` package instead of pytorch_lightning"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the decay happens two thirds of the way through)")
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"lightning_spa demo: SPA eta 1.0, c 0.1 (SGD+M lr 0.1, momentum 0.9) on the bundled digits, "
           f"{args.epochs} epochs; eta 10x down and c 10x up from epoch {milestone}, geometric over one epoch.")
     start = time.perf_counter()
-    cli = cli_main(cli_args)
+    cli = cli_main(cli_args, package="lightning.pytorch" if args.lightning else "pytorch_lightning")
     seconds = time.perf_counter() - start
     trainer = cli.trainer
     log_dir = Path(trainer.logger.log_dir)  # type: ignore[union-attr]
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ratio = read_scalars(log_dir).get("spa/ratio", ([], []))[1]
     root = Path(args.save_dir) / args.name
     print()
-    print(f"final validation accuracy: {acc:.4f}  ({trainer.global_step} optimizer steps in {seconds:.0f} s)")
+    print(f"final validation accuracy: {acc:.4f}  ({trainer.global_step} optimizer steps in {seconds:.0f} s, "
+          f"{type(trainer).__module__.split('.trainer')[0]} Trainer)")
     if ratio:
         print(f"spa/ratio: first logged {ratio[0]:.3g}, max {max(ratio):.3g}, last {ratio[-1]:.3g}")
     print(f"TensorBoard logs: {log_dir}")

@@ -20,7 +20,12 @@ Usage::
 
     python examples/digits_cli.py fit --config examples/configs/digits_spa.yaml
     python examples/digits_cli.py fit --config examples/configs/digits_grouped.yaml --trainer.max_epochs 5
+    python examples/digits_cli.py --lightning fit --config examples/configs/digits_spa.yaml   # lightning.pytorch
     tensorboard --logdir runs/digits
+
+Either Lightning package: ``--lightning`` (first argument) runs ``lightning.pytorch.cli.LightningCLI``
+instead of ``pytorch_lightning.cli.LightningCLI``; the configs are the same, since they name the
+logger by its class name (``TensorBoardLogger``), which each CLI resolves in its own package.
 
 When you switch ``optimizer.class_path`` on the command line, LightningCLI carries the init
 arguments of the previous class over to the new one when their names match: SPA's
@@ -30,11 +35,12 @@ init argument when you change the class, or use a separate config file.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pytorch_lightning.cli import LightningCLI
 
 from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
 
@@ -54,9 +60,20 @@ class DigitsModel(DigitsCNN):
         return super().configure_optimizers()
 
 
-def cli_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> LightningCLI:
-    """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv`` (tests, notebooks)."""
-    return LightningCLI(
+Package = Literal["pytorch_lightning", "lightning.pytorch"]
+
+
+def cli_main(
+    args: Sequence[str] | dict[str, Any] | None = None, run: bool = True, package: Package = "pytorch_lightning"
+) -> Any:
+    """Builds (and with ``run=True`` runs) the CLI; ``args`` replaces ``sys.argv`` (tests, notebooks).
+
+    ``package`` picks whose ``LightningCLI`` (and so whose Trainer) runs the app.
+    """
+    if package not in ("pytorch_lightning", "lightning.pytorch"):
+        raise ValueError(f"`package` must be 'pytorch_lightning' or 'lightning.pytorch', got {package!r}.")
+    lightning_cli = importlib.import_module(f"{package}.cli").LightningCLI
+    return lightning_cli(
         DigitsModel,
         DigitsDataModule,
         args=args,  # type: ignore[arg-type]
@@ -67,4 +84,8 @@ def cli_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = Tru
 
 
 if __name__ == "__main__":
-    cli_main()
+    argv = sys.argv[1:]
+    if argv[:1] == ["--lightning"]:
+        cli_main(argv[1:], package="lightning.pytorch")
+    else:
+        cli_main(argv)

@@ -16,19 +16,22 @@ were not run; they need GPUs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from models import build_model
-from pytorch_lightning.cli import LightningCLI, OptimizerCallable
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_spa import GroupedSPA
+from lightning_spa import _lightning as pl  # classes of both Lightning packages
+
+OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
 __all__ = ["CIFAR10DataModule", "ImageClassifier", "ImageNetDataModule", "cli_main"]
 
@@ -211,9 +214,19 @@ class ImageClassifier(pl.LightningModule):
         return GroupedSPA(self, eta=1.0, c=0.1, weight_decay=1e-4, no_decay=())
 
 
-def cli_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> LightningCLI:
-    """Builds (and with ``run=True`` runs) the CLI; choose the data module with ``--data``."""
-    return LightningCLI(
+def cli_main(
+    args: Sequence[str] | dict[str, Any] | None = None,
+    run: bool = True,
+    package: Literal["pytorch_lightning", "lightning.pytorch"] = "pytorch_lightning",
+) -> Any:
+    """Builds (and with ``run=True`` runs) the CLI; choose the data module with ``--data``.
+
+    ``package`` picks whose ``LightningCLI`` (and Trainer) runs the app; ``--lightning`` as the
+    first command-line argument picks ``lightning.pytorch``.
+    """
+    if package not in ("pytorch_lightning", "lightning.pytorch"):
+        raise ValueError(f"`package` must be 'pytorch_lightning' or 'lightning.pytorch', got {package!r}.")
+    return importlib.import_module(f"{package}.cli").LightningCLI(
         ImageClassifier,
         args=args,  # type: ignore[arg-type]
         run=run,
@@ -223,4 +236,8 @@ def cli_main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = Tru
 
 
 if __name__ == "__main__":
-    cli_main()
+    argv = sys.argv[1:]
+    if argv[:1] == ["--lightning"]:
+        cli_main(argv[1:], package="lightning.pytorch")
+    else:
+        cli_main(argv)

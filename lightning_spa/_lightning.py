@@ -1,22 +1,33 @@
 """The single place that knows which Lightning package(s) are installed.
 
 Users run either ``pytorch_lightning`` or the unified ``lightning`` (``lightning.pytorch``),
-and often have both installed. Our callbacks subclass the ``Callback`` of *every* installed
-package, so a Trainer or LightningCLI from either one accepts them; everything else here
-(optimizer unwrapping, logger checks, warnings) accepts the classes of both packages.
-Callbacks import Lightning only through this module.
+and often have both installed (``lightning`` itself depends on ``pytorch-lightning``). The two
+are copies of the same code under two names, so a Trainer of one refuses the classes of the
+other. Our classes therefore derive from the class of *every* installed package:
+
+- ``Callback``: both packages' ``Callback`` define the same hooks with empty bodies and each
+  Trainer calls hooks by name, so plain multiple inheritance serves either Trainer and CLI.
+- ``LightningModule`` / ``LightningDataModule`` (the demo): every method or property the two
+  packages define differently dispatches, per instance, to the package of the Trainer the
+  module is attached to (``pytorch_lightning`` before that). Each Trainer then sees its own
+  package's code, e.g. when it checks which hooks a module overrides.
+
+Everything else here (optimizer unwrapping, logger checks, warnings) accepts both packages.
+The rest of lightning_spa imports Lightning only through this module.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import inspect
+from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 
 __all__ = [
     "PACKAGES",
     "Callback",
+    "LightningDataModule",
     "LightningModule",
     "Trainer",
     "is_tensorboard_logger",
@@ -43,9 +54,6 @@ if not PACKAGES:  # pragma: no cover - pytorch-lightning is a dependency
     raise ImportError("lightning_spa's callbacks need `pytorch-lightning` or `lightning`: pip install lightning-spa")
 
 _primary = PACKAGES[0][1]
-# Static names for type hints (both packages' Trainer/LightningModule have the same interface).
-Trainer = _primary.Trainer
-LightningModule = _primary.LightningModule
 
 _CALLBACK_BASES: tuple[type, ...] = tuple(dict.fromkeys(module.Callback for _, module in PACKAGES))
 if len(_CALLBACK_BASES) == 1:
@@ -54,6 +62,65 @@ else:
     # A subclass of both packages' Callback: both define the same hooks with empty bodies, and
     # each Trainer calls hooks by name, so one class serves either Trainer and either CLI.
     Callback = type("Callback", _CALLBACK_BASES, {"__module__": __name__, "__doc__": "Callback of both packages."})
+
+def _package_of(obj: Any) -> str | None:
+    """The installed package whose Trainer ``obj`` (a module or data module) is attached to."""
+    trainer = vars(obj).get("_trainer", vars(obj).get("trainer"))
+    if trainer is None:
+        return None
+    module = type(trainer).__module__
+    return "lightning.pytorch" if module.startswith("lightning.pytorch") else "pytorch_lightning"
+
+
+class _PerPackage:
+    """A class attribute that both packages define differently: resolved per instance."""
+
+    def __init__(self, impls: dict[str, Any]) -> None:
+        self.impls = impls
+        self.default = next(iter(impls.values()))
+
+    def _impl(self, obj: Any) -> Any:
+        return self.impls.get(_package_of(obj) or "", self.default) if obj is not None else self.default
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        impl = self._impl(obj)
+        return impl.__get__(obj, owner) if hasattr(impl, "__get__") else impl
+
+
+class _PerPackageData(_PerPackage):
+    """:class:`_PerPackage` for properties and other data descriptors (settable)."""
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self._impl(obj).__set__(obj, value)
+
+
+def _dual(name: str) -> type:
+    """Lightning class ``name`` of every installed package as one class (see the module docstring)."""
+    classes = tuple(dict.fromkeys(getattr(module, name) for _, module in PACKAGES))
+    if len(classes) == 1:
+        return classes[0]
+    names: set[str] = set()
+    for cls in classes:
+        names.update(k for klass in cls.__mro__ if "lightning" in klass.__module__ for k in vars(klass))
+    namespace: dict[str, Any] = {"__module__": __name__, "__doc__": f"{name} of every installed Lightning package."}
+    for attr in sorted(names):
+        if attr.startswith("__") and attr.endswith("__"):
+            continue
+        impls = {pkg: inspect.getattr_static(cls, attr, None) for (pkg, _), cls in zip(PACKAGES, classes, strict=True)}
+        values = list(impls.values())
+        if any(v is None for v in values) or all(v is values[0] for v in values):
+            continue
+        data = any(hasattr(v, "__set__") for v in values)
+        namespace[attr] = (_PerPackageData if data else _PerPackage)(impls)
+    return type(name, classes, namespace)
+
+
+if TYPE_CHECKING:  # both packages have the same interface; check against the declared dependency
+    from pytorch_lightning import LightningDataModule, LightningModule, Trainer
+else:
+    LightningModule = _dual("LightningModule")
+    LightningDataModule = _dual("LightningDataModule")
+    Trainer = _primary.Trainer  # for type hints only
 
 _LIGHTNING_OPTIMIZERS: tuple[type, ...] = tuple(
     importlib.import_module(f"{name}.core.optimizer").LightningOptimizer for name, _ in PACKAGES

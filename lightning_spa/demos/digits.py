@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spa import _lightning as pl
 
 __all__ = ["DigitsCNN", "DigitsDataModule", "load_digits_tensors"]
 

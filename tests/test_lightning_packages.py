@@ -1,0 +1,128 @@
+"""Our Lightning-facing classes under both distributions: ``pytorch_lightning`` and ``lightning.pytorch``.
+
+Every test here runs once per package (ids ``[pytorch_lightning]`` and ``[lightning.pytorch]``):
+the callbacks in a fit with the package's own Trainer and TensorBoardLogger (custom-scalars
+layout, ``spa/ratio``), a checkpoint resume, and the LightningCLI digits app from the YAML that
+ships, in automatic and dependency-injection mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from lightning_spa import SPA, GradualSchedule, MomentumDiagnostics, MomentumOff
+from lightning_spa.demos import DigitsCNN, DigitsDataModule
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+PACKAGES = ["pytorch_lightning", "lightning.pytorch"]
+
+
+@pytest.fixture(params=PACKAGES)
+def package(request: pytest.FixtureRequest) -> ModuleType:
+    """The Lightning package whose Trainer, logger and CLI a test uses."""
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(package: ModuleType, tmp_path: Path, callbacks: list, **kwargs):  # type: ignore[no-untyped-def]
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=6, limit_val_batches=1,
+        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+        default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return package.Trainer(callbacks=callbacks, **defaults)
+
+
+def _events(log_dir: str) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    """Scalars ``{tag: values}`` and the custom-scalars layout ``{chart title: tags}`` of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    layout = layout_pb2.Layout()
+    if "custom_scalars__config__" in acc.Tags()["tensors"]:
+        proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
+        layout.ParseFromString(tensor_util.make_ndarray(proto).item())
+    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    return scalars, charts
+
+
+def test_classes_belong_to_both_packages(package: ModuleType) -> None:
+    for cls in (GradualSchedule, MomentumOff, MomentumDiagnostics):
+        assert issubclass(cls, package.Callback)
+    assert issubclass(DigitsCNN, package.LightningModule)
+    assert issubclass(DigitsDataModule, package.LightningDataModule)
+
+
+def test_callbacks_fit_log_custom_scalars(package: ModuleType, tmp_path: Path) -> None:
+    """Schedules and diagnostics in a fit with the package's Trainer and TensorBoardLogger."""
+    logger = package.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    schedule = GradualSchedule(milestones=[6], unit="step", mode="lr", factor=0.5, transition_steps=8)
+    trainer = _trainer(package, tmp_path, [schedule, MomentumDiagnostics(every_n_steps=1)], logger=logger)
+    trainer.fit(DigitsCNN(), DigitsDataModule())
+    assert trainer.global_step == 12
+    scalars, charts = _events(logger.log_dir)
+    assert "spa/ratio" in scalars and all(v > 0 for v in scalars["spa/ratio"])
+    assert any(tag.startswith("^spa/ratio") for tags in charts.values() for tag in tags), charts
+    # step 11 is the 6th step of the transition: eta = 0.5 ** (6 / 8)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 ** (6 / 8))
+
+
+def test_resume_restores_callback_state(package: ModuleType, tmp_path: Path) -> None:
+    """A checkpoint of the package's Trainer restores the schedule's clock and starting values."""
+    schedule = dict(milestones=[6], unit="step", mode="paper", factor=0.5, transition_steps=12)
+    first = _trainer(package, tmp_path, [GradualSchedule(**schedule)], max_epochs=1, logger=False)
+    model = DigitsCNN(optimizer=lambda params: SPA(params, lr=0.8, c=0.2))
+    first.fit(model, DigitsDataModule())
+    ckpt = tmp_path / "mid.ckpt"
+    first.save_checkpoint(ckpt)
+    # resumed with another starting eta: the checkpoint's (0.8, 0.2) must win
+    resumed = _trainer(package, tmp_path, [GradualSchedule(**schedule)], max_epochs=2, logger=False)
+    resumed.fit(DigitsCNN(optimizer=lambda params: SPA(params, lr=3.0, c=0.5)), DigitsDataModule(), ckpt_path=ckpt)
+    assert resumed.global_step == 12
+    group = resumed.optimizers[0].param_groups[0]
+    # step 11 is the 6th of 12 transition steps: eta = 0.8 * 0.5**(6/12), c = 0.2 / 0.5**(6/12)
+    assert group["lr"] == pytest.approx(0.8 * 0.5 ** 0.5)
+    assert group["c"] == pytest.approx(0.2 / 0.5 ** 0.5)
+
+
+@pytest.mark.parametrize(
+    ("config", "optimizer"), [("digits_spa.yaml", "SPA"), ("digits_grouped.yaml", "GroupedSPA")], ids=["auto", "di"]
+)
+def test_cli_yaml_fits(package: ModuleType, tmp_path: Path, config: str, optimizer: str) -> None:
+    """The shipped YAML (our callbacks, lightning_spa optimizers) fits under the package's LightningCLI."""
+    import digits_cli
+
+    args = [
+        "fit", "--config", str(EXAMPLES / "configs" / config),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]  # fmt: skip
+    cli = digits_cli.cli_main(args, package=package.__name__)
+    trainer = cli.trainer
+    assert isinstance(trainer, package.Trainer) and trainer.global_step == 3
+    assert isinstance(trainer.logger, package.loggers.TensorBoardLogger)
+    names = {type(cb).__name__ for cb in trainer.callbacks}
+    assert {"GradualSchedule", "MomentumDiagnostics"} <= names or {"GradualSchedule"} <= names
+    assert type(trainer.optimizers[0]).__name__ == optimizer
