@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: install test lint pytest demo bench clean
+.PHONY: install test lint pytest demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -29,13 +29,18 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## make demo: the digits app with the paper's recipe (SPA, gradual schedule, diagnostics).
+## DEMO_ARGS=--lightning runs it with the unified `lightning` package's CLI and Trainer.
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 ## make bench: optimizer-step and callback-overhead benchmarks (prints tables; slow).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/diagnostics_overhead.py
+
+## make gpu-check: every CUDA check in one script (needs a CUDA device; a few minutes on one GPU).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache .mypy_cache .ruff_cache
