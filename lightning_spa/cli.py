@@ -11,17 +11,49 @@ Subcommands::
 prints the equivalent schedule in the other form as segments, flags every step whose
 equivalent momentum is ``>= 1`` and the first step with no SPA equivalent, and suggests the
 safe geometric transition. See :mod:`lightning_spa.convert` for the math.
+
+Exit status (also in ``--help``): 0 success; 1 invalid input (the options parse but describe
+no valid schedule, or ``plot`` finds no readable run); 2 usage error (argparse); 3
+``convert --check`` flagged the schedule.
+
+Start-up cost: this module imports only the standard library. ``--help`` and ``convert`` with
+an SPA schedule (``--eta/--c``) never import torch or Lightning; ``convert`` with an SGD+M
+schedule (``--lr/--momentum``) imports torch through :mod:`lightning_spa.mapping`;
+``figure1`` and ``plot`` import matplotlib (``plot``: tensorboard for event files).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_FLAGGED", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK = 0
+"""Success; with ``convert --check``: nothing flagged."""
+EXIT_INVALID = 1
+"""Invalid input: the options parse but are rejected (one line on stderr names the option and the fix)."""
+EXIT_USAGE = 2
+"""Usage error reported by argparse: unknown option, missing or malformed value."""
+EXIT_FLAGGED = 3
+"""``convert --check`` flagged the schedule: a step with momentum >= 1, or no SPA equivalent."""
+
+_EXIT_CODES = f"""\
+exit status:
+  {EXIT_OK}  success (with --check: nothing flagged)
+  {EXIT_INVALID}  invalid input: the options parse but describe no valid schedule (a value out of
+     range, options that conflict or would be ignored), or `plot` finds no readable run; one
+     line on stderr names the option and the fix
+  {EXIT_USAGE}  usage error (argparse): unknown option, missing or malformed value
+  {EXIT_FLAGGED}  `convert --check` flagged the schedule: some step has an equivalent momentum >= 1,
+     or the SGD+M schedule has no SPA equivalent from some step on
+"""
 
 
 def _positive_int(text: str) -> int:
@@ -31,11 +63,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    """A finite float (argparse type): ``nan`` and ``inf`` are usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lightning-spa`` (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
         prog="lightning-spa",
         description="SGD with momentum as stochastic primal averaging (Defazio 2020): schedule tools.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -43,17 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="show a schedule in the other form and check it against Theorem 1",
         description="Give the schedule in SPA form (--eta, --c) or in SGD+M form (--lr, --momentum).",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     form = conv.add_argument_group("starting values (one form)")
-    form.add_argument("--eta", type=float, help="SPA step size eta (with --c)")
-    form.add_argument("--c", type=float, help="SPA averaging weight c in (0, 1] (with --eta)")
-    form.add_argument("--lr", type=float, help="SGD+M learning rate (with --momentum)")
-    form.add_argument("--momentum", type=float, help="SGD+M momentum (with --lr)")
+    form.add_argument("--eta", type=_number, help="SPA step size eta (with --c)")
+    form.add_argument("--c", type=_number, help="SPA averaging weight c in (0, 1] (with --eta)")
+    form.add_argument("--lr", type=_number, help="SGD+M learning rate (with --momentum)")
+    form.add_argument("--momentum", type=_number, help="SGD+M momentum (with --lr)")
     sched = conv.add_argument_group("schedule")
     sched.add_argument(
-        "--milestones", type=int, nargs="*", default=[], help="where eta (or lr) is multiplied by --factor"
+        "--milestones",
+        type=_number,
+        nargs="*",
+        default=[],
+        help="where eta (or lr) is multiplied by --factor; epochs may be fractional (rounded to the nearest "
+        "optimizer step, as the callbacks do)",
     )
-    sched.add_argument("--factor", type=float, help="multiplier at each milestone (default 0.1)")
+    sched.add_argument("--factor", type=_number, help="multiplier at each milestone (default 0.1)")
     sched.add_argument("--unit", choices=["step", "epoch"], default="step", help="unit of milestones (default step)")
     sched.add_argument("--steps-per-epoch", type=_positive_int, help="optimizer steps per epoch (needed for epochs)")
     sched.add_argument("--total-steps", type=_positive_int, help="length of the schedule in optimizer steps")
@@ -70,10 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps of a geometric transition (default: the smallest safe one)",
     )
     sched.add_argument(
-        "--momentum-after", type=float, nargs="*", default=[], help="SGD+M only: momentum after each milestone"
+        "--momentum-after", type=_number, nargs="*", default=[], help="SGD+M only: momentum after each milestone"
     )
-    sched.add_argument("--momentum-off", type=int, help="SPA only: c becomes 1 from this step/epoch on (eta kept)")
-    sched.add_argument("--warmup-steps", type=int, default=0, help="SPA only: linear eta warm-up (optimizer steps)")
+    sched.add_argument(
+        "--momentum-off",
+        type=_number,
+        help="SPA only: c becomes 1 from this step/epoch on (eta kept; epochs may be fractional)",
+    )
+    sched.add_argument(
+        "--warmup-steps", type=_nonnegative_int, default=0, help="SPA only: linear eta warm-up (optimizer steps)"
+    )
     sched.add_argument(
         "--bounded",
         action="store_true",
@@ -84,30 +149,63 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     out.add_argument("--per-step", action="store_true", help="with --json: include every step's values")
     out.add_argument("--plot", type=Path, metavar="PNG", help="draw both forms like paper Figure 1")
-    out.add_argument("--check", action="store_true", help="exit with status 2 if any step is flagged")
+    out.add_argument(
+        "--check", action="store_true", help=f"exit with status {EXIT_FLAGGED} if any step is flagged (for scripts)"
+    )
 
     fig = sub.add_parser("figure1", help="draw the six panels of paper Figure 1")
     fig.add_argument("--out", type=Path, default=Path("figure1.png"), help="PNG to write (default figure1.png)")
 
-    plot = sub.add_parser("plot", help="diagnostics PNG of a run logged by MomentumDiagnostics")
-    plot.add_argument("run_dir", type=Path, help="a TensorBoard log directory (e.g. lightning_logs/version_0)")
+    plot = sub.add_parser(
+        "plot",
+        help="diagnostics PNG of a run logged by MomentumDiagnostics",
+        description="Reads the spa/* values of one run written by a TensorBoardLogger (event files) or a CSVLogger "
+        "(metrics.csv).",
+    )
+    plot.add_argument(
+        "run_dir", type=Path, help="the run's log directory (e.g. lightning_logs/version_0), TensorBoard or CSV"
+    )
     plot.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/diagnostics.png)")
     return parser
 
 
-def _to_steps(value: int, args: argparse.Namespace, name: str) -> int:
+def _to_steps(value: float, args: argparse.Namespace, name: str) -> int:
+    """Optimizer step of ``value`` in ``args.unit``: epochs (may be fractional) round to the nearest step.
+
+    ``round(epochs * steps_per_epoch)``, the rule of the schedule callbacks, so a milestone
+    lands on the same step here and in training.
+    """
     if value < 0:
-        raise ValueError(f"`{name}` must be >= 0, got {value}.")
+        raise ValueError(f"`{name}` must be >= 0, got {value:g}.")
     if args.unit == "step":
-        return value
+        if value != int(value):
+            raise ValueError(
+                f"`{name}` {value:g} is in optimizer steps (`--unit step`), which are whole numbers: round it, or give "
+                "epochs with `--unit epoch --steps-per-epoch N` (fractional epochs are fine there)."
+            )
+        return int(value)
     if args.steps_per_epoch is None:
         raise ValueError("`--unit epoch` needs `--steps-per-epoch` to turn epochs into optimizer steps.")
-    return value * int(args.steps_per_epoch)
+    return round(value * int(args.steps_per_epoch))
+
+
+def _check_spa_start(eta: float | None, c: float | None) -> tuple[float, float]:
+    """``(eta, c)`` from ``--eta``/``--c``, checked (no torch import, unlike the optimizer factory)."""
+    if eta is None or c is None:
+        raise ValueError(f"`--{'eta' if eta is None else 'c'}` is missing: the SPA form needs both `--eta` and `--c`.")
+    if not eta > 0.0:
+        raise ValueError(f"`--eta` must be > 0 (the SPA step size), got {eta:g}.")
+    if not 0.0 < c <= 1.0:
+        raise ValueError(f"`--c` must be in (0, 1] (c = 1 - momentum; 1 is plain SGD), got {c:g}.")
+    return eta, c
+
+
+def _milestone_text(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # returns ConversionReport
     from lightning_spa.convert import convert_sgdm, convert_spa, sgdm_schedule
-    from lightning_spa.factory import resolve_hyperparameters
     from lightning_spa.schedule import Mode, MomentumRemoval, SPASchedule, StepDecay, smallest_safe_transition_steps
 
     spa_given = args.eta is not None or args.c is not None
@@ -120,10 +218,16 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
         if args.lr is None or args.momentum is None:
             raise ValueError(f"`--{'lr' if args.lr is None else 'momentum'}` is missing: SGD+M needs both.")
         if not args.lr > 0.0 or not args.momentum >= 0.0:
-            raise ValueError(f"`--lr` must be > 0 and `--momentum` >= 0, got {args.lr} and {args.momentum}.")
+            raise ValueError(f"`--lr` must be > 0 and `--momentum` >= 0, got {args.lr:g} and {args.momentum:g}.")
     else:
-        eta0, c0 = resolve_hyperparameters(eta=args.eta, c=args.c)
+        eta0, c0 = _check_spa_start(args.eta, args.c)
     milestones = [_to_steps(m, args, "--milestones") for m in args.milestones]
+    if any(b <= a for a, b in pairwise(milestones)):
+        per_epoch = f" ({args.steps_per_epoch} per epoch)" if args.unit == "epoch" else ""
+        raise ValueError(
+            f"`--milestones` {_milestone_text(args.milestones)} fall on optimizer steps {milestones}{per_epoch}, which "
+            "are not strictly increasing: give them in increasing order and further apart."
+        )
     if args.total_steps is not None and args.epochs is not None:
         raise ValueError("Give `--total-steps` or `--epochs`, not both.")
     if args.epochs is not None:
@@ -138,8 +242,8 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
     late = [m for m, step in zip(args.milestones, milestones, strict=True) if step >= total]
     if late:
         raise ValueError(
-            f"`--milestones` {late} fall at or after the end of the schedule ({total} steps) and would be ignored: "
-            "lengthen it with `--total-steps`/`--epochs` or drop them."
+            f"`--milestones` {_milestone_text(late)} fall at or after the end of the schedule ({total} steps) and "
+            "would be ignored: lengthen it with `--total-steps`/`--epochs` or drop them."
         )
     if args.per_step and not args.json:
         raise ValueError("`--per-step` lists every step in the JSON output: add `--json`.")
@@ -148,7 +252,7 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
     if args.transition == "instant" and args.transition_steps not in (None, 1):
         raise ValueError("`--transition-steps` needs `--transition geometric` (an instant change is 1 step).")
     unit = "epoch" if args.unit == "epoch" else "step"
-    where = f"milestones {args.milestones} ({unit}s)" if milestones else "no milestones"
+    where = f"milestones {_milestone_text(args.milestones)} ({unit}s)" if milestones else "no milestones"
 
     if sgdm_given:
         for name in ("mode", "momentum_off"):
@@ -193,7 +297,7 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
         + (f", eta x{args.factor:g} ({mode} mode), {args.transition}" if milestones else "")
         + (f" over {t} steps" if t > 1 else "")
         + (f", linear warm-up over {args.warmup_steps} steps" if args.warmup_steps else "")
-        + (f", momentum off at {args.momentum_off} ({unit}s)" if args.momentum_off is not None else "")
+        + (f", momentum off at {args.momentum_off:g} ({unit}s)" if args.momentum_off is not None else "")
         + f"; {total} steps"
     )
     return convert_spa(total, eta0, c0, decay, others, desc)
@@ -219,10 +323,11 @@ def format_report(report) -> str:  # type: ignore[no-untyped-def]
     def table(title: str, names: tuple[str, str], a: Sequence[float], b: Sequence[float], warn: bool) -> None:
         lines.append(title)
         flagged = {k for k, _ in report.momentum_ge_1}
+        width = max(16, 2 * len(str(report.total_steps)) + 7)  # "steps A-B" for the longest A and B
         for start, end, (sa, sb) in segments(a, b):
             steps = f"step  {start}" if start == end else f"steps {start}-{end}"
             mark = "   <-- momentum >= 1" if warn and any(start <= k <= end for k in flagged) else ""
-            lines.append(f"  {steps:<16} {names[0]} {sa.describe():<36} {names[1]} {sb.describe()}{mark}")
+            lines.append(f"  {steps:<{width}} {names[0]} {sa.describe():<36} {names[1]} {sb.describe()}{mark}")
         lines.append("")
 
     sgd = ("SGD+M form (lr, momentum):", ("lr", "momentum"), report.alpha, report.beta, True)
@@ -269,13 +374,14 @@ def _convert(args: argparse.Namespace) -> int:
         path = plot_conversion(report, args.plot)
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     flagged = bool(report.momentum_ge_1) or report.no_spa_equivalent is not None
-    return 2 if args.check and flagged else 0
+    return EXIT_FLAGGED if args.check and flagged else EXIT_OK
 
 
 def _plot(args: argparse.Namespace) -> int:
     if not args.run_dir.is_dir():
         raise ValueError(
-            f"RUN_DIR {args.run_dir} is not a directory (give a TensorBoard log dir, e.g. lightning_logs/version_0)."
+            f"RUN_DIR {args.run_dir} is not a directory: give the log directory of one run (TensorBoardLogger or "
+            "CSVLogger), e.g. lightning_logs/version_0."
         )
     try:
         from lightning_spa.plotting import plot_run
@@ -284,11 +390,15 @@ def _plot(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.run_dir / "diagnostics.png"
     path = plot_run(args.run_dir, out)
     print(f"wrote {path if path is not None else out}")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightning-spa`` console script; returns the exit status."""
+    """Entry point of the ``lightning-spa`` console script; returns the exit status.
+
+    A usage error exits through argparse (``SystemExit(2)``); every other failure is one line on
+    stderr and a return value (see the module docstring for the codes).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -298,11 +408,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lightning_spa.figures import plot_figure1
 
             print(f"wrote {plot_figure1(args.out)}")
-            return 0
+            return EXIT_OK
         return _plot(args)
-    except (ValueError, ImportError) as err:
+    except BrokenPipeError:  # the reader closed stdout (`lightning-spa convert ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 128 + 13  # what the shell reports for a program ended by SIGPIPE
+    except (ValueError, ImportError, OSError) as err:  # OSError: a file that cannot be read or written
         print(f"lightning-spa {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":  # pragma: no cover

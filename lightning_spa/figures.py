@@ -15,11 +15,13 @@ import matplotlib when called (``pip install 'lightning-spa[examples]'``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_spa.convert import ConversionReport, convert_sgdm, convert_spa, sgdm_schedule
+from lightning_spa.convert import ConversionReport, convert_sgdm, convert_spa, sgdm_schedule, spa_to_sgdm_steps
 from lightning_spa.schedule import MomentumRemoval, StepDecay
 
 if TYPE_CHECKING:
@@ -42,9 +44,7 @@ class Panel:
 def _geometric_panel_f(r: float = 1.1) -> ConversionReport:
     eta = [1.0 if k < CHANGE else max(0.1, r ** -(k - CHANGE + 1)) for k in range(STEPS)]
     c = [0.1 if k < CHANGE else min(1.0, 0.1 * r ** (k - CHANGE + 1)) for k in range(STEPS)]
-    from lightning_spa.mapping import spa_to_sgdm
-
-    alpha, beta = spa_to_sgdm(eta, c)
+    alpha, beta = spa_to_sgdm_steps(eta, c)
     flags = [(k, b) for k, b in enumerate(beta) if k >= 1 and b >= 1.0]
     return ConversionReport("spa", f"SPA eta /{r:g} and c x{r:g} a step", alpha, beta, eta, c, momentum_ge_1=flags)
 
@@ -75,17 +75,29 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def _logscale_if_wide(ax: Axes, values: list[float]) -> None:
-    positive = [v for v in values if v > 0.0]
-    if positive and max(positive) / min(positive) > 100.0:
+# Values this far from 1 (decades) go on a linear axis of log10(value): matplotlib's log axis
+# computes its margins and ticks as 10**(decade), which overflows a float (numpy "overflow
+# encountered in exp/power") for data near 1e308, e.g. the drifting eta of an SGD+M lr drop.
+_LOG_AXIS_DECADES = 100.0
+
+
+def _series(ax: Axes, values: Sequence[float], color: str, name: str) -> None:
+    """Plots ``values`` against their step on ``ax``: linear, log scale if they span > 2 decades, log10 if extreme."""
+    decades = [math.log10(v) for v in values if v > 0.0]
+    wide = bool(decades) and max(decades) - min(decades) > 2.0
+    if wide and max(abs(d) for d in decades) > _LOG_AXIS_DECADES:
+        ax.plot(range(len(values)), [math.log10(v) if v > 0.0 else math.nan for v in values], color=color)
+        ax.set_ylabel(f"log10 {name}", color=color)
+        return
+    ax.plot(range(len(values)), values, color=color)
+    ax.set_ylabel(name, color=color)
+    if wide:
         ax.set_yscale("log")
 
 
 def _draw(ax_sgd: Axes, ax_spa: Axes, report: ConversionReport, title: str) -> None:
     steps = range(report.total_steps)
-    ax_sgd.plot(steps, report.alpha, color="C0", label="lr (alpha)")
-    ax_sgd.set_ylabel("lr", color="C0")
-    _logscale_if_wide(ax_sgd, report.alpha)
+    _series(ax_sgd, report.alpha, "C0", "lr")
     twin = ax_sgd.twinx()
     twin.plot(steps, report.beta, color="C1", label="momentum (beta)")
     twin.axhline(1.0, color="0.6", lw=0.8, ls=":")
@@ -93,14 +105,8 @@ def _draw(ax_sgd: Axes, ax_spa: Axes, report: ConversionReport, title: str) -> N
         twin.plot([k], [b], "rv", ms=6)
     twin.set_ylabel("momentum", color="C1")
     ax_sgd.set_title(f"{title}\nSGD+M form", fontsize=9)
-    n = len(report.eta)
-    ax_spa.plot(range(n), report.eta, color="C2", label="eta")
-    ax_spa.set_ylabel("eta", color="C2")
-    _logscale_if_wide(ax_spa, report.eta)
-    twin2 = ax_spa.twinx()
-    twin2.plot(range(n), report.c, color="C3", label="c")
-    twin2.set_ylabel("c", color="C3")
-    _logscale_if_wide(twin2, report.c)
+    _series(ax_spa, report.eta, "C2", "eta")
+    _series(ax_spa.twinx(), report.c, "C3", "c")
     if report.no_spa_equivalent is not None:
         ax_spa.axvline(report.no_spa_equivalent["step"], color="r", ls="--", lw=1)
         ax_spa.text(0.02, 0.9, f"no SPA form from step {report.no_spa_equivalent['step']}", color="r",

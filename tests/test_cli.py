@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_spa.cli import main
+from lightning_spa.cli import EXIT_FLAGGED, main
 
 PANEL_E = ["convert", "--eta", "1", "--c", "0.1", "--milestones", "20", "--total-steps", "100"]
 
@@ -34,7 +34,7 @@ def test_instant_paper_mode_flags_the_spike(capsys: pytest.CaptureFixture[str]) 
     # after the jump: alpha kept at 0.1 and momentum 0 (panel e)
     last = out["sgdm"][-1]
     assert last["lr"]["first"] == pytest.approx(0.1) and last["momentum"]["first"] == 0.0
-    assert main([*PANEL_E, "--check"]) == 2
+    assert main([*PANEL_E, "--check"]) == EXIT_FLAGGED
 
 
 def test_instant_lr_mode_spike_panel_c(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,7 +90,7 @@ def test_sgdm_lr_drop_panel_a_is_representable(capsys: pytest.CaptureFixture[str
     [
         (["--eta", "1", "--c", "0.1", "--lr", "0.1"], "not both"),
         (["--lr", "0.1"], "`--momentum` is missing"),
-        (["--eta", "1", "--c", "0"], "`c`=0.0"),
+        (["--eta", "1", "--c", "0"], "`--c` must be in (0, 1]"),
         (["--lr", "0.1", "--momentum", "0.9", "--mode", "paper"], "`--mode` applies to SPA"),
         (["--eta", "1", "--c", "0.1", "--milestones", "5", "--transition-steps", "3"], "--transition geometric"),
     ],
