@@ -13,7 +13,16 @@ same values without saving or communicating anything. A schedule exposes
 - ``c_value(k, c0)``: the ``c`` it asks for at step ``k`` (``>= c0``, at most 1).
 
 Several schedules compose (:func:`compose`): the ``eta`` factors multiply and ``c`` is the
-largest of the requested values (a value within ``1e-12`` of 1 is written as 1).
+largest of the requested values (a value within ``1e-12`` of 1 is written as 1). The product is
+taken in the order given; the callbacks pass the schedules sorted by ``repr``, so the result
+does not depend on the order of the callbacks, to the last bit.
+
+A param group that *joins* at step ``j > 0`` (``optimizer.add_param_group`` mid-run, as
+``BackboneFinetuning`` does) is scheduled relative to its own starting values ``(eta0, c0)``
+from that step: ``eta_k = eta0 * F(k) / F(j)`` with ``F`` the composed ``eta`` factor, and each
+schedule moves ``c`` from ``c0`` by the change it makes after ``j`` (``c_value(k, c0, joined=j)``):
+a later milestone in ``"paper"`` mode divides it by ``factor`` (capped at 1), a momentum removal
+moves it to 1 over what is left of its transition (at once when that is over).
 
 :class:`StepDecay` is the paper's milestone schedule: at milestone step ``m`` ``eta`` is
 multiplied by ``factor`` and, in ``"paper"`` mode, ``c`` is divided by ``factor`` (capped at 1),
@@ -65,8 +74,8 @@ class SPASchedule(Protocol):
         """Multiplier of the group's starting ``eta`` at optimizer step ``k``."""
         ...
 
-    def c_value(self, k: int, c0: float) -> float:
-        """The ``c`` requested at optimizer step ``k`` for a group that started at ``c0``."""
+    def c_value(self, k: int, c0: float, joined: int = 0) -> float:
+        """The ``c`` requested at optimizer step ``k`` for a group that started at ``c0`` at step ``joined``."""
         ...
 
     def critical_steps(self) -> Iterable[int]:
@@ -162,11 +171,18 @@ class StepDecay:
             scale *= (k + 1) / self.warmup_steps
         return scale
 
-    def c_value(self, k: int, c0: float) -> float:
-        """``c0`` in ``"lr"`` mode; in ``"paper"`` mode ``c_b * (c_a/c_b)**f`` with ``c_a = min(1, c_b/factor)``."""
-        if self.mode == "lr":
+    def c_value(self, k: int, c0: float, joined: int = 0) -> float:
+        """``c0`` in ``"lr"`` mode; in ``"paper"`` mode ``c_b * (c_a/c_b)**f`` with ``c_a = min(1, c_b/factor)``.
+
+        A group that joined at step ``joined > 0`` gets ``min(1, c0 / factor**(p(k) - p(joined)))``,
+        ``p`` counting the transitions made (fractions included).
+        """
+        if self.mode == "lr" or float(self.factor) == 1.0:
             return c0
         done, frac = self._progress(k)
+        if joined > 0:
+            done_j, frac_j = self._progress(joined)
+            return min(1.0, c0 * float(self.factor) ** -((done + frac) - (done_j + frac_j)))
         c_before = min(1.0, c0 / float(self.factor) ** done)
         if frac == 0.0 or c_before >= 1.0:
             return c_before
@@ -205,9 +221,17 @@ class MomentumRemoval:
         """Always 1: ``eta`` is kept."""
         return 1.0
 
-    def c_value(self, k: int, c0: float) -> float:
-        """``c0 * (1/c0)**f`` with ``f`` the share of the transition at step ``k``."""
-        frac = transition_fraction(k, self.start, max(1, self.transition_steps))
+    def c_value(self, k: int, c0: float, joined: int = 0) -> float:
+        """``c0 * (1/c0)**f`` with ``f`` the share of the transition at step ``k``.
+
+        A group that joined at step ``joined > 0`` covers what is left of the transition:
+        ``f = (f_k - f_j) / (1 - f_j)``, and ``c = 1`` from the start when the transition is over.
+        """
+        length = max(1, self.transition_steps)
+        frac = transition_fraction(k, self.start, length)
+        if joined > 0:
+            frac_j = transition_fraction(joined, self.start, length)
+            frac = 1.0 if frac_j >= 1.0 else max(0.0, frac - frac_j) / (1.0 - frac_j)
         return 1.0 if frac >= 1.0 else min(1.0, c0 * (1.0 / c0) ** frac)
 
     def critical_steps(self) -> Iterable[int]:
@@ -215,25 +239,36 @@ class MomentumRemoval:
         return ()
 
 
-def compose(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float) -> tuple[float, float]:
-    """Returns ``(eta_k, c_k)``: ``eta0`` times every factor, and the largest requested ``c`` (at least ``c0``)."""
+def compose(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float, joined: int = 0) -> tuple[float, float]:
+    """Returns ``(eta_k, c_k)``: ``eta0`` times every factor, and the largest requested ``c`` (at least ``c0``).
+
+    Args:
+        schedules: the schedules to compose, multiplied in this order.
+        k: optimizer step.
+        eta0: the group's starting ``eta``.
+        c0: the group's starting ``c``.
+        joined: the step at which the group joined (0: from the start); a later group's factors
+            are relative to step ``joined`` (see the module docstring).
+    """
     eta = eta0
     c = c0
     for schedule in schedules:
-        eta *= schedule.eta_factor(k)
-        c = max(c, schedule.c_value(k, c0))
+        factor = schedule.eta_factor(k)
+        eta *= factor if joined == 0 else factor / schedule.eta_factor(joined)
+        c = max(c, schedule.c_value(k, c0, joined))
     return eta, 1.0 if c >= 1.0 - _C_ONE_TOL else c
 
 
-def equivalent_momentum(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float) -> float:
+def equivalent_momentum(schedules: Sequence[SPASchedule], k: int, eta0: float, c0: float, joined: int = 0) -> float:
     """The SGD+M momentum ``beta_k = (1 - c_{k-1}) * eta_{k-1} / eta_k`` of the composed schedule.
 
-    ``beta_0`` has no effect; it is reported as ``1 - c_0`` (``THEORY.md`` section 2).
+    ``beta_0`` (and a joined group's first step) has no effect; it is reported as ``1 - c_0``
+    (``THEORY.md`` section 2).
     """
-    eta, c = compose(schedules, k, eta0, c0)
-    if k == 0:
+    eta, c = compose(schedules, k, eta0, c0, joined)
+    if k <= joined:
         return 1.0 - c
-    eta_prev, c_prev = compose(schedules, k - 1, eta0, c0)
+    eta_prev, c_prev = compose(schedules, k - 1, eta0, c0, joined)
     return (1.0 - c_prev) * eta_prev / eta
 
 
@@ -251,16 +286,17 @@ def find_momentum_overflow(
     c0: float,
     total_steps: float = math.inf,
     only: SPASchedule | None = None,
+    joined: int = 0,
 ) -> MomentumOverflow | None:
-    """Returns the first step ``1 <= k < total_steps`` whose equivalent momentum is ``>= 1``, or None.
+    """Returns the first step ``joined < k < total_steps`` whose equivalent momentum is ``>= 1``, or None.
 
     Only the :meth:`~SPASchedule.critical_steps` of ``schedules`` (or of ``only``) are examined:
-    elsewhere ``eta`` does not fall and ``beta_k <= 1 - c_{k-1} < 1``.
+    elsewhere ``eta`` does not fall and ``beta_k <= 1 - c_{k-1} < 1``. ``joined``: see :func:`compose`.
     """
     sources = [only] if only is not None else schedules
-    steps = sorted({k for s in sources for k in s.critical_steps() if 1 <= k < total_steps})
+    steps = sorted({k for s in sources for k in s.critical_steps() if joined < k < total_steps})
     for k in steps:
-        beta = equivalent_momentum(schedules, k, eta0, c0)
+        beta = equivalent_momentum(schedules, k, eta0, c0, joined)
         if beta >= 1.0:
             return MomentumOverflow(k, beta)
     return None

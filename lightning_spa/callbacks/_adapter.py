@@ -1,112 +1,240 @@
-r"""Reading and writing SPA-terms ``(eta, c)`` on an optimizer's param groups (Theorem 1).
+r"""One optimizer under the schedule callbacks: its clock, and ``(eta, c)`` written as Theorem 1 says.
 
-Two optimizers are supported:
+Two optimizers are supported (:mod:`lightning_spa.callbacks._select` checks them):
 
-- :class:`~lightning_spa.optim.SPA`: ``group["lr"]`` is ``eta`` and ``group["c"]`` is ``c``;
-- :class:`torch.optim.SGD` with ``0 < momentum < 1``, ``dampening=0`` and ``nesterov=False``:
-  the group starts at ``eta0 = lr / (1 - momentum)``, ``c0 = 1 - momentum``, and step ``k``
-  gets ``lr = c_k * eta_k`` and ``momentum = (1 - c_{k-1}) * eta_{k-1} / eta_k`` (``THEORY.md``
-  section 2; ``momentum = 1 - c_0`` at step 0, where it has no effect).
+- :class:`~lightning_spa.SPA`: ``group["lr"]`` is ``eta`` and ``group["c"]`` is ``c``;
+- :class:`torch.optim.SGD` with ``0 < momentum < 1``: the group starts at ``eta0 = lr / (1 - momentum)``,
+  ``c0 = 1 - momentum``, and step ``k`` gets ``lr = c_k * eta_k`` and
+  ``momentum = (1 - c_{k-1}) * eta_{k-1} / eta_k`` (:mod:`lightning_spa.theorem`).
 
-Anything else gets a :class:`TypeError` or :class:`ValueError` that says what is supported.
-No Lightning import here.
+:class:`OptimizerClock` counts the optimizer's steps actually taken (a post-step hook: a step the
+AMP grad scaler skips, or a ``step()`` nobody calls, does not count) and writes, right after
+each step, the values of the next one, computed from the step count alone (so the previous
+step's values, which torch SGD's momentum needs, are those of the previous step *taken*). Right
+before a step it checks nobody else changed them and picks up param groups added since.
+
+Exactness on torch SGD when some parameters have no gradient. SPA keeps, per parameter, the scale
+``s = (1 - c) * eta`` its momentum buffer carries (``z = x - s * m``); torch SGD has one momentum
+per group. After a step whose scale changes from ``s_{k-1}`` to ``s_k``, the buffers of torch SGD
+parameters that had no gradient are multiplied by ``s_{k-1} / s_k``, so they keep the same ``z``
+and the next step folds them in exactly as SPA does. At ``c_k = 1`` (``s_k = 0``) that is not
+possible: such a parameter loses its momentum under torch SGD (one warning). No Lightning import.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
-from lightning_spa.optim import SPA
+from lightning_spa.callbacks._select import OptimizerKind, group_unsupported_reason
+from lightning_spa.schedule import SPASchedule, compose, find_momentum_overflow
+from lightning_spa.theorem import constant_sgdm_to_spa, step_spa_to_sgdm
 
-__all__ = ["OptimizerKind", "optimizer_kind", "read_group_values", "read_start_values", "write_spa_terms"]
-
-OptimizerKind = Literal["spa", "sgd"]
-
-_SUPPORTED = (
-    "Supported: lightning_spa.SPA, or torch.optim.SGD with 0 < momentum < 1, dampening=0 and nesterov=False "
-    "(convert other SGD+M setups with lightning_spa.SPA.from_sgdm)."
-)
-
-
-def optimizer_kind(optimizer: Optimizer, owner: str = "This callback") -> OptimizerKind:
-    """Returns ``"spa"`` or ``"sgd"`` after checking the optimizer can be scheduled exactly.
-
-    Raises:
-        TypeError: an optimizer that is neither SPA nor torch SGD.
-        ValueError: torch SGD with Nesterov, ``dampening != 0``, or ``momentum`` outside ``(0, 1)``.
-    """
-    if isinstance(optimizer, SPA):
-        return "spa"
-    if isinstance(optimizer, torch.optim.SGD):  # subclasses too (e.g. lightning_spa.GroupedSGD)
-        for i, group in enumerate(optimizer.param_groups):
-            momentum = float(group["momentum"])
-            if group.get("nesterov", False):
-                raise ValueError(f"{owner}: torch.optim.SGD param group {i} uses nesterov=True. {_SUPPORTED}")
-            if float(group.get("dampening", 0.0)) != 0.0:
-                raise ValueError(
-                    f"{owner}: torch.optim.SGD param group {i} has dampening={group['dampening']}. {_SUPPORTED}"
-                )
-            if not 0.0 < momentum < 1.0:
-                raise ValueError(
-                    f"{owner}: torch.optim.SGD param group {i} has momentum={momentum}; SGD+M in SPA terms needs "
-                    f"0 < momentum < 1 (momentum 0 has no c to schedule). {_SUPPORTED}"
-                )
-        return "sgd"
-    raise TypeError(f"{owner} cannot schedule {type(optimizer).__module__}.{type(optimizer).__name__}. {_SUPPORTED}")
+__all__ = ["GroupStart", "OptimizerClock", "read_start", "write_spa_terms"]
 
 
 def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def read_start_values(optimizer: Optimizer, kind: OptimizerKind) -> list[tuple[float, float]]:
-    """Returns ``(eta0, c0)`` for each param group, in SPA terms."""
+def read_start(group: dict[str, Any], kind: OptimizerKind) -> tuple[float, float]:
+    """The group's current ``(eta, c)`` in SPA terms (torch SGD: the constant-schedule mapping)."""
     if kind == "spa":
-        return [(_as_float(g["lr"]), float(g["c"])) for g in optimizer.param_groups]
-    out = []
-    for g in optimizer.param_groups:
-        momentum = float(g["momentum"])
-        out.append((_as_float(g["lr"]) / (1.0 - momentum), 1.0 - momentum))
-    return out
-
-
-def _set(group: dict[str, Any], key: str, value: float) -> None:
-    current = group[key]
-    if isinstance(current, torch.Tensor):
-        current.fill_(value)
-    else:
-        group[key] = value
+        return _as_float(group["lr"]), float(group["c"])
+    return constant_sgdm_to_spa(_as_float(group["lr"]), float(group["momentum"]))
 
 
 def write_spa_terms(
-    group: dict[str, Any],
-    kind: OptimizerKind,
-    eta: float,
-    c: float,
-    prev: tuple[float, float] | None,
-) -> dict[str, float]:
-    """Writes step ``k``'s ``(eta_k, c_k)`` into ``group``; returns the values written, by key.
+    group: dict[str, Any], kind: OptimizerKind, eta: float, c: float, prev: tuple[float, float] | None
+) -> None:
+    """Writes step ``k``'s ``(eta_k, c_k)`` into ``group``; ``prev`` is ``(eta_{k-1}, c_{k-1})`` (None: no history).
 
-    Args:
-        group: a param group of an optimizer of ``kind``.
-        kind: from :func:`optimizer_kind`.
-        eta: ``eta_k``.
-        c: ``c_k``.
-        prev: ``(eta_{k-1}, c_{k-1})``, or None at step 0.
+    A tensor value (``lr`` as a tensor) is filled in place.
     """
     if kind == "spa":
         values = {"lr": eta, "c": c}
     else:
-        eta_prev, c_prev = prev if prev is not None else (eta, c)
-        values = {"lr": c * eta, "momentum": (1.0 - c_prev) * eta_prev / eta}
+        lr, momentum = step_spa_to_sgdm(eta, c, prev)
+        values = {"lr": lr, "momentum": momentum}
     for key, value in values.items():
-        _set(group, key, value)
-    return values
+        current = group[key]
+        if isinstance(current, torch.Tensor):
+            current.fill_(value)
+        else:
+            group[key] = value
 
 
-def read_group_values(group: dict[str, Any], keys: list[str] | tuple[str, ...]) -> dict[str, float]:
-    """Current values of ``keys`` in ``group`` as floats (to detect writes by someone else)."""
-    return {key: _as_float(group[key]) for key in keys}
+class GroupStart(NamedTuple):
+    """A param group's starting values and the step at which it joined (0: from the start)."""
+
+    eta0: float
+    c0: float
+    joined: int
+
+
+class OptimizerClock:
+    """Steps taken by one optimizer and the ``(eta, c)`` each of its param groups uses (module docstring).
+
+    Args:
+        optimizer: the torch optimizer.
+        kind: ``"spa"`` or ``"sgd"``.
+        index: its index in ``trainer.optimizers`` (for messages).
+        schedules: every schedule that targets it; composed in ``repr`` order, so the values do
+            not depend on the order of the callbacks.
+        owner: the callbacks' names, for messages.
+        warn: how to warn (the callbacks pass Lightning's ``rank_zero_warn``).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        kind: OptimizerKind,
+        index: int,
+        schedules: Sequence[SPASchedule],
+        owner: str,
+        warn: Callable[[str], Any] = warnings.warn,
+    ) -> None:
+        self.optimizer, self.kind, self.index, self.owner, self._warn = optimizer, kind, index, owner, warn
+        self.schedules = sorted(schedules, key=repr)
+        self.steps = 0
+        self.groups: list[GroupStart] = []
+        self.total_steps = float("inf")  # for the safety check of groups that join
+        self._keys = ("lr", "c") if kind == "spa" else ("lr", "momentum")
+        self._written: list[dict[str, float]] = []
+        self._handles: list[RemovableHandle] = []
+        self._warned_lost = False
+
+    # ----- state ------------------------------------------------------------------------------
+    def start(self, loaded: dict[str, Any] | None) -> None:
+        """At fit start: the configured starting values, or the checkpoint's (``loaded``) clock."""
+        if loaded is not None:
+            self.load_state_dict(loaded)
+        else:
+            self.steps = 0
+            self.groups = [GroupStart(*read_start(g, self.kind), 0) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "groups": [list(g) for g in self.groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.groups = [GroupStart(float(e), float(c), int(j)) for e, c, j in state["groups"]]
+
+    def values(self, g: int, k: int) -> tuple[float, float]:
+        """``(eta_k, c_k)`` of param group ``g`` at optimizer step ``k``."""
+        eta0, c0, joined = self.groups[g]
+        return compose(self.schedules, k, eta0, c0, joined)
+
+    # ----- writing ----------------------------------------------------------------------------
+    def write(self) -> None:
+        """Writes the values of the coming step (``self.steps``) into every param group."""
+        self._join_new_groups()
+        if len(self.groups) > len(self.optimizer.param_groups):
+            raise ValueError(
+                f"{self.owner}: optimizer {self.index} has {len(self.optimizer.param_groups)} param groups, but the "
+                f"checkpoint's schedule has {len(self.groups)}. Add the missing groups before the optimizer state is "
+                "restored (in on_fit_start, as BackboneFinetuning does)."
+            )
+        self._written = [self._write_group(g) for g in range(len(self.groups))]
+
+    def _write_group(self, g: int) -> dict[str, float]:
+        k, joined = self.steps, self.groups[g].joined
+        group = self.optimizer.param_groups[g]
+        eta, c = self.values(g, k)
+        write_spa_terms(group, self.kind, eta, c, self.values(g, k - 1) if k > joined else None)
+        # Read back what the group holds (a float32 tensor lr rounds): that is what the next check compares.
+        return {key: _as_float(group[key]) for key in self._keys}
+
+    def _join_new_groups(self) -> None:
+        for g in range(len(self.groups), len(self.optimizer.param_groups)):
+            group = self.optimizer.param_groups[g]
+            reason = group_unsupported_reason(self.optimizer, group, "schedule")
+            if reason is not None:
+                raise ValueError(f"{self.owner}: param group {g} added to optimizer {self.index} {reason}.")
+            start = GroupStart(*read_start(group, self.kind), self.steps)
+            for schedule in self.schedules:
+                overflow = find_momentum_overflow(
+                    self.schedules, start.eta0, start.c0, self.total_steps, schedule, start.joined
+                )
+                if overflow is None:
+                    continue
+                message = (
+                    f"{self.owner}: param group {g} added to optimizer {self.index} at its step {start.joined} "
+                    f"(eta {start.eta0:g}, c {start.c0:g}) reaches the equivalent SGD+M momentum "
+                    f"{overflow.momentum:.4g} at step {overflow.step}"
+                )
+                if getattr(schedule, "transition_steps", 1) > 1:
+                    raise ValueError(f"{message} (>= 1). Give the group a larger c (smaller momentum) or use a "
+                                     "longer transition_steps.")  # fmt: skip
+                self._warn(f"{message}: expect the loss spike of an instant change.")
+            self.groups.append(start)
+            self._written.append(self._write_group(g))
+
+    # ----- hooks on the optimizer ---------------------------------------------------------------
+    def attach(self) -> None:
+        """Registers the pre- and post-step hooks (idempotent)."""
+        if not self._handles:
+            self._handles = [
+                self.optimizer.register_step_pre_hook(self._before_step),
+                self.optimizer.register_step_post_hook(self._after_step),
+            ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for g, written in enumerate(self._written):
+            group = optimizer.param_groups[g]
+            if any(_as_float(group[key]) != value for key, value in written.items()):
+                now = {key: _as_float(group[key]) for key in written}
+                raise RuntimeError(
+                    f"{self.owner}: param group {g} of optimizer {self.index} was changed between optimizer steps by "
+                    f"something else (now {now}, written {written}): an LR scheduler, another callback or user code. "
+                    "Schedule it through the schedule callbacks only (they compose), or target other optimizers "
+                    "with `optimizers=`."
+                )
+        if len(optimizer.param_groups) != len(self.groups):
+            self._join_new_groups()
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for torch's fused SGD
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
+            return  # the fused kernel skipped the step: the clock does not move
+        if self.kind == "sgd":
+            self._carry_buffers_without_grad()
+        self.steps += 1
+        self._written = [self._write_group(g) for g in range(len(self.groups))]
+
+    def _carry_buffers_without_grad(self) -> None:
+        k = self.steps  # the step just taken
+        for g, group in enumerate(self.optimizer.param_groups):
+            if k <= self.groups[g].joined:
+                continue
+            eta_prev, c_prev = self.values(g, k - 1)
+            eta, c = self.values(g, k)
+            before, after = (1.0 - c_prev) * eta_prev, (1.0 - c) * eta
+            if before == after or before == 0.0:
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    continue
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is None:
+                    continue
+                if after == 0.0:
+                    if not self._warned_lost:
+                        self._warned_lost = True
+                        self._warn(
+                            f"{self.owner}: a parameter of optimizer {self.index} (torch SGD) had no gradient at step "
+                            f"{k}, where momentum reached 0: torch SGD drops its momentum buffer, SPA would keep it. "
+                            "Use lightning_spa.SPA for an exact result."
+                        )
+                    continue
+                buf.mul_(before / after)

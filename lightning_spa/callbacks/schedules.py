@@ -4,20 +4,24 @@ Thin adapters over :mod:`lightning_spa.schedule` (the math, as pure functions of
 step) and :mod:`lightning_spa.callbacks._adapter` (Theorem 1 on SPA or torch SGD param groups);
 the hooks they share live in :mod:`lightning_spa.callbacks._schedule_base`.
 
-How they cooperate. Every schedule callback in ``trainer.callbacks`` contributes a schedule;
-the first one in that list is the *writer*: before each optimizer step it composes all of them
-(``eta`` factors multiply, ``c`` is the largest requested value; :func:`~lightning_spa.schedule.compose`)
-and writes the result once. The others only contribute. So ``GradualSchedule`` and
-``MomentumOff`` together give ``eta0 * factor**i`` with ``c = max(c_gradual, c_off)``, and no
-value is written twice or overwritten.
+Which optimizers. ``optimizers=None`` (default) schedules every SPA and torch SGD+M optimizer
+of the module and skips the others with one warning; ``optimizers=[0]`` or
+``optimizers=["generator"]`` selects by index in ``configure_optimizers`` or by name (class name,
+or a param group's ``"name"``); an explicitly selected unsupported optimizer is an error
+(:mod:`lightning_spa.callbacks._select`).
 
-Step index. Optimizer steps: ``trainer.global_step`` (so ``accumulate_grad_batches`` shifts
-nothing); with several optimizers under manual optimization, each optimizer's own step count
-(saved in the checkpoint). The values of step ``k`` are written in ``on_train_batch_start`` and
-again in ``on_before_optimizer_step``, right before the step. They depend on ``k`` and each
-param group's starting values only (recorded at fit start and saved in the checkpoint), so a
-resumed run continues bit-exactly and under DDP every rank computes the same values with no
-collective.
+How they compose. All schedule callbacks that target an optimizer act as one schedule, defined
+by the schedules alone, not by the order of the callbacks: ``eta`` factors multiply and ``c`` is
+the largest requested value (:func:`~lightning_spa.schedule.compose`). So ``GradualSchedule`` and
+``MomentumOff`` together give ``eta0 * factor**i`` with ``c = max(c_gradual, c_off)``.
+
+Step index: one clock per optimizer, counting its optimizer steps actually taken (so
+``accumulate_grad_batches`` shifts nothing, and a step skipped by the AMP grad scaler or by user
+code does not advance it); saved in the checkpoint. Right after each step the values of the
+next one are written, so loggers and other callbacks always see the values the coming step
+uses. They depend on the clock and each param group's starting values only (a group added
+mid-run starts from its own values at the step it joins), so a resumed run continues
+bit-exactly and every DDP rank computes the same values with no collective.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from itertools import pairwise
 from typing import Literal
 
 from lightning_spa._lightning import rank_zero_warn
+from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_unit, to_steps
+from lightning_spa.callbacks._select import OptimizerSelection
 from lightning_spa.schedule import (
     MomentumRemoval,
     StepDecay,
@@ -53,10 +59,12 @@ class GradualSchedule(SPAScheduleCallback):
 
     Works on :class:`~lightning_spa.SPA` (writes ``lr`` = eta and ``c``) and on
     ``torch.optim.SGD(momentum=...)`` (writes the Theorem-1 ``lr`` and ``momentum`` each step:
-    both follow the same trajectory). Each param group is scheduled relative to its own
-    starting values. Composes with :class:`MomentumOff` (see the module docstring); an LR
-    scheduler on the same optimizer is refused. The values are pure functions of the optimizer
-    step: resumes are bit-exact and DDP ranks agree without any collective.
+    both follow the same trajectory, also across skipped steps and parameters without a
+    gradient). Each param group is scheduled relative to its own starting values (a group added
+    mid-run, from the step it joins). Composes with :class:`MomentumOff` regardless of callback
+    order (see the module docstring); an LR scheduler on the same optimizer is refused. The
+    values are pure functions of the optimizer's step count: resumes are bit-exact and DDP ranks
+    agree without any collective.
 
     Args:
         milestones: where each decay starts, strictly increasing, in ``unit`` (fractions of an
@@ -68,19 +76,24 @@ class GradualSchedule(SPAScheduleCallback):
             optimizer steps. Must fit between milestones.
         unit: ``"epoch"`` or ``"step"`` (optimizer steps) for ``milestones``.
         warmup_steps: linear warm-up of ``eta`` over this many optimizer steps: step ``k``
-            uses ``eta * (k+1)/warmup_steps``.
+            uses ``eta * (k+1)/warmup_steps``. With ``milestones=[]`` the callback is a warm-up only.
+        optimizers: which optimizers to schedule: None (every SPA / torch SGD+M optimizer; others
+            skipped with a warning), or a list of indices into ``configure_optimizers``'s
+            optimizers and names (an optimizer class name, or a param group's ``"name"``).
 
     Raises:
-        ValueError: at construction, for invalid arguments; at fit start, for an unsupported
-            optimizer, an LR scheduler on the same optimizer, transitions that overlap, or a
-            geometric transition so fast that the equivalent momentum
-            ``(1 - c_{k-1}) * eta_{k-1} / eta_k`` reaches 1 (the message gives the value, the
-            step and the smallest safe ``transition_steps``).
-        TypeError: at fit start, an optimizer other than SPA or torch SGD.
+        ValueError: at construction, for invalid arguments (``milestones=[]`` without
+            ``warmup_steps``: nothing to do); at fit start, for an unsupported optimizer setting,
+            an LR scheduler on the same optimizer, transitions that overlap, or a geometric
+            transition so fast that the equivalent momentum ``(1 - c_{k-1}) * eta_{k-1} / eta_k``
+            reaches 1 (the message gives the value, the step and the smallest safe
+            ``transition_steps``).
+        TypeError: at fit start, an explicitly selected optimizer other than SPA or torch SGD.
 
     Example::
 
         trainer = pl.Trainer(max_epochs=300, callbacks=[GradualSchedule(milestones=[150, 225])])
+        GradualSchedule(milestones=[30], optimizers=["generator"])   # a GAN: the generator's SPA only
 
         # LightningCLI YAML
         trainer:
@@ -98,8 +111,9 @@ class GradualSchedule(SPAScheduleCallback):
         transition_steps: int | None = None,
         unit: Literal["epoch", "step"] = "epoch",
         warmup_steps: int = 0,
+        optimizers: OptimizerSelection = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizers)
         check_unit(unit)
         if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
             raise ValueError(f"`milestones` must be a list of numbers, got {milestones!r}.")
@@ -123,6 +137,11 @@ class GradualSchedule(SPAScheduleCallback):
                 raise ValueError(f"`transition_steps` must be an integer >= 1 or None, got {transition_steps!r}.")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        if not values and warmup_steps == 0:
+            raise ValueError(
+                "GradualSchedule(milestones=[]) with warmup_steps=0 would never change anything: give the epochs "
+                "(or steps, unit='step') where eta decays, e.g. milestones=[150, 225], or a warmup_steps."
+            )
         self.milestones = values
         self.factor = float(factor)
         self.mode = mode
@@ -130,15 +149,22 @@ class GradualSchedule(SPAScheduleCallback):
         self.transition_steps = transition_steps
         self.unit = unit
         self.warmup_steps = warmup_steps
+        self._state_key = self._generate_state_key(
+            milestones=self.milestones, factor=self.factor, mode=self.mode, transition=self.transition,
+            transition_steps=self.transition_steps, unit=self.unit, warmup_steps=self.warmup_steps,
+            optimizers=self.optimizers,
+        )  # fmt: skip
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            milestones=self.milestones, factor=self.factor, mode=self.mode, transition=self.transition,
-            transition_steps=self.transition_steps, unit=self.unit, warmup_steps=self.warmup_steps,
-        )  # fmt: skip
+        return self._state_key  # Lightning reads it several times a step: computed once
 
     def _build(self, steps_per_epoch: int) -> StepDecay:
+        if steps_per_epoch == 0 and (self.unit == "epoch" or self.transition_steps is None):
+            raise ValueError(
+                "GradualSchedule: the training dataloader has no length, so epochs cannot be converted to optimizer "
+                "steps; use unit='step' and give transition_steps."
+            )
         steps = [to_steps(m, self.unit, steps_per_epoch) for m in self.milestones]
         if any(b <= a for a, b in pairwise(steps)):
             raise ValueError(
@@ -154,90 +180,143 @@ class GradualSchedule(SPAScheduleCallback):
         except ValueError as err:
             raise ValueError(f"GradualSchedule (milestones at optimizer steps {steps}): {err}") from err
 
-    def _check(self, writer: SPAScheduleCallback) -> None:
-        assert isinstance(self.schedule, StepDecay) and writer._start is not None
-        schedules = writer._schedules()
-        total = writer._total_steps
+    def _check(self, clock: OptimizerClock) -> None:
+        assert isinstance(self.schedule, StepDecay)
+        schedules = clock.schedules
+        total = self._total_steps
         last = self.schedule.milestones[-1] if self.schedule.milestones else None
         if last is not None and last >= total:
             rank_zero_warn(
                 f"GradualSchedule: milestone at optimizer step {last} is beyond this run's {int(total)} steps; "
                 "it will not be reached."
             )
-        starts = [s for groups in writer._start for s in groups]
-        for opt_index, groups in enumerate(writer._start):
-            for g, (eta0, c0) in enumerate(groups):
-                overflow = find_momentum_overflow(schedules, eta0, c0, total, only=self.schedule)
-                if overflow is None:
-                    continue
-                where = f"optimizer step {overflow.step} (param group {g} of optimizer {opt_index}, c0={c0:g})"
-                if self.transition == "instant":
-                    rank_zero_warn(
-                        f"GradualSchedule(transition='instant'): the equivalent SGD+M momentum "
-                        f"(1-c_prev)*eta_prev/eta reaches {overflow.momentum:.4g} at {where}: expect the loss spike "
-                        "of paper Figure 4. Use transition='geometric' to avoid it."
-                    )
-                    return
-                others = [s for s in schedules if s is not self.schedule]
-                safe = smallest_safe_transition_steps(self.schedule, others, starts, total)
-                advice = (
-                    f"the smallest safe transition_steps is {safe}"
-                    if safe is not None
-                    else "no transition_steps that fits between the milestones is safe; space the milestones "
-                    "further apart or use a factor closer to 1"
+        starts = [(g.eta0, g.c0) for g in clock.groups if g.joined == 0]
+        for g, (eta0, c0, joined) in enumerate(clock.groups):
+            overflow = find_momentum_overflow(schedules, eta0, c0, total, self.schedule, joined)
+            if overflow is None:
+                continue
+            where = f"optimizer step {overflow.step} (param group {g} of optimizer {clock.index}, c0={c0:g})"
+            if self.transition == "instant":
+                rank_zero_warn(
+                    f"GradualSchedule(transition='instant'): the equivalent SGD+M momentum "
+                    f"(1-c_prev)*eta_prev/eta reaches {overflow.momentum:.4g} at {where}: expect the loss spike "
+                    "of paper Figure 4. Use transition='geometric' to avoid it."
                 )
-                raise ValueError(
-                    f"GradualSchedule: with transition_steps={self.schedule.transition_steps} the equivalent SGD+M "
-                    f"momentum (1-c_prev)*eta_prev/eta reaches {overflow.momentum:.6g} (>= 1) at {where}; {advice}."
-                )
+                return
+            others = [s for s in schedules if s is not self.schedule]
+            safe = smallest_safe_transition_steps(self.schedule, others, starts, total)
+            advice = (
+                f"the smallest safe transition_steps is {safe}"
+                if safe is not None
+                else "no transition_steps that fits between the milestones is safe; space the milestones "
+                "further apart or use a factor closer to 1"
+            )
+            raise ValueError(
+                f"GradualSchedule: with transition_steps={self.schedule.transition_steps} the equivalent SGD+M "
+                f"momentum (1-c_prev)*eta_prev/eta reaches {overflow.momentum:.6g} (>= 1) at {where}; {advice}."
+            )
 
 
 class MomentumOff(SPAScheduleCallback):
     r"""Turns momentum off: ``c`` goes to 1 while ``eta`` is kept (paper Figure 3, Figure 1d).
 
     From optimizer step ``m`` (``after_epochs`` converted with ``unit``) step ``m + j`` uses
-    ``c0 * (1/c0)**((j+1)/T)`` with ``T = transition_steps`` (0 or 1: instant). In torch SGD
-    terms the learning rate becomes ``lr / (1 - momentum)`` and the momentum 0: the effective
-    step is kept, the momentum removed. Works on :class:`~lightning_spa.SPA` and
-    ``torch.optim.SGD(momentum=...)``, per param group; composes with :class:`GradualSchedule`
-    (``c`` is the larger of the two). Pure function of the optimizer step: resumes are
-    bit-exact and DDP ranks agree without any collective.
+    ``c0 * (1/c0)**((j+1)/T)``. In torch SGD terms the learning rate becomes
+    ``lr / (1 - momentum)`` and the momentum 0: the effective step is kept, the momentum removed.
+
+    The default switch is gradual, over one epoch of optimizer steps: in our reproduction of
+    the paper's Figure 3 (``examples/reproduce/results/figure3.md``: digits CNN, 5 seeds,
+    momentum off after epoch 1) the one-epoch switch lost nothing against keeping momentum
+    (0 of 5 seeds diverged), while the instant switch (``transition_steps=0``) diverged in 1 of
+    5: right after it the raw gradient gets ``1/c0`` times the learning rate (10x for momentum
+    0.9) before the averaging has settled. The instant switch stays available and warns.
+
+    Works on :class:`~lightning_spa.SPA` and ``torch.optim.SGD(momentum=...)``, per param group
+    (a group added mid-run from the step it joins); composes with :class:`GradualSchedule`
+    regardless of callback order (``c`` is the larger of the two). Pure function of the
+    optimizer's step count: resumes are bit-exact and DDP ranks agree without any collective.
 
     Args:
-        after_epochs: when momentum starts to go, in ``unit`` (epochs may be fractional).
-        transition_steps: optimizer steps over which ``c`` rises geometrically to 1; 0 is instant.
+        after_epochs: when momentum starts to go, in ``unit`` (epochs may be fractional). 0
+            removes it from the first step (with a warning: the paper finds momentum helps most
+            early, and ``c=1`` in the optimizer says the same thing directly).
+        transition_steps: optimizer steps over which ``c`` rises geometrically to 1; None: one
+            epoch of optimizer steps; 0 (or 1): instant, with a warning.
         unit: ``"epoch"`` or ``"step"`` (optimizer steps) for ``after_epochs``.
+        optimizers: which optimizers to schedule: None (every SPA / torch SGD+M optimizer; others
+            skipped with a warning), or a list of indices into ``configure_optimizers``'s
+            optimizers and names (an optimizer class name, or a param group's ``"name"``).
 
     Raises:
         ValueError: at construction, invalid arguments; at fit start, an unsupported optimizer
-            setting or an LR scheduler on the same optimizer.
-        TypeError: at fit start, an optimizer other than SPA or torch SGD.
+            setting, an LR scheduler on the same optimizer, or ``transition_steps=None`` with a
+            dataloader that has no length.
+        TypeError: at fit start, an explicitly selected optimizer other than SPA or torch SGD.
 
     Example::
 
         trainer = pl.Trainer(max_epochs=10, callbacks=[MomentumOff(after_epochs=1)])
+
+        # LightningCLI YAML: over 200 optimizer steps, on the optimizer whose param group is named "generator"
+        - class_path: lightning_spa.MomentumOff
+          init_args: {after_epochs: 1, transition_steps: 200, optimizers: [generator]}
     """
 
     def __init__(
-        self, after_epochs: float = 1, transition_steps: int = 0, unit: Literal["epoch", "step"] = "epoch"
+        self,
+        after_epochs: float = 1,
+        transition_steps: int | None = None,
+        unit: Literal["epoch", "step"] = "epoch",
+        optimizers: OptimizerSelection = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizers)
         check_unit(unit)
         if not (math.isfinite(float(after_epochs)) and float(after_epochs) >= 0):
             raise ValueError(f"`after_epochs` must be finite and >= 0, got {after_epochs}.")
         if unit == "step" and float(after_epochs) != int(after_epochs):
             raise ValueError(f"`after_epochs` in optimizer steps (unit='step') must be an integer, got {after_epochs}.")
-        if isinstance(transition_steps, bool) or not isinstance(transition_steps, int) or transition_steps < 0:
-            raise ValueError(f"`transition_steps` must be an integer >= 0 (0: instant), got {transition_steps!r}.")
+        if transition_steps is not None and (
+            isinstance(transition_steps, bool) or not isinstance(transition_steps, int) or transition_steps < 0
+        ):
+            raise ValueError(
+                f"`transition_steps` must be None (one epoch) or an integer >= 0 (0: instant): {transition_steps!r}."
+            )
+        if float(after_epochs) == 0:
+            rank_zero_warn(
+                "MomentumOff(after_epochs=0) removes momentum from the first optimizer step (c reaches 1 after "
+                "transition_steps steps), so the run trains without momentum; the paper finds momentum helps most "
+                "early (Figure 3). If that is what you want, build the optimizer with c=1 (SPA) or momentum=0."
+            )
         self.after_epochs = float(after_epochs)
         self.transition_steps = transition_steps
         self.unit = unit
+        self._state_key = self._generate_state_key(
+            after_epochs=self.after_epochs, transition_steps=self.transition_steps, unit=self.unit,
+            optimizers=self.optimizers,
+        )  # fmt: skip
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            after_epochs=self.after_epochs, transition_steps=self.transition_steps, unit=self.unit
-        )
+        return self._state_key  # Lightning reads it several times a step: computed once
 
     def _build(self, steps_per_epoch: int) -> MomentumRemoval:
-        return MomentumRemoval(to_steps(self.after_epochs, self.unit, steps_per_epoch), self.transition_steps)
+        if steps_per_epoch == 0 and (self.unit == "epoch" or self.transition_steps is None):
+            raise ValueError(
+                "MomentumOff: the training dataloader has no length, so epochs cannot be converted to optimizer "
+                "steps; use unit='step' and give transition_steps."
+            )
+        length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
+        return MomentumRemoval(to_steps(self.after_epochs, self.unit, steps_per_epoch), length)
+
+    def _check(self, clock: OptimizerClock) -> None:
+        assert isinstance(self.schedule, MomentumRemoval)
+        if self.schedule.transition_steps > 1 or self.schedule.start >= self._total_steps:
+            return
+        c0 = min(g.c0 for g in clock.groups)
+        if c0 < 1.0:
+            rank_zero_warn(
+                f"MomentumOff(transition_steps={self.transition_steps}) switches momentum off at once at optimizer "
+                f"step {self.schedule.start} of optimizer {clock.index}: the raw gradient then gets {1 / c0:.3g}x the "
+                "learning rate (1/c0) before the averaging settles; our Figure 3 reproduction diverged in 1 of 5 "
+                "seeds this way. Use the default transition_steps=None (one epoch) for a gradual switch."
+            )
