@@ -1,0 +1,992 @@
+"""GPU check: everything about lightning_spa that needs a CUDA device, in one run of a few minutes.
+
+A GPU is available only now and then, for minutes, so this script runs every CUDA check at once,
+isolates them (one failing check is reported as FAIL with its error; the others still run),
+prints one summary table and writes it, with the captured benchmark tables, as markdown.
+
+Checks (``--list`` prints them):
+
+1. ``trajectory``: SPA vs ``torch.optim.SGD`` driven by Theorem 1 (``lightning_spa.theorem``),
+   every path (loop, foreach, fused, default) in float32 and bfloat16, 200 steps with schedule
+   changes (a geometric transition, an instant ``eta`` drop, momentum switched off);
+2. ``sync``: host synchronisations, counted with ``torch.cuda.set_sync_debug_mode``: an SPA step
+   with a float ``lr`` makes none (``"error"`` mode); ``MomentumDiagnostics`` none on an
+   unmeasured step and at most one on a measured step; the schedule callbacks none;
+3. ``amp``: Lightning ``16-mixed`` with a GradScaler for ``SPA(fused=True)`` and torch fused
+   SGD, with ``MomentumDiagnostics``: the logged ``grad_sq`` equals a float32 run's;
+4. ``speed``: ``benchmarks/optimizer_step.py --device cuda`` (captured table) and the
+   ``MomentumDiagnostics`` overhead on a ResNet-18 with fake data (default and ``every_n_steps=1``);
+5. ``memory``: the peak CUDA memory of a step and the optimizer state, SPA vs torch SGD;
+6. ``pytest``: ``pytest -m cuda`` (the CUDA tests of the suite).
+
+Usage::
+
+    python benchmarks/gpu_check.py                 # all checks, ~3-4 minutes on one GPU
+    python benchmarks/gpu_check.py --quick         # fewer steps and rounds, ~1-2 minutes
+    python benchmarks/gpu_check.py --list          # the checks, no device needed
+    python benchmarks/gpu_check.py --checks trajectory,sync --out /tmp/gpu.md
+
+Without CUDA it exits with status 2 and one line, ``no CUDA device: ...``. ``--device cpu`` runs
+the same code on the CPU as a smoke test of the script itself (sync and memory checks skipped);
+its numbers are not GPU figures and it writes no file unless ``--out`` is given.
+Exit status: 0 all checks passed, 1 some check failed, 2 no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.md"
+
+PASS, FAIL, INFO, SKIP = "PASS", "FAIL", "INFO", "SKIP"
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    check: str
+    case: str
+    status: str
+    measured: str = ""
+    expected: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    sections: list[tuple[str, str]] = field(default_factory=list)  # (title, markdown body)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (check, traceback)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, check: str, case: str, status: str, measured: str = "", expected: str = "") -> None:
+        self.rows.append(Row(check, case, status, measured, expected))
+
+    def expect(self, check: str, case: str, ok: bool, measured: str, expected: str) -> None:
+        self.add(check, case, PASS if ok else FAIL, measured, expected)
+
+
+@dataclass
+class Context:
+    device: Any  # torch.device
+    quick: bool
+    report: Report
+    tmp: Path
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.device.type == "cuda")
+
+
+# -- helpers shared by the checks -------------------------------------------------------------------
+
+
+def _isolated(ctx: Context, check: str, case: str, fn: Callable[[], None]) -> None:
+    """Runs one case of a check; an exception becomes a FAIL row (and its traceback an error section)."""
+    try:
+        fn()
+    except Exception as err:
+        ctx.report.add(check, case, FAIL, f"{type(err).__name__}: {err}"[:160])
+        ctx.report.errors.append((f"{check}: {case}", traceback.format_exc()))
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|GPU available but not used|TensorBoard).*")
+
+
+class SyncWindows:
+    """Counts host-device synchronisations in labelled windows (``set_sync_debug_mode("warn")``).
+
+    In ``"warn"`` mode torch emits one ``UserWarning`` per synchronising CUDA call; the warnings
+    raised between :meth:`open` and :meth:`close` are recorded and counted. On the CPU (smoke
+    runs) the windows exist but count nothing.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.counts: dict[str, list[tuple[int, int]]] = {}
+        self._open: tuple[str, int] | None = None
+        self._catcher: Any = None
+        self._log: list[warnings.WarningMessage] = []
+
+    def open(self, label: str, step: int) -> None:
+        import torch
+
+        self.close()
+        self._catcher = warnings.catch_warnings(record=True)
+        self._log = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        self._open = (label, step)
+
+    def close(self) -> None:
+        import torch
+
+        if self._open is None:
+            return
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        self._catcher.__exit__(None, None, None)
+        n = sum(1 for w in self._log if "synchroniz" in str(w.message))
+        label, step = self._open
+        self.counts.setdefault(label, []).append((step, n))
+        self._open = None
+
+
+def _memory_logger() -> Any:
+    from pytorch_lightning.loggers.logger import Logger
+
+    class MemoryLogger(Logger):
+        """Keeps every ``log_metrics`` call in memory: ``rows = [(step, metrics), ...]``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+        @property
+        def name(self) -> str:
+            return "memory"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def series(self, key: str) -> dict[int, float]:
+            return {int(s): m[key] for s, m in self.rows if s is not None and key in m}
+
+    return MemoryLogger()
+
+
+def _fit(
+    ctx: Context,
+    module: Any,
+    steps: int,
+    callbacks: list[Any],
+    logger: Any = None,
+    precision: Any = "32-true",
+    plugins: list[Any] | None = None,
+) -> Any:
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(
+        accelerator="gpu" if ctx.cuda else "cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        precision=precision if plugins is None else None,
+        plugins=plugins,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        default_root_dir=str(ctx.tmp),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    return trainer
+
+
+def _fake_module(
+    net_factory: Callable[[], Any],
+    optimizer_factory: Callable[[Any], Any],
+    input_shape: tuple[int, ...],
+    batch: int,
+    classes: int,
+    steps: int,
+    seed: int = 0,
+) -> Any:
+    """A LightningModule training ``net_factory()`` on one fixed random batch (kept on the device)."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class FakeData(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.net = net_factory()
+            gen = torch.Generator().manual_seed(seed + 1)
+            self.register_buffer("x", torch.randn(batch, *input_shape, generator=gen), persistent=False)
+            self.register_buffer("y", torch.randint(0, classes, (batch,), generator=gen), persistent=False)
+
+        def training_step(self, batch_: Any, batch_idx: int) -> Any:
+            return F.cross_entropy(self.net(self.x), self.y)
+
+        def configure_optimizers(self) -> Any:
+            return optimizer_factory(self.parameters())
+
+        def train_dataloader(self) -> Any:
+            return DataLoader(TensorDataset(torch.zeros(max(steps, 1))), batch_size=1)
+
+    return FakeData()
+
+
+def _mlp() -> Any:
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def resnet18(num_classes: int = 10) -> Any:
+    """ResNet-18 for 32x32 inputs (CIFAR stem), 11.2M parameters; no torchvision needed."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or c_in != c_out:
+                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+        def forward(self, x: Any) -> Any:
+            out = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    c_in = 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [Block(c_in, c_out, stride), Block(c_out, c_out, 1)]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "loop": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "default": {},
+}
+# torch SGD counterpart of each SPA path (SPA's default picks the fused kernel where it exists).
+SGD_PATHS: dict[str, dict[str, Any]] = {**PATHS, "default": {"fused": True}}
+
+
+def schedule(steps: int) -> list[tuple[float, float]]:
+    """``(eta_k, c_k)`` for ``k < steps``: constant, a geometric transition (eta down 10x, c up 5x),
+    an instant eta halving (a momentum spike of 1.0 in SGD+M form), then c -> 1 (momentum off).
+    Scaled to ``steps`` so the quick run sees every change."""
+    out = []
+    s = steps / 200
+    t0, t1, drop, off0, off1 = int(40 * s), int(60 * s), int(100 * s), int(140 * s), int(150 * s)
+    for k in range(steps):
+        eta, c = 1.0, 0.1
+        if k >= t0:
+            f = min(1.0, (k - t0 + 1) / max(t1 - t0, 1))
+            eta, c = 0.1**f, 0.1 * 5.0**f
+        if k >= drop:
+            eta *= 0.5
+        if k >= off0:
+            c = c * (1.0 / c) ** min(1.0, (k - off0 + 1) / max(off1 - off0, 1))
+        out.append((eta, min(c, 1.0)))
+    return out
+
+
+# -- 1. trajectories --------------------------------------------------------------------------------
+
+
+def check_trajectory(ctx: Context) -> None:
+    import torch
+
+    from lightning_spa.optim import SPA
+    from lightning_spa.theorem import step_spa_to_sgdm
+
+    steps = 60 if ctx.quick else 200
+    sched = schedule(steps)
+    shapes = [(33,), (8, 5), (4, 4, 3), (1000,)]
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # max |x_spa - x_sgd| / max |x|
+    for dtype, tol in tolerance.items():
+        gen = torch.Generator().manual_seed(0)
+        start = [torch.randn(s, generator=gen) for s in shapes]
+        curv = [torch.rand(s, generator=gen) + 0.1 for s in shapes]  # a diagonal quadratic
+        noise = [[0.1 * torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+        curv = [t.to(ctx.device, dtype) for t in curv]
+        noise = [[t.to(ctx.device, dtype) for t in row] for row in noise]
+        for path, flags in PATHS.items():
+            case = f"{path}, {str(dtype).removeprefix('torch.')}"
+            try:
+                xs = [torch.nn.Parameter(t.to(ctx.device, dtype).clone()) for t in start]
+                ys = [torch.nn.Parameter(t.to(ctx.device, dtype).clone()) for t in start]
+                spa = SPA(xs, lr=sched[0][0], c=sched[0][1], **flags)
+                sgd = torch.optim.SGD(ys, lr=0.1, momentum=0.9, **SGD_PATHS[path])
+                worst, scale = 0.0, 0.0
+                prev: tuple[float, float] | None = None
+                for k, (eta, c) in enumerate(sched):
+                    for group in spa.param_groups:
+                        group["lr"], group["c"] = eta, c
+                    lr, momentum = step_spa_to_sgdm(eta, c, prev)
+                    for group in sgd.param_groups:
+                        group["lr"], group["momentum"] = lr, momentum
+                    prev = (eta, c)
+                    for params in (xs, ys):
+                        for p, a, n in zip(params, curv, noise[k], strict=True):
+                            p.grad = a * p.detach() + n
+                    spa.step()
+                    sgd.step()
+                    with torch.no_grad():
+                        for x, y in zip(xs, ys, strict=True):
+                            worst = max(worst, float((x.float() - y.float()).abs().max()))
+                            scale = max(scale, float(y.float().abs().max()))
+                rel = worst / max(scale, 1e-30)
+                finite = all(bool(torch.isfinite(x).all()) for x in xs)
+                ctx.report.expect(
+                    "trajectory",
+                    case,
+                    finite and rel <= tol,
+                    f"max diff {worst:.2e} ({rel:.1e} of max|x|)",
+                    f"<= {tol:g}",
+                )
+            except Exception as err:  # one failing path does not hide the others
+                ctx.report.add("trajectory", case, FAIL, f"{type(err).__name__}: {err}"[:160])
+                ctx.report.errors.append((f"trajectory {case}", traceback.format_exc()))
+
+
+# -- 2. host synchronisations -----------------------------------------------------------------------
+
+
+def _spa_steps_under_error_mode(ctx: Context, flags: dict[str, Any], lr: float) -> None:
+    """Six SPA steps (first step, steady state, an eta and c change) under sync debug mode "error"."""
+    import torch
+
+    from lightning_spa.optim import SPA
+
+    params = [torch.nn.Parameter(torch.randn(s, device=ctx.device)) for s in ((64, 32), (32,), (1000,))]
+    opt = SPA(params, lr=lr, c=0.1, **flags)
+    for k in range(6):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if k == 3:  # a schedule change: new eta and c, a new beta for the kernel
+            for group in opt.param_groups:
+                group["lr"], group["c"] = 0.5, 0.2
+        if ctx.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            if ctx.cuda:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def _probes(windows: SyncWindows) -> tuple[Any, Any]:
+    """Two callbacks that bracket the others: ``opener`` first in the list, ``closer`` last.
+
+    Windows: ``on_train_batch_start`` and ``on_train_batch_end`` (opener to closer), and
+    ``step`` (opener's ``on_before_optimizer_step`` to a step post-hook registered after every
+    other callback's: it covers the other callbacks' ``on_before_optimizer_step``, the optimizer
+    step and the post-hooks, e.g. ``MomentumDiagnostics``' measurement).
+    """
+    from pytorch_lightning.callbacks import Callback
+
+    class Opener(Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            for opt in trainer.optimizers:  # after every on_fit_start: runs after their post-hooks
+                opt.register_step_post_hook(lambda *args: windows.close())
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            windows.open("on_train_batch_start", trainer.global_step)
+
+        def on_before_optimizer_step(self, trainer: Any, *args: Any) -> None:
+            windows.open("step", trainer.global_step)
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            windows.open("on_train_batch_end", trainer.global_step)
+
+    class Closer(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            windows.close()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            windows.close()
+
+    return Opener(), Closer()
+
+
+def _sync_counts(ctx: Context, callbacks: list[Any], steps: int) -> dict[str, list[tuple[int, int]]]:
+    from lightning_spa.optim import SPA
+
+    windows = SyncWindows(ctx.cuda)
+    opener, closer = _probes(windows)
+    module = _fake_module(_mlp, lambda ps: SPA(ps, lr=1.0, c=0.1), (32,), 64, 10, steps)
+    try:
+        _fit(ctx, module, steps, [opener, *callbacks, closer], logger=_memory_logger())
+    finally:
+        windows.close()
+    return windows.counts
+
+
+def check_sync(ctx: Context) -> None:
+    rep = ctx.report
+    note = "" if ctx.cuda else " (cpu: nothing to count)"
+
+    def status(ok: bool) -> str:
+        return (PASS if ok else FAIL) if ctx.cuda else SKIP
+
+    for path, flags in PATHS.items():
+
+        def float_lr(flags: dict[str, Any] = flags, path: str = path) -> None:
+            _spa_steps_under_error_mode(ctx, flags, 1.0)
+            rep.add("sync", f"SPA step, float lr, {path}", status(True), "none in 6 steps (mode 'error')" + note, "0")
+
+        _isolated(ctx, "sync", f"SPA step, float lr, {path}", float_lr)
+
+    def tensor_lr() -> None:  # read with .item() (documented: one sync per group and step); counted, not judged
+        import torch
+
+        from lightning_spa.optim import SPA
+
+        windows = SyncWindows(ctx.cuda)
+        params = [torch.nn.Parameter(torch.randn(100, device=ctx.device))]
+        opt = SPA(params, lr=torch.tensor(1.0, device=ctx.device), c=0.1)
+        for k in range(3):
+            params[0].grad = torch.randn_like(params[0])
+            windows.open("tensor lr", k)
+            try:
+                opt.step()
+            finally:
+                windows.close()
+        per_step = max(n for _, n in windows.counts["tensor lr"])
+        rep.add("sync", "SPA step, tensor lr on the device", INFO, f"{per_step} per step" + note, "documented .item()")
+
+    _isolated(ctx, "sync", "SPA step, tensor lr on the device", tensor_lr)
+
+    steps, every = 24, 4  # cheap: a small MLP
+    base: dict[str, int] = {}
+
+    def control() -> None:
+        counts = _sync_counts(ctx, [], steps)
+        base.update({label: max((n for _, n in rows), default=0) for label, rows in counts.items()})
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(base.items()))
+        rep.add("sync", "Lightning loop alone (control)", INFO, shown + note, "subtracted below")
+
+    def diagnostics() -> None:
+        from lightning_spa.callbacks import MomentumDiagnostics
+
+        counts = _sync_counts(ctx, [MomentumDiagnostics(every_n_steps=every)], steps)
+        rows = counts.get("step", [])
+        unmeasured = [n - base.get("step", 0) for s, n in rows if s % every]
+        measured = [n - base.get("step", 0) for s, n in rows if not s % every]
+        other = max((n - base.get(lb, 0) for lb, rs in counts.items() if lb != "step" for _, n in rs), default=0)
+        if not unmeasured or not measured:
+            rep.add("sync", "MomentumDiagnostics", FAIL, f"step windows seen: {len(rows)} of {steps}", "")
+            return
+        rep.add(
+            "sync",
+            "MomentumDiagnostics, unmeasured step",
+            status(max(unmeasured) == 0 and other == 0),
+            f"max {max(unmeasured)} over {len(unmeasured)} steps (batch hooks: {other})" + note,
+            "0",
+        )
+        rep.add(
+            "sync",
+            "MomentumDiagnostics, measured step",
+            status(max(measured) <= 1),
+            f"max {max(measured)}, min {min(measured)} over {len(measured)} steps" + note,
+            "<= 1",
+        )
+
+    def schedules(with_off: bool) -> None:
+        from lightning_spa.callbacks import GradualSchedule, MomentumOff
+
+        # eta halves from step 4 over 8 steps (the equivalent momentum stays < 1); momentum off at step 16.
+        callbacks = [GradualSchedule(milestones=[4], factor=0.5, unit="step", transition_steps=8)]
+        if with_off:
+            callbacks.append(MomentumOff(after_epochs=16, unit="step"))
+        counts = _sync_counts(ctx, callbacks, steps)
+        worst = max((n - base.get(lb, 0) for lb, rows in counts.items() for _, n in rows), default=0)
+        name = "GradualSchedule + MomentumOff" if with_off else "GradualSchedule"
+        rep.add("sync", name, status(worst == 0), f"max {worst} per hook window over {steps} steps" + note, "0")
+
+    _isolated(ctx, "sync", "Lightning loop alone (control)", control)
+    _isolated(ctx, "sync", "MomentumDiagnostics", diagnostics)
+    _isolated(ctx, "sync", "GradualSchedule", lambda: schedules(False))
+    _isolated(ctx, "sync", "GradualSchedule + MomentumOff", lambda: schedules(True))
+
+
+# -- 3. AMP -----------------------------------------------------------------------------------------
+
+
+def _amp_grad_sq(ctx: Context, name: str, factory: Callable[[Any], Any], steps: int) -> None:
+    """``MomentumDiagnostics`` under Lightning ``16-mixed`` (GradScaler) logs the float32 run's ``grad_sq``."""
+    import torch
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from lightning_spa.callbacks import MomentumDiagnostics
+
+    class GradProbe(Callback):
+        """``||g_k||^2`` read directly in ``on_before_optimizer_step`` (float32 run: after the backward)."""
+
+        def __init__(self) -> None:
+            self.grad_sq: dict[int, float] = {}
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            total = sum(float(p.grad.double().square().sum()) for p in pl_module.parameters() if p.grad is not None)
+            self.grad_sq[trainer.global_step] = total
+
+    tol = 2e-2  # fp16 autocast of the forward pass vs float32; a still-scaled gradient would be off by scale**2
+    runs: dict[str, Any] = {}
+    probe = GradProbe()
+    for precision in ("32-true", "16-mixed"):
+        logger = _memory_logger()
+        module = _fake_module(_mlp, factory, (32,), 64, 10, steps)
+        plugins = None
+        if precision == "16-mixed":
+            # A moderate initial scale, so that no step overflows: both runs take every step.
+            scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**10)
+            plugins = [MixedPrecision("16-mixed", ctx.device.type, scaler=scaler)]
+        callbacks = [MomentumDiagnostics(every_n_steps=1, ema_decay=0.0)]  # raw samples
+        if precision == "32-true":
+            callbacks.append(probe)
+        trainer = _fit(ctx, module, steps, callbacks, logger, precision=precision, plugins=plugins)
+        runs[precision] = (logger, trainer)
+    # eta = 1 for both optimizers (SPA eta 1; SGD lr 0.1, momentum 0.9), no weight decay: grad_sq = ||g||^2.
+    logged = runs["32-true"][0].series("spa/grad_sq")
+    common = sorted(set(logged) & set(probe.grad_sq))
+    rel = max((abs(logged[s] - probe.grad_sq[s]) / max(probe.grad_sq[s], 1e-30) for s in common), default=math.inf)
+    ctx.report.expect(
+        "amp",
+        f"{name}: 32-true logged grad_sq vs ||g||^2 read after backward",
+        rel <= 1e-5 and len(common) == steps,
+        f"max rel diff {rel:.1e} over {len(common)}/{steps} steps",
+        "<= 1e-05, every step",
+    )
+    for key in ("spa/grad_sq", "spa/step_sq"):
+        ref, amp = runs["32-true"][0].series(key), runs["16-mixed"][0].series(key)
+        common = sorted(set(ref) & set(amp))
+        case = f"{name}: {key.removeprefix('spa/')}, 16-mixed vs 32-true"
+        if not common:
+            ctx.report.add("amp", case, FAIL, f"logged steps: 32-true {len(ref)}, 16-mixed {len(amp)}", f"<= {tol:g}")
+            continue
+        rel = max(abs(amp[s] - ref[s]) / max(abs(ref[s]), 1e-30) for s in common)
+        ok = rel <= tol and len(common) == steps
+        measured = f"max rel diff {rel:.1e} over {len(common)}/{steps} steps"
+        ctx.report.expect("amp", case, ok, measured, f"<= {tol:g}, every step")
+    in_kernel = bool(getattr(runs["16-mixed"][1].optimizers[0], "_step_supports_amp_scaling", False))
+    ctx.report.add(
+        "amp",
+        f"{name}: GradScaler unscales inside the step",
+        (PASS if in_kernel else FAIL) if name.startswith("SPA") else INFO,
+        "yes (_step_supports_amp_scaling)" if in_kernel else "no: the scaler unscales before the step",
+        "yes",
+    )
+
+
+def skipped_step_difference(device: Any, factory: Callable[[list[Any]], Any], skip: int, steps: int = 4) -> float:
+    """Max ``|x_amp - x_ref|`` after ``steps`` GradScaler steps whose step ``skip`` overflows, against a
+    float run that never takes that step. The freed memory is poisoned with NaN right before the
+    skipped step, so that a momentum buffer allocated but never written there shows."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (33,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+    xs = [torch.nn.Parameter(t.to(device).clone()) for t in start]
+    ys = [torch.nn.Parameter(t.to(device).clone()) for t in start]
+    opt, ref = factory(xs), factory(ys)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8)  # a power of 2: unscaling is exact
+    for k in range(steps):
+        g = [t.to(device) for t in grads[k]]
+        if k == skip:
+            g[0] = g[0].clone()
+            g[0][0, 0] = math.inf
+        loss = sum((x * gi).sum() for x, gi in zip(xs, g, strict=True))
+        scaler.scale(loss).backward()
+        if k == skip:
+            poison = [torch.full_like(gi, math.nan) for gi in g]
+            del poison
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if k != skip:
+            for y, gi in zip(ys, g, strict=True):
+                y.grad = gi.clone()
+            ref.step()
+            ref.zero_grad()
+    with torch.no_grad():
+        return max(float((x - y).abs().max().nan_to_num(math.inf)) for x, y in zip(xs, ys, strict=True))
+
+
+def check_amp(ctx: Context) -> None:
+    import torch
+
+    from lightning_spa.optim import SPA
+
+    steps = 6 if ctx.quick else 12
+    optimizers: dict[str, Callable[[Any], Any]] = {
+        "SPA(fused=True)": lambda ps: SPA(ps, lr=1.0, c=0.1, fused=True),
+        "torch SGD(fused=True)": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    }
+    for name, factory in optimizers.items():
+        _isolated(ctx, "amp", f"{name}: Lightning 16-mixed", lambda n=name, f=factory: _amp_grad_sq(ctx, n, f, steps))
+    for name, factory in optimizers.items():
+        for skip, when in ((0, "first step"), (2, "a later step")):
+            case = f"{name}: GradScaler skips {when} (inf), no trace"
+
+            def skipped(case: str = case, factory: Callable[[Any], Any] = factory, skip: int = skip) -> None:
+                diff = skipped_step_difference(ctx.device, factory, skip)
+                status = (PASS if diff <= 1e-6 else FAIL) if case.startswith("SPA") else INFO
+                ctx.report.add("amp", case, status, f"max diff {diff:.1e} vs a run without that step", "<= 1e-06")
+
+            _isolated(ctx, "amp", case, skipped)
+
+
+# -- 4. speed ---------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], timeout: float) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + (f"\n{proc.stderr}" if proc.returncode else "")
+
+
+def _overhead(ctx: Context) -> tuple[str, dict[str, float]]:
+    """MomentumDiagnostics' cost on a ResNet-18 (CIFAR shape, batch 128, fake data), in a real fit loop."""
+    import pytorch_lightning as pl
+    import torch
+
+    from lightning_spa.callbacks import MomentumDiagnostics
+    from lightning_spa.optim import SPA
+
+    steps, rounds = (30, 2) if ctx.quick else (100, 3)
+    if not ctx.cuda:
+        steps, rounds = 4, 1
+    batch = 128 if ctx.cuda else 8
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.seconds = math.nan
+
+        def _sync(self) -> None:
+            if ctx.cuda:
+                torch.cuda.synchronize()
+
+        def on_train_start(self, *args: Any) -> None:
+            self._sync()
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, *args: Any) -> None:
+            self._sync()
+            self.seconds = (time.perf_counter() - self.t0) / steps
+
+    configs: dict[str, Callable[[], list[Any]]] = {
+        "baseline": lambda: [],
+        "default (every 50 steps)": lambda: [MomentumDiagnostics()],
+        "every_n_steps=1": lambda: [MomentumDiagnostics(every_n_steps=1)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    names = list(configs)
+    for r in range(rounds + 1):  # round 0 warms up (cudnn autotuning, allocator) and is dropped
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            clock = Clock()
+            module = _fake_module(resnet18, lambda ps: SPA(ps, lr=1.0, c=0.1), (3, 32, 32), batch, 10, steps)
+            _fit(ctx, module, steps, [*configs[name](), clock], logger=_memory_logger())
+            if r:
+                times[name].append(clock.seconds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [
+        f"ResNet-18 (11.2M parameters), batch {batch} of 3x32x32 fake data, SPA default path, "
+        f"{steps} steps per fit, {rounds} alternating rounds after one warm-up round; median per-step time.",
+        "",
+        "| configuration | ms / step | overhead vs baseline |",
+        "|---|---:|---:|",
+    ]
+    for name in names:
+        lines.append(f"| {name} | {med[name] * 1e3:.2f} | {(med[name] / med['baseline'] - 1) * 100:+.1f}% |")
+    return "\n".join(lines), med
+
+
+def check_speed(ctx: Context) -> None:
+    cmd = [sys.executable, "benchmarks/optimizer_step.py", "--device", ctx.device.type]
+    if not ctx.cuda:  # smoke run: one small model, a few rounds
+        cmd += ["--rounds", "3", "--warmup", "1", "--models", "digits"]
+    elif ctx.quick:
+        cmd += ["--rounds", "20"]
+    try:
+        rc, out = _run(cmd, timeout=240)
+        ctx.report.add(
+            "speed",
+            "benchmarks/optimizer_step.py",
+            INFO if rc == 0 else FAIL,
+            "table below" if rc == 0 else f"exit {rc}",
+            "runs",
+        )
+        ctx.report.sections.append((f"Optimizer step: `{shlex.join(cmd[1:])}`", out.strip()))
+    except subprocess.TimeoutExpired:
+        ctx.report.add("speed", "benchmarks/optimizer_step.py", FAIL, "timed out after 240 s", "runs")
+    table, med = _overhead(ctx)
+    base = med["baseline"]
+    for name in ("default (every 50 steps)", "every_n_steps=1"):
+        ctx.report.add(
+            "speed",
+            f"MomentumDiagnostics {name}, ResNet-18",
+            INFO,
+            f"{(med[name] / base - 1) * 100:+.1f}% step time",
+            "table below",
+        )
+    ctx.report.sections.append(("MomentumDiagnostics overhead, ResNet-18 fit loop", table))
+
+
+# -- 5. memory --------------------------------------------------------------------------------------
+
+
+def check_memory(ctx: Context) -> None:
+    import torch
+
+    from lightning_spa.optim import SPA
+
+    if not ctx.cuda:
+        ctx.report.add("memory", "peak CUDA memory of a step", SKIP, "cpu run", "")
+        return
+    shapes = [tuple(p.shape) for p in resnet18().parameters()]
+    mib = 2.0**20
+    for path in ("foreach", "fused"):
+        flags = PATHS[path]
+        result = {}
+        for name, factory in (
+            ("SPA", lambda ps: SPA(ps, lr=1.0, c=0.1, **flags)),  # noqa: B023
+            ("SGD", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, **flags)),  # noqa: B023
+        ):
+            torch.manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s, device=ctx.device)) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = factory(params)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            opt.step()  # the first step allocates the buffers
+            torch.cuda.synchronize()
+            first = torch.cuda.max_memory_allocated() - before
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            opt.step()
+            torch.cuda.synchronize()
+            steady = torch.cuda.max_memory_allocated() - before
+            state = sum(
+                t.numel() * t.element_size()
+                for s in opt.state.values()
+                for t in s.values()
+                if isinstance(t, torch.Tensor)
+            )
+            result[name] = (first, steady, state)
+            del opt, params
+            torch.cuda.empty_cache()
+        (f_spa, s_spa, st_spa), (f_sgd, s_sgd, st_sgd) = result["SPA"], result["SGD"]
+        slack = 1.0 * mib
+        ctx.report.expect(
+            "memory",
+            f"{path}: optimizer state, SPA vs SGD",
+            st_spa == st_sgd,
+            f"{st_spa / mib:.1f} vs {st_sgd / mib:.1f} MiB",
+            "equal (one buffer)",
+        )
+        ctx.report.expect(
+            "memory",
+            f"{path}: peak of a step (first; steady)",
+            f_spa <= f_sgd + slack and s_spa <= s_sgd + slack,
+            f"SPA {f_spa / mib:.1f}; {s_spa / mib:.1f} vs SGD {f_sgd / mib:.1f}; {s_sgd / mib:.1f} MiB",
+            "SPA <= SGD + 1 MiB",
+        )
+
+
+# -- 6. pytest -m cuda ------------------------------------------------------------------------------
+
+
+def check_pytest(ctx: Context) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests"]
+    try:
+        rc, out = _run(cmd, timeout=240)
+    except subprocess.TimeoutExpired:
+        ctx.report.add("pytest", "pytest -m cuda", FAIL, "timed out after 240 s", "all pass")
+        return
+    counts = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?)\b")
+    summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if counts.search(ln)), out.strip()[-160:])
+    ok = rc == 0 and ("skipped" not in summary or not ctx.cuda)
+    status = (PASS if ok else FAIL) if ctx.cuda else (SKIP if rc == 0 else FAIL)
+    ctx.report.add("pytest", "pytest -m cuda", status, summary[:160], "all pass, none skipped")
+    ctx.report.sections.append(("`pytest -m cuda`", "```\n" + "\n".join(out.strip().splitlines()[-40:]) + "\n```"))
+
+
+CHECKS: dict[str, tuple[Callable[[Context], None], str]] = {
+    "trajectory": (check_trajectory, "SPA vs torch SGD under Theorem 1, loop/foreach/fused/default, fp32 and bf16"),
+    "sync": (check_sync, "host syncs: SPA step, MomentumDiagnostics (unmeasured/measured), schedule callbacks"),
+    "amp": (check_amp, "16-mixed + GradScaler, SPA and torch fused SGD: diagnostics grad_sq equals float32's"),
+    "speed": (check_speed, "optimizer_step.py --device cuda; diagnostics overhead on ResNet-18 (default, every 1)"),
+    "memory": (check_memory, "peak CUDA memory of a step and optimizer state, SPA vs torch SGD"),
+    "pytest": (check_pytest, "pytest -m cuda"),
+}
+
+
+# -- driver -----------------------------------------------------------------------------------------
+
+
+def _environment(ctx: Context, argv: list[str]) -> list[str]:
+    import pytorch_lightning as pl
+    import torch
+
+    lines = [
+        f"command: `{shlex.join(['python', 'benchmarks/gpu_check.py', *argv])}`",
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"pytorch_lightning {pl.__version__}",
+    ]
+    if ctx.cuda:
+        props = torch.cuda.get_device_properties(ctx.device)
+        lines.append(
+            f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}"
+        )
+    else:
+        lines.append("device: cpu (smoke run of the script: not GPU figures)")
+    return lines
+
+
+def render(report: Report, header: list[str], elapsed: float) -> str:
+    out = ["# GPU check", "", *[f"- {ln}" for ln in header], f"- total time: {elapsed:.0f} s", ""]
+    out += ["| check | case | status | measured | expected |", "|---|---|---|---|---|"]
+    for r in report.rows:
+        out.append(f"| {r.check} | {r.case} | {r.status} | {r.measured} | {r.expected} |")
+    out.append("")
+    out.append("Time per check: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items()))
+    for title, body in report.sections:
+        out += ["", f"## {title}", "", body]
+    if report.errors:
+        out += ["", "## Errors", ""]
+        for where, tb in report.errors:
+            out += [f"### {where}", "", "```", tb.strip(), "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+@contextlib.contextmanager
+def _reset_after(ctx: Context) -> Iterator[None]:
+    import torch
+
+    try:
+        yield
+    finally:
+        if ctx.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (~1-2 minutes)")
+    parser.add_argument("--list", action="store_true", help="print the checks and exit (no device needed)")
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of: {', '.join(CHECKS)}")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"markdown file to write (default {DEFAULT_OUT.relative_to(ROOT)} on cuda; none on cpu)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cuda (default); cpu only smoke-tests this script, its numbers are not GPU figures",
+    )
+    args = parser.parse_args(argv)
+    selected = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = [c for c in selected if c not in CHECKS]
+    if unknown:
+        parser.error(f"unknown check(s) {unknown}; choose from {list(CHECKS)}")
+    if args.list:
+        for i, name in enumerate(CHECKS, 1):
+            print(f"{i}. {name:<10} {CHECKS[name][1]}")
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        print(
+            f"no CUDA device: torch {torch.__version__} ({built}) sees no GPU; run this on a GPU machine "
+            "(`--list` shows the checks, `--device cpu` smoke-tests the script)",
+            file=sys.stderr,
+        )
+        return 2
+
+    _quiet_lightning()
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        ctx = Context(torch.device(args.device), args.quick, Report(), Path(tmp))
+        header = _environment(ctx, argv)
+        print("\n".join(header), flush=True)
+        for name in selected:
+            fn = CHECKS[name][0]
+            t0 = time.perf_counter()
+            n_rows = len(ctx.report.rows)
+            try:
+                with _reset_after(ctx):
+                    fn(ctx)
+            except Exception as err:  # isolate: report and go on
+                ctx.report.add(name, "(check aborted)", FAIL, f"{type(err).__name__}: {err}"[:200])
+                ctx.report.errors.append((name, traceback.format_exc()))
+            ctx.report.seconds[name] = time.perf_counter() - t0
+            for r in ctx.report.rows[n_rows:]:
+                print(f"  {r.status:<4} {r.check:<10} {r.case}: {r.measured}", flush=True)
+    text = render(ctx.report, header, time.perf_counter() - t_start)
+    print()
+    print(text)
+    out = args.out if args.out is not None else (DEFAULT_OUT if ctx.cuda else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"written: {out}")
+    failed = [r for r in ctx.report.rows if r.status == FAIL]
+    if failed:
+        print(f"{len(failed)} check(s) FAILED", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
