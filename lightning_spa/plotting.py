@@ -1,9 +1,11 @@
 """Render the diagnostics logged by :class:`~lightning_spa.callbacks.MomentumDiagnostics` to a PNG.
 
-Reads the TensorBoard event files of one run (tensorboard is a dependency) and draws the
-paper's Figure 2 layout: ``spa/step_sq`` against its noise level ``spa/grad_sq_scaled``, the
-alignment ratio with the line at 1, the cosine between gradient and momentum buffer, and the
-hyper-parameters in both forms. Needs matplotlib (the ``examples`` extra).
+Reads one run written by a ``TensorBoardLogger`` (event files; tensorboard is a dependency)
+or a ``CSVLogger`` (``metrics.csv``: its ``step`` column and ``spa/*`` columns hold what the
+callback logged), from either Lightning package, and draws the paper's Figure 2 layout:
+``spa/step_sq`` against its noise level ``spa/grad_sq_scaled``, the alignment ratio with the
+line at 1, the cosine between gradient and momentum buffer, and the hyper-parameters in both
+forms. Needs matplotlib (the ``examples`` extra).
 
 Example::
 
@@ -13,47 +15,99 @@ Example::
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
-__all__ = ["draw_hyperparameters", "plot_run", "read_run"]
+__all__ = ["draw_hyperparameters", "plot_run", "read_csv_run", "read_run", "read_tensorboard_run"]
 
 _REQUIRED = "spa/ratio"
+_CSV_NAME = "metrics.csv"  # what CSVLogger writes in its log_dir
+
+Series = dict[str, tuple[list[int], list[float]]]
 
 
-def _event_dirs(run_dir: Path) -> list[Path]:
-    return sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")})
-
-
-def read_run(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Returns ``{tag: (steps, values)}`` for the ``spa/...`` scalars of the run in ``run_dir``.
-
-    ``run_dir`` is a TensorBoard run directory (``.../version_0``) or a folder holding exactly one
-    run with diagnostics.
-
-    Raises:
-        FileNotFoundError: ``run_dir`` does not exist or holds no event file.
-        ValueError: no run under ``run_dir`` logged ``spa/ratio``, or several did (pass one of them).
-    """
+def read_tensorboard_run(event_dir: str | Path) -> Series:
+    """``{tag: (steps, values)}`` of the ``spa/...`` scalars in the event files of ``event_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    acc = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("spa/")]
+    return {t: ([e.step for e in acc.Scalars(t)], [e.value for e in acc.Scalars(t)]) for t in tags}
+
+
+def read_csv_run(metrics_csv: str | Path) -> Series:
+    """``{tag: (steps, values)}`` of the ``spa/...`` columns of a ``CSVLogger`` ``metrics.csv``.
+
+    Each row is one ``log_metrics`` call: its ``step`` column and the values it logged (other
+    columns empty), so a column's non-empty cells are its series.
+
+    Raises:
+        ValueError: the file has ``spa/...`` columns but no ``step`` column, or a cell is not a number.
+    """
+    path = Path(metrics_csv)
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        tags = [t for t in reader.fieldnames or () if t.startswith("spa/")]
+        if tags and "step" not in (reader.fieldnames or ()):
+            raise ValueError(f"{path} has `spa/...` columns but no `step` column: is it a CSVLogger metrics.csv?")
+        data: Series = {t: ([], []) for t in tags}
+        for line, row in enumerate(reader, start=2):
+            try:
+                step = None
+                for t in tags:
+                    cell = row.get(t)
+                    if cell:  # empty: this row logged something else
+                        step = int(float(row["step"])) if step is None else step
+                        data[t][0].append(step)
+                        data[t][1].append(float(cell))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}, line {line}: {err}: not a CSVLogger metrics.csv row.") from None
+    return {t: series for t, series in data.items() if series[0]}
+
+
+def _runs(root: Path) -> dict[Path, Series]:
+    """Every run under ``root`` that logged ``spa/ratio``, by directory (event files win over a CSV in the same one)."""
+    runs: dict[Path, Series] = {}
+    for d in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
+        data = read_tensorboard_run(d)
+        if _REQUIRED in data:
+            runs[d] = data
+    for path in sorted(root.rglob(_CSV_NAME)):
+        if path.parent not in runs:
+            data = read_csv_run(path)
+            if _REQUIRED in data:
+                runs[path.parent] = data
+    return runs
+
+
+def read_run(run_dir: str | Path) -> Series:
+    """Returns ``{tag: (steps, values)}`` for the ``spa/...`` scalars of the run in ``run_dir``.
+
+    ``run_dir`` is the log directory of one run (``.../version_0``) written by a
+    ``TensorBoardLogger`` (event files) or a ``CSVLogger`` (``metrics.csv``), or a folder
+    holding exactly one run with diagnostics. Where both loggers wrote to the same directory,
+    the event files are read.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist or holds neither event files nor ``metrics.csv``.
+        ValueError: no run under ``run_dir`` logged ``spa/ratio``, or several did (pass one of them),
+            or a ``metrics.csv`` is not in the CSVLogger format.
+    """
     root = Path(run_dir)
     if not root.exists():
         raise FileNotFoundError(f"`run_dir` {root} does not exist.")
-    dirs = _event_dirs(root)
-    if not dirs:
-        raise FileNotFoundError(f"No TensorBoard event file under `run_dir` {root}.")
-    runs: dict[Path, dict[str, tuple[list[int], list[float]]]] = {}
-    for d in dirs:
-        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags = [t for t in acc.Tags()["scalars"] if t.startswith("spa/")]
-        if _REQUIRED in tags:
-            runs[d] = {t: ([e.step for e in acc.Scalars(t)], [e.value for e in acc.Scalars(t)]) for t in tags}
+    if not any(root.rglob("events.out.tfevents.*")) and not any(root.rglob(_CSV_NAME)):
+        raise FileNotFoundError(
+            f"No TensorBoard event file and no CSVLogger {_CSV_NAME} under `run_dir` {root}: give the log directory "
+            "of a run (e.g. lightning_logs/version_0)."
+        )
+    runs = _runs(root)
     if not runs:
         raise ValueError(
-            f"No run under {root} logged `{_REQUIRED}`: train with lightning_spa.callbacks.MomentumDiagnostics "
-            "and a TensorBoardLogger."
+            f"No run under {root} logged `{_REQUIRED}`: train with lightning_spa.MomentumDiagnostics and a "
+            "TensorBoardLogger or CSVLogger."
         )
     if len(runs) > 1:
         names = ", ".join(str(d) for d in runs)
@@ -61,7 +115,7 @@ def read_run(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
     return next(iter(runs.values()))
 
 
-def draw_hyperparameters(ax: Any, data: dict[str, tuple[list[int], list[float]]]) -> None:
+def draw_hyperparameters(ax: Any, data: Series) -> None:
     """Draws ``spa/eta``, ``spa/c``, ``spa/lr`` and ``spa/momentum`` (both forms, log scale) on ``ax``."""
     styles = [
         ("spa/eta", r"$\eta$", "-"),
@@ -80,12 +134,12 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     """Draws the momentum diagnostics of one run to ``out_png`` and returns its path.
 
     Args:
-        run_dir: the TensorBoard run directory (see :func:`read_run`).
+        run_dir: the run's log directory, TensorBoard or CSV (see :func:`read_run`).
         out_png: where to write the figure; parent folders are created.
 
     Raises:
         ImportError: matplotlib is not installed.
-        FileNotFoundError: no event file under ``run_dir``.
+        FileNotFoundError: no event file or ``metrics.csv`` under ``run_dir``.
         ValueError: no (or more than one) run with diagnostics under ``run_dir``.
     """
     try:

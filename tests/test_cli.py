@@ -1,14 +1,16 @@
-"""`lightning-spa convert` / `figure1` on the Figure 1 panels (THEORY.md sections 2, 3 and 6)."""
+"""`lightning-spa`: convert / figure1 on the Figure 1 panels (THEORY.md sections 2, 3 and 6), exit codes, plot."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 
-from lightning_spa.cli import EXIT_FLAGGED, main
+from lightning_spa.cli import EXIT_FLAGGED, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 
 PANEL_E = ["convert", "--eta", "1", "--c", "0.1", "--milestones", "20", "--total-steps", "100"]
 
@@ -161,3 +163,142 @@ def test_options_that_would_be_ignored_are_refused(
 ) -> None:
     assert main(["convert", "--eta", "1", "--c", "0.1", *extra]) == 1
     assert message in capsys.readouterr().err
+
+
+# -- exit codes ----------------------------------------------------------------------------------
+
+
+def test_exit_codes_tell_usage_invalid_and_flagged_apart(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FLAGGED) == (0, 1, 2, 3)
+    with pytest.raises(SystemExit) as usage:  # a typo in an option name: argparse's usage error
+        main(["convert", "--etaa", "1", "--c", "0.1"])
+    assert usage.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as malformed:  # a value that is not a number
+        main(["convert", "--eta", "one", "--c", "0.1"])
+    assert malformed.value.code == EXIT_USAGE
+    capsys.readouterr()
+    assert main(["convert", "--eta", "1", "--c", "1.5"]) == EXIT_INVALID  # parses, but no valid schedule
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+    assert main([*PANEL_E, "--check"]) == EXIT_FLAGGED  # momentum 9 at step 20
+    assert main([*PANEL_E]) == EXIT_OK  # flagged but not asked to check
+    assert main([*PANEL_E, "--transition", "geometric", "--check"]) == EXIT_OK  # the smallest safe transition
+    rising = ["convert", "--lr", "0.1", "--momentum", "0.5", "--milestones", "20", "--factor", "1"]
+    assert main([*rising, "--momentum-after", "0.9", "--total-steps", "100", "--check"]) == EXIT_FLAGGED  # no SPA form
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["convert", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert "exit status:" in text
+        assert all(f"\n  {code}  " in text for code in (EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_FLAGGED))
+
+
+# -- fractional epochs ---------------------------------------------------------------------------
+
+
+def test_fractional_epoch_milestones_round_to_the_nearest_step(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["convert", "--eta", "1", "--c", "0.1", "--unit", "epoch", "--total-steps", "400", "--mode", "lr"]
+    # round(epochs * steps_per_epoch), the rule of the schedule callbacks: 1.5 * 10 = 15, 0.25 * 391 = 97.75 -> 98
+    out = _json(capsys, [*base, "--milestones", "1.5", "--steps-per-epoch", "10"])
+    assert [f["step"] for f in out["momentum_ge_1"]] == [15]
+    out = _json(capsys, [*base, "--milestones", "0.25", "--steps-per-epoch", "391"])
+    assert [f["step"] for f in out["momentum_ge_1"]] == [98]
+    assert "milestones [0.25] (epochs)" in out["description"]
+    # momentum off after half an epoch: c = 1 from step 5 on, so SGD+M momentum (1 - c_{k-1}) is 0 from step 6
+    out = _json(capsys, [*base[:-2], "--momentum-off", "0.5", "--steps-per-epoch", "10", "--per-step"])
+    c, momentum = out["per_step"]["c"], out["per_step"]["momentum"]
+    assert c[4] == 0.1 and c[5] == 1.0 and momentum[6] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--milestones", "20.5"], "`--milestones` 20.5 is in optimizer steps"),
+        (["--momentum-off", "2.5"], "`--momentum-off` 2.5 is in optimizer steps"),
+        (["--milestones", "0.1", "0.12", "--unit", "epoch", "--steps-per-epoch", "10"], "not strictly increasing"),
+    ],
+)
+def test_fractions_that_name_no_step_are_refused(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert main(["convert", "--eta", "1", "--c", "0.1", *extra]) == EXIT_INVALID
+    assert message in capsys.readouterr().err
+
+
+# -- plot: CSVLogger runs ------------------------------------------------------------------------
+
+
+def _write_csv_run(run: Path, steps: list[int]) -> dict[str, list[float]]:
+    """A metrics.csv as Lightning's CSVLogger writes it: sorted header, one row per log call, empty cells."""
+    run.mkdir(parents=True)
+    values = {
+        "spa/ratio": [1.0 + k for k in steps],
+        "spa/step_sq": [0.1 * (k + 1) for k in steps],
+        "spa/grad_sq_scaled": [0.05 * (k + 1) for k in steps],
+        "spa/cosine": [0.5 for _ in steps],
+        "spa/eta": [1.0 for _ in steps],
+        "spa/c": [0.1 for _ in steps],
+        "spa/lr": [0.1 for _ in steps],
+        "spa/momentum": [0.9 for _ in steps],
+    }
+    rows: list[dict[str, object]] = []
+    for i, k in enumerate(steps):
+        rows.append({**{t: v[i] for t, v in values.items()}, "step": k})
+        rows.append({"epoch": 0, "train_loss": 1.0 / (k + 1), "step": k})  # Lightning's own row
+    with (run / "metrics.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=sorted({key for row in rows for key in row}))
+        writer.writeheader()
+        writer.writerows(rows)
+    return values
+
+
+def test_plot_reads_a_csvlogger_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_spa.plotting import read_run
+
+    run = tmp_path / "csv" / "version_0"
+    values = _write_csv_run(run, [0, 2, 4])
+    data = read_run(tmp_path)  # found below a parent folder too
+    assert data["spa/ratio"] == ([0, 2, 4], values["spa/ratio"])
+    assert set(data) == set(values)  # Lightning's own columns are not spa/* and are left out
+    assert main(["plot", str(run)]) == EXIT_OK
+    assert (run / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.startswith("wrote ")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No TensorBoard event file and no CSVLogger metrics.csv"),
+        ("epoch,step,train_loss\n0,0,1.0\n", "No run under"),
+        ("spa/ratio,x\n1.0,2\n", "no `step` column"),
+        ("spa/ratio,step\nabc,0\n", "line 2"),
+    ],
+)
+def test_plot_refuses_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    if content is not None:
+        (tmp_path / "metrics.csv").write_text(content)
+    assert main(["plot", str(tmp_path)]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# -- no stray warnings ---------------------------------------------------------------------------
+
+
+def test_plot_of_a_drifting_eta_prints_no_numpy_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    # An lr drop at fixed momentum: the natural SPA eta grows by 1/0.9 a step up to ~1e308 (Figure 1a).
+    # matplotlib's log axis overflowed computing its limits and ticks (numpy "overflow encountered in exp").
+    argv = ["convert", "--lr", "0.1", "--momentum", "0.9", "--milestones", "20", "--total-steps", "8000"]
+    png = tmp_path / "drift.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*argv, "--plot", str(png)]) == EXIT_OK
+    assert "no SPA equivalent from step" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
