@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_spa.optim import SPA
+from lightning_spa.theorem import constant_sgdm_to_spa, constant_spa_to_sgdm
 
 __all__ = ["GroupedSGD", "GroupedSPA", "build_optimizer", "resolve_hyperparameters", "spa_param_groups"]
 
@@ -85,7 +86,7 @@ def resolve_hyperparameters(
             raise ValueError(f"Invalid `lr`={lr}: the SGD+M learning rate must be finite and > 0.")
         if not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"Invalid `momentum`={momentum}: it must be in [0, 1) (SPA: c = 1 - momentum > 0).")
-        return float(lr) / (1.0 - float(momentum)), 1.0 - float(momentum)
+        return constant_sgdm_to_spa(float(lr), float(momentum))
     if eta is None and c is None:
         return 1.0, 0.1
     if eta is None or c is None:
@@ -315,7 +316,7 @@ class GroupedSGD(torch.optim.SGD):
         fused: bool | None = None,
     ) -> None:
         eta_, c_, groups = _resolved_groups(params, lr, momentum, eta, c, weight_decay, no_decay, lr_multipliers)
-        alpha, beta = c_ * eta_, 1.0 - c_
+        alpha, beta = constant_spa_to_sgdm(eta_, c_)
         groups = [{**g, "lr": alpha * g["lr_multiplier"], "momentum": beta} for g in groups]
         super().__init__(groups, lr=alpha, momentum=beta, weight_decay=weight_decay, foreach=foreach, fused=fused)
 

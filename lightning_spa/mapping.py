@@ -26,14 +26,20 @@ follows the recursion by itself.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, overload
 
-import torch
+from lightning_spa.theorem import constant_sgdm_to_spa, constant_spa_to_sgdm, step_momentum, step_spa_to_sgdm
 
-from lightning_spa.optim import SPA
-
-__all__ = ["spa_to_sgdm", "sgdm_to_spa", "NoSPAEquivalentError", "sgdm_optimizer_to_spa", "spa_optimizer_to_sgdm"]
+__all__ = [
+    "NoSPAEquivalentError",
+    "sgd_state_dict_to_spa",
+    "sgdm_optimizer_to_spa",
+    "sgdm_to_spa",
+    "spa_optimizer_to_sgdm",
+    "spa_to_sgdm",
+]
 
 Schedule = float | Sequence[float]
 _SNAP = 1e-9  # relative drift from the bounded solution treated as round-off
@@ -86,8 +92,8 @@ def spa_to_sgdm(eta: Schedule, c: Schedule) -> tuple[Any, Any]:
             raise ValueError(f"`eta` at step {k} is {e}: it must be finite and > 0.")
         if not 0.0 < ck <= 1.0:
             raise ValueError(f"`c` at step {k} is {ck}: it must be in (0, 1].")
-    lr = [ck * e for e, ck in zip(etas, cs, strict=True)]
-    momentum = [1.0 - cs[0]] + [(1.0 - cs[k - 1]) * etas[k - 1] / etas[k] for k in range(1, len(etas))]
+    steps = [step_spa_to_sgdm(etas[k], cs[k], (etas[k - 1], cs[k - 1]) if k else None) for k in range(len(etas))]
+    lr, momentum = [a for a, _ in steps], [b for _, b in steps]
     return (lr[0], momentum[0]) if scalar else (lr, momentum)
 
 
@@ -154,10 +160,10 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
             segment = p
         else:
             if s == 0:
-                start = alphas[0] / (1.0 - betas[0]) if eta0 is None else float(eta0)
+                start = constant_sgdm_to_spa(alphas[0], betas[0])[0] if eta0 is None else float(eta0)
             else:
                 nxt = betas[s + 1] if s + 1 < n else 0.0
-                start = alphas[s] / (1.0 - nxt) if nxt < 1.0 else alphas[s]
+                start = constant_sgdm_to_spa(alphas[s], nxt)[0] if nxt < 1.0 else alphas[s]
             segment = _forward(alphas, betas, s, e, start, p)
         for k, eta in enumerate(segment, start=s):
             if not (0.0 < eta < math.inf):
@@ -189,7 +195,7 @@ def _bounded_solution(alphas: list[float], betas: list[float], s: int, e: int) -
         p_last = alphas[last]
     else:
         b_end = betas[last] if last > s or s == 0 else 0.0  # a one-step restart at the end: c = 1
-        p_last = alphas[last] / (1.0 - b_end) if b_end < 1.0 else alphas[last]
+        p_last = constant_sgdm_to_spa(alphas[last], b_end)[0] if b_end < 1.0 else alphas[last]
     p = [p_last]
     for k in range(last, s, -1):  # eta_{k-1} = momentum_k * eta_k + lr_{k-1}: errors shrink
         p.append(betas[k] * p[-1] + alphas[k - 1])
@@ -212,7 +218,7 @@ def _forward(alphas: list[float], betas: list[float], s: int, e: int, start: flo
             j += 1
             eta = fixed + _drift(dev, b, j)
         elif same_next or k == e - 1:  # a run of constant (lr, momentum) starts
-            fixed = pair[0] / (1.0 - b)
+            fixed = constant_sgdm_to_spa(pair[0], b)[0]
             dev = prev - fixed
             if abs(dev) <= _SNAP * abs(fixed):
                 dev = 0.0
@@ -244,9 +250,64 @@ def _copy_group_options(group: dict[str, Any], drop: tuple[str, ...]) -> dict[st
     return {k: v for k, v in group.items() if k not in drop}
 
 
-@torch.no_grad()
-def sgdm_optimizer_to_spa(sgd: torch.optim.SGD, eta: float | Sequence[float] | None = None) -> SPA:
-    """Builds an :class:`SPA` optimizer that continues ``sgd``'s trajectory exactly.
+_SGD_ONLY = ("momentum", "dampening", "nesterov", "differentiable")
+
+
+def _sgd_group_to_spa(group: dict[str, Any], where: str) -> tuple[float, float]:
+    """``(eta, c)`` of the constant SPA schedule equal to SGD group ``group``'s next step."""
+    if group.get("nesterov") or float(group.get("dampening", 0.0)) != 0.0:
+        raise ValueError(
+            f"torch.optim.SGD {where} uses nesterov=True or dampening != 0, which has no SPA form; "
+            "only plain SGD momentum converts (see lightning_spa.sgdm_optimizer_to_spa)."
+        )
+    momentum = float(group["momentum"])
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"torch.optim.SGD {where} has momentum {momentum} >= 1, which has no constant SPA form; "
+            "convert the optimizer with lightning_spa.sgdm_optimizer_to_spa(sgd, eta=...) instead."
+        )
+    return constant_sgdm_to_spa(float(group["lr"]), momentum)
+
+
+def sgd_state_dict_to_spa(
+    state_dict: dict[str, Any], current_groups: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A ``torch.optim.SGD`` state dict as the SPA state dict that continues it (Theorem 1).
+
+    Each group's ``(lr, momentum)`` becomes ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``
+    (``initial_lr`` is scaled alike, for LR schedulers); each buffer ``m`` is kept with the
+    history ``(prev_eta, prev_c) = (eta, c)``, i.e. ``z = x - momentum * eta * m``. Groups with
+    momentum 0 keep no buffer. ``foreach``/``fused`` come from ``current_groups`` (the SPA
+    optimizer's own) when given. Warns once that it converted. Used by :meth:`SPA.load_state_dict`.
+
+    Raises:
+        ValueError: Nesterov, dampening or momentum >= 1 (no constant SPA form).
+    """
+    groups, state = [], {}
+    for i, group in enumerate(state_dict["param_groups"]):
+        eta, c = _sgd_group_to_spa(group, f"param group {i}")
+        new = _copy_group_options(group, (*_SGD_ONLY, "lr", "foreach", "fused"))
+        if current_groups is not None and i < len(current_groups):
+            new.update(foreach=current_groups[i].get("foreach"), fused=current_groups[i].get("fused"))
+        if "initial_lr" in group:
+            new["initial_lr"] = float(group["initial_lr"]) * (eta / float(group["lr"]) if float(group["lr"]) else 1.0)
+        groups.append({**new, "lr": eta, "c": c})
+        for key in group["params"]:
+            buf = state_dict["state"].get(key, {}).get("momentum_buffer")
+            if buf is not None and c < 1.0:
+                state[key] = {"momentum_buffer": buf, "prev_eta": eta, "prev_c": c, "prev_scale": (1.0 - c) * eta}
+    summary = ", ".join(f"group {i}: eta {g['lr']:.6g}, c {g['c']:.6g}" for i, g in enumerate(groups))
+    warnings.warn(
+        f"Loaded a torch.optim.SGD state dict into SPA: converted by Theorem 1 (eta = lr / (1 - momentum), "
+        f"c = 1 - momentum; momentum buffers kept), so training continues the SGD run: {summary}.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return {"state": state, "param_groups": groups}
+
+
+def sgdm_optimizer_to_spa(sgd: Any, eta: float | Sequence[float] | None = None) -> Any:
+    """Builds an :class:`~lightning_spa.SPA` optimizer that continues ``sgd``'s trajectory exactly.
 
     Works between any two steps. Each param group's next step keeps SGD's ``lr`` (alpha) and
     ``momentum`` (beta): the SPA group gets ``eta`` (default ``alpha / (1 - beta)``, one value
@@ -256,52 +317,80 @@ def sgdm_optimizer_to_spa(sgd: torch.optim.SGD, eta: float | Sequence[float] | N
     Raises:
         ValueError: Nesterov or dampening (no SPA form), or a momentum >= 1 without ``eta``.
     """
+    import torch
+
+    from lightning_spa.optim import SPA
+
     etas = eta if isinstance(eta, Sequence) else [eta] * len(sgd.param_groups)
     if len(etas) != len(sgd.param_groups):
         raise ValueError(f"`eta` has {len(etas)} values for {len(sgd.param_groups)} param groups.")
     groups = []
-    for group, group_eta in zip(sgd.param_groups, etas, strict=True):
-        if group.get("nesterov") or group.get("dampening", 0) != 0:
-            raise ValueError("Only plain SGD momentum converts to SPA: nesterov=False and dampening=0.")
+    for i, (group, group_eta) in enumerate(zip(sgd.param_groups, etas, strict=True)):
         alpha, beta = float(group["lr"]), float(group["momentum"])
         if group_eta is None:
-            if beta >= 1.0:
-                raise ValueError(f"momentum {beta} >= 1 has no constant SPA form; pass `eta` explicitly.")
-            group_eta = alpha / (1.0 - beta)
-        opts = _copy_group_options(group, ("momentum", "dampening", "nesterov", "differentiable", "lr"))
+            group_eta = _sgd_group_to_spa(group, f"param group {i}")[0]
+        elif group.get("nesterov") or float(group.get("dampening", 0.0)) != 0.0:
+            _sgd_group_to_spa(group, f"param group {i}")  # raises
+        opts = _copy_group_options(group, (*_SGD_ONLY, "lr"))
         groups.append({**opts, "lr": float(group_eta), "c": alpha / float(group_eta)})
     spa = SPA(groups)
-    for group, spa_group in zip(sgd.param_groups, spa.param_groups, strict=True):
-        beta = float(group["momentum"])
-        for p in group["params"]:
-            buf = sgd.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and beta != 0.0:
-                spa.state[p] = {"momentum_buffer": buf.clone(), "prev_scale": beta * spa_group["lr"]}
+    with torch.no_grad():
+        for group, spa_group in zip(sgd.param_groups, spa.param_groups, strict=True):
+            beta, group_eta = float(group["momentum"]), spa_group["lr"]
+            if beta == 0.0:
+                continue
+            prev_c = constant_sgdm_to_spa(0.0, beta)[1]  # history (eta, 1 - beta): scale beta * eta to round-off
+            for p in group["params"]:
+                buf = sgd.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    spa.state[p] = {
+                        "momentum_buffer": buf.clone(), "prev_eta": group_eta, "prev_c": prev_c,
+                        "prev_scale": (1.0 - prev_c) * group_eta,
+                    }  # fmt: skip
     return spa
 
 
-@torch.no_grad()
-def spa_optimizer_to_sgdm(spa: SPA) -> torch.optim.SGD:
+def spa_optimizer_to_sgdm(spa: Any) -> Any:
     """Builds a ``torch.optim.SGD`` (momentum) that continues ``spa``'s trajectory exactly.
 
-    The SGD group gets ``lr = c * eta`` and ``momentum = prev_scale / eta`` (the Theorem-1
-    momentum of the next step; ``1 - c`` before the first step), and a copy of the buffers.
-    Later steps keep those values unless a schedule changes them (a constant SPA schedule has
-    ``momentum = 1 - c`` from its second step on).
+    The SGD group gets ``lr = c * eta`` and ``momentum = s / eta``, the Theorem-1 momentum of
+    the next step (``s`` the scale of the buffers, :meth:`SPA.momentum_history`; exactly
+    ``1 - c_prev`` while eta is unchanged), and a copy of the buffers. Without history (before
+    the first step, or after ``c = 1`` steps, which drop the buffers) ``momentum = 1 - c``, so a
+    constant schedule continues as itself. Later steps keep those values unless a schedule
+    changes them (a constant SPA schedule has ``momentum = 1 - c`` from its second step on).
+
+    Raises:
+        ValueError: parameters of one group with different histories, or ``eta = 0`` with history
+            (no SGD step reproduces it).
     """
-    groups = []
-    for group in spa.param_groups:
+    import torch
+
+    groups, momenta = [], []
+    for i, group in enumerate(spa.param_groups):
         eta, c = float(group["lr"]), float(group["c"])
-        scales = {spa.state[p].get("prev_scale") for p in group["params"] if "momentum_buffer" in spa.state.get(p, {})}
-        if len(scales) > 1:
-            raise ValueError("Parameters of one group carry different momentum histories; step them together first.")
-        momentum = scales.pop() / eta if scales else 1.0 - c
-        opts = _copy_group_options(group, ("c", "lr"))
-        groups.append({**opts, "lr": c * eta, "momentum": momentum})
+        pairs = {
+            (float(st["prev_eta"]), float(st["prev_c"]))
+            for p in group["params"]
+            if (st := spa.state.get(p)) and st.get("momentum_buffer") is not None
+        }
+        if len(pairs) > 1:
+            raise ValueError(
+                f"Parameters of param group {i} carry different momentum histories (some skipped steps); "
+                "step them together first."
+            )
+        lr, momentum = constant_spa_to_sgdm(eta, c)
+        if pairs:
+            prev_eta, prev_c = pairs.pop()
+            if eta == 0.0:
+                raise ValueError(f"Param group {i} has eta = 0 with momentum history: no SGD+M step reproduces it.")
+            momentum = step_momentum(eta, prev_eta, prev_c)
+        momenta.append(momentum)
+        groups.append({**_copy_group_options(group, ("c", "lr")), "lr": lr, "momentum": momentum})
     sgd = torch.optim.SGD(groups)
-    for group in spa.param_groups:
+    for group, momentum in zip(spa.param_groups, momenta, strict=True):
         for p in group["params"]:
-            state = spa.state.get(p, {})
-            if "momentum_buffer" in state and state.get("prev_scale", 0.0) != 0.0:
-                sgd.state[p] = {"momentum_buffer": state["momentum_buffer"].clone()}
+            history = spa.momentum_history(p)
+            if history is not None and momentum != 0.0:
+                sgd.state[p] = {"momentum_buffer": history[0].detach().clone()}
     return sgd

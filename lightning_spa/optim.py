@@ -4,107 +4,156 @@ The update, for optimizer step ``k`` with the group's current step size ``eta_k`
 ``"lr"``) and averaging weight ``c_k`` (key ``"c"``)::
 
     z_{k+1} = z_k - eta_k * g_k
-    x_{k+1} = (1 - c_k) * x_k + c_k * z_{k+1}         z_0 = x_0,  0 < c_k <= 1
+    x_{k+1} = (1 - c_k) * x_k + c_k * z_{k+1}         z_0 = x_0,  eta_k >= 0,  0 < c_k <= 1
 
 ``g_k`` is the gradient at ``x_k`` plus ``weight_decay * x_k`` (coupled, as in
 :class:`torch.optim.SGD`). The parameters always hold ``x``; there is no train/eval switch.
 
-How it runs. By Theorem 1 (``THEORY.md`` section 2) the same iterates come out of torch's
-SGD+M recursion ``m_{k+1} = beta_k m_k + g_k;  x_{k+1} = x_k - alpha_k m_{k+1}`` with::
+How it runs (``THEORY.md`` sections 2 and 9): on torch SGD's state, a momentum buffer ``m``
+that carries a scale ``s`` with ``z = x - s m``. While ``eta`` does not fall faster than by
+``1 - c`` a step this is torch's SGD+M step with ``alpha_k = c_k eta_k`` and
+``beta_k = (1 - c_{k-1}) eta_{k-1} / eta_k``; an instant drop (down to ``eta = 0``) keeps ``m``
+and moves the scale instead. The arithmetic is :func:`lightning_spa.functional.spa`; this
+class validates the hyper-parameters and keeps the state. Per parameter with history:
 
-    alpha_k = c_k * eta_k
-    beta_k  = (1 - c_{k-1}) * eta_{k-1} / eta_k
+- ``"momentum_buffer"``: ``m``, exactly torch SGD's buffer on a constant schedule;
+- ``"prev_eta"``, ``"prev_c"``: the pair whose ``(1 - prev_c) * prev_eta`` is the scale (after
+  an ordinary step, that step's ``eta`` and ``c``): floats, or 0-dim tensors with tensor ``lr``;
+- ``"prev_scale"``: ``s = (1 - prev_c) * prev_eta`` (float mode only; read the scale with
+  :meth:`SPA.momentum_history`, which serves both modes).
 
-so each step derives ``(alpha_k, beta_k)`` from the group's ``(eta_k, c_k)`` and calls
-torch's own SGD kernels (loop, foreach or fused). Per parameter the state holds
-
-- ``"momentum_buffer"``: ``m_{k+1}``, exactly torch SGD's buffer;
-- ``"prev_scale"``: ``(1 - c_k) * eta_k`` of the last step taken, a Python float,
-
-and ``z`` is recovered on demand as ``z = x - prev_scale * m`` (:meth:`SPA.z`).
+No history (no state at all) means ``z = x``: before the first step and after a ``c = 1`` step,
+whose buffers are dropped (momentum off costs nothing; turning it back on restarts ``m = g``).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import ParamsT
-from torch.optim.sgd import sgd as _torch_sgd
 
-__all__ = ["SPA", "validate_eta", "validate_c"]
+from lightning_spa.functional import spa
+from lightning_spa.theorem import constant_sgdm_to_spa
+
+__all__ = ["SPA", "SPASpikeWarning", "validate_c", "validate_eta"]
 
 
-def validate_eta(value: float | Tensor, name: str = "lr") -> float:
-    """Returns ``value`` as a float after checking it is a finite, non-negative step size."""
+class SPASpikeWarning(UserWarning):
+    """An instant drop of ``eta``: the equivalent SGD+M momentum of a step reached 1 or more."""
+
+
+def _scalar(value: Any, name: str, what: str) -> float | Tensor:
+    """``value`` if it is a real number or a one-element tensor (torch's checks and wording)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Tensor `{name}` must have exactly one element, got shape {tuple(value.shape)}.")
-        value = float(value.item())
-    value = float(value)
-    if not (value >= 0.0 and value != float("inf")):
-        raise ValueError(f"Invalid `{name}`={value}: the step size eta must be finite and >= 0.")
+            raise ValueError(f"Tensor {name} must be 1-element; got shape {tuple(value.shape)} for `{name}` ({what}).")
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"`{name}` ({what}) must be a float or a one-element tensor, got {type(value).__name__}.")
+    return float(value)
+
+
+def validate_eta(value: Any, name: str = "lr") -> float | Tensor:
+    """Checks a step size ``eta``: a finite float >= 0, or a one-element tensor (checked by value
+    here, at construction and ``add_param_group``; in the step a tensor is not read, to avoid a sync).
+
+    Raises:
+        TypeError: not a number or tensor (as torch's optimizers).
+        ValueError: negative, NaN or infinite; a tensor with more than one element.
+    """
+    value = _scalar(value, name, "the step size eta")
+    v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 0.0
+    if not 0.0 <= v < math.inf:
+        raise ValueError(f"Invalid learning rate: `{name}`={v}: the step size eta must be finite and >= 0.")
     return value
 
 
-def validate_c(value: float, name: str = "c") -> float:
-    """Returns ``value`` as a float after checking it lies in ``(0, 1]``."""
-    value = float(value)
-    if not 0.0 < value <= 1.0:  # also rejects NaN
+def validate_c(value: Any, name: str = "c") -> float | Tensor:
+    """Checks an averaging weight ``c`` in ``(0, 1]`` (``c = 1 - momentum``; ``c = 1`` is plain SGD)."""
+    value = _scalar(value, name, "the averaging weight c")
+    v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 1.0
+    if not 0.0 < v <= 1.0:  # also rejects NaN
         raise ValueError(
-            f"Invalid `{name}`={value}: the averaging weight c must be in (0, 1] "
-            "(c = 1 - momentum; c = 1 is plain SGD)."
+            f"Invalid `{name}`={v}: the averaging weight c must be in (0, 1] (c = 1 - momentum; c = 1 is plain SGD)."
         )
     return value
 
 
-# Parameter types the default dispatch sends to the fused kernel (not DTensor & co., see SPA._step_batch).
-_PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+def _validate_group(group: dict[str, Any], where: str) -> None:
+    """The one check of a param group (constructor, ``add_param_group``; see :meth:`SPA.step`)."""
+    validate_eta(group["lr"], "lr")
+    validate_c(group["c"], "c")
+    wd = group["weight_decay"]
+    if isinstance(wd, bool) or not isinstance(wd, Real) or not 0.0 <= float(wd) < math.inf:
+        raise ValueError(f"Invalid weight_decay value: `weight_decay`={wd!r} {where}: it must be a finite float >= 0.")
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError(f"`fused=True` and `foreach=True` cannot be used together {where}; choose one.")
+    if group.get("differentiable"):
+        raise ValueError("SPA does not support `differentiable=True`.")
+    if group.get("fused"):
+        from lightning_spa import _compat
+
+        fused_devices = _compat.kernel_support()[0]
+        for p in group["params"]:
+            if not (
+                type(p) in (Tensor, torch.nn.Parameter) and p.device.type in fused_devices and p.is_floating_point()
+            ):
+                raise RuntimeError(
+                    f"`fused=True` needs plain floating-point tensors on a device with torch's fused SGD kernel "
+                    f"{list(fused_devices)}, got a {type(p).__name__} of {p.dtype} on {p.device.type} {where} "
+                    "(DTensor/FSDP2 parameters have no fused kernel); pass `fused=None` to pick a path."
+                )
 
 
-def _fused_supported(p: Tensor) -> bool:
-    devices = _torch_optimizer._get_fused_kernels_supported_devices()
-    return type(p) in _PLAIN_TENSOR_TYPES and p.device.type in devices and torch.is_floating_point(p)
-
-
-def _foreach_supported(p: Tensor) -> bool:
-    devices = _torch_optimizer._get_foreach_kernels_supported_devices()
-    return type(p) in _torch_optimizer._foreach_supported_types and p.device.type in devices
+def _step_value(group: dict[str, Any], key: str) -> float | Tensor:
+    """The per-step read of ``lr``/``c``: floats checked by value, tensors by size only (no sync)."""
+    value = group[key]
+    if type(value) is float and (0.0 <= value < math.inf if key == "lr" else 0.0 < value <= 1.0):
+        return value
+    if isinstance(value, Tensor):
+        return _scalar(value, key, "the step size eta" if key == "lr" else "the averaging weight c")
+    return validate_eta(value) if key == "lr" else validate_c(value)
 
 
 class SPA(Optimizer):
     r"""Stochastic primal averaging: SGD with momentum, written as an average of SGD iterates.
 
-    ``SPA(params, lr=eta, c=c)`` produces exactly the iterates of
-    ``torch.optim.SGD(params, lr=c*eta, momentum=1-c)`` while ``eta`` and ``c`` are constant,
-    and the iterates of the Theorem-1 equivalent SGD+M schedule when they change (see the
-    module docstring). Change ``group["lr"]`` and ``group["c"]`` between steps to schedule
-    them; LR schedulers and :class:`~pytorch_lightning.callbacks.LearningRateMonitor` see
-    ``lr`` as ``eta``.
+    ``SPA(params, lr=eta, c=c)`` produces exactly the iterates (the same bits) of
+    ``torch.optim.SGD(params, lr=c*eta, momentum=1-c)`` while ``eta`` and ``c`` are constant, and
+    the paper's z-form when they change (see the module docstring): any torch LR scheduler may
+    drive ``lr`` (= ``eta``), down to 0 and back. An instant drop of ``eta`` by more than a factor
+    ``1 - c`` (e.g. ``MultiStepLR``) is the loss spike of ``THEORY.md`` section 6: SPA warns once
+    (:class:`SPASpikeWarning`) and runs it.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr: the step size ``eta`` of the ``z`` sequence (float or one-element tensor; a tensor
-            is read with ``.item()`` each step, a host sync on CUDA).
+        lr: the step size ``eta >= 0`` of the ``z`` sequence: a float, or a one-element tensor
+            (with ``c`` a float or tensor, the step then reads no host value: no CUDA sync, and
+            ``torch.compile(opt.step)`` does not recompile when the values change).
             ``eta = 1.0, c = 0.1`` is SGD+M ``lr 0.1, momentum 0.9``.
-        c: averaging weight in ``(0, 1]``; ``1 - c`` plays the role of momentum and
-            ``c = 1`` is plain SGD.
+        c: averaging weight in ``(0, 1]``; ``1 - c`` plays the role of momentum and ``c = 1`` is
+            plain SGD (no buffers).
         weight_decay: coupled L2 penalty added to the gradient, as in torch SGD.
         maximize: maximize the objective instead of minimizing it.
-        foreach: use the multi-tensor kernels. ``None`` (with ``fused=None``) picks the
-            fastest path available: fused where every parameter supports it, else foreach,
-            else the per-tensor loop.
-        fused: use torch's fused SGD kernel (CPU, CUDA and other devices torch supports).
+        foreach: use the multi-tensor kernels. ``None`` (with ``fused=None``) picks the fastest
+            path: the fused kernel where every parameter supports it, else foreach, else the loop.
+        fused: use torch's fused SGD kernel. ``True`` also lets ``torch.amp.GradScaler`` pass its
+            scale to the kernel (no separate unscale pass; an inf step is skipped, with one host
+            read of ``found_inf``); the default leaves unscaling to the caller, as torch does.
 
     Raises:
-        ValueError: an invalid ``lr``, ``c`` or ``weight_decay``, or ``fused`` and
+        TypeError: ``lr`` or ``c`` not a number or a one-element tensor.
+        ValueError: an out-of-range ``lr``, ``c`` or ``weight_decay``, or ``fused`` and
             ``foreach`` both requested.
-        RuntimeError: ``fused=True`` for parameters on a device or of a dtype the fused kernel
-            does not support, or a sparse gradient (at the first step).
+        RuntimeError: ``fused=True`` for parameters the fused kernel does not support, or a
+            sparse gradient (at the step).
 
     Example::
 
@@ -118,63 +167,104 @@ class SPA(Optimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 1.0,
-        c: float = 0.1,
+        c: float | Tensor = 0.1,
         weight_decay: float = 0.0,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        validate_eta(lr, "lr")
-        validate_c(c, "c")
-        if not 0.0 <= float(weight_decay) < float("inf"):
-            raise ValueError(f"Invalid `weight_decay`={weight_decay}: it must be finite and >= 0.")
-        if fused and foreach:
-            raise ValueError("`fused=True` and `foreach=True` cannot be used together; choose one.")
         defaults = dict(lr=lr, c=c, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+        _validate_group({**defaults, "params": []}, "in the arguments")
+        self._spike: dict[str, Any] = {"warned": False, "steps": 0, "last": {}}
         super().__init__(params, defaults)
-        for group in self.param_groups:  # per-group overrides are checked too
-            validate_eta(group["lr"], "lr")
-            validate_c(group["c"], "c")
-            if not 0.0 <= float(group["weight_decay"]) < float("inf"):
-                raise ValueError(
-                    f"Invalid `weight_decay`={group['weight_decay']} in a param group: it must be finite and >= 0."
-                )
-            if group["fused"]:
-                for p in group["params"]:
-                    if not _fused_supported(p):
-                        raise RuntimeError(
-                            "`fused=True` needs plain floating-point tensors on a device with torch's fused SGD "
-                            f"kernel, got a {type(p).__name__} of {p.dtype} on {p.device.type} (DTensor/FSDP2 "
-                            "parameters have no fused kernel); pass `fused=None` to pick a path."
-                        )
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # read by torch.amp.GradScaler.step
+        return bool(self.defaults.get("fused"))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group (torch's checks, then SPA's: ``lr``, ``c``, ``weight_decay``, ``fused``)."""
+        super().add_param_group(param_group)
+        try:
+            _validate_group(self.param_groups[-1], f"in param group {len(self.param_groups) - 1}")
+        except (TypeError, ValueError, RuntimeError):
+            self.param_groups.pop()
+            raise
 
     @classmethod
     def from_sgdm(cls, params: ParamsT, lr: float = 0.1, momentum: float = 0.9, **kwargs: Any) -> SPA:
         """Builds the SPA optimizer equivalent to ``torch.optim.SGD(params, lr, momentum)``.
 
         Uses ``eta = lr / (1 - momentum)`` and ``c = 1 - momentum`` (Theorem 1 for a constant
-        schedule). ``kwargs`` go to :class:`SPA` (``weight_decay``, ``foreach``, ...).
+        schedule). ``kwargs`` go to :class:`SPA` (``weight_decay``, ``foreach``, ...); torch's
+        ``nesterov=False`` and ``dampening=0`` are accepted, other values have no SPA form.
         """
+        if kwargs.pop("nesterov", False):
+            raise ValueError(
+                "`nesterov=True` has no SPA form: SPA is plain SGD momentum (nesterov=False, dampening=0)."
+            )
+        if kwargs.pop("dampening", 0.0) != 0.0:
+            raise ValueError(
+                "`dampening` != 0 has no SPA form: SPA is plain SGD momentum (nesterov=False, dampening=0)."
+            )
         if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"Invalid `momentum`={momentum}: SPA needs 0 <= momentum < 1.")
-        lr = validate_eta(lr, "lr")
-        return cls(params, lr=lr / (1.0 - momentum), c=1.0 - momentum, **kwargs)
+            raise ValueError(f"Invalid momentum value: `momentum`={momentum}: SPA needs 0 <= momentum < 1.")
+        eta, c = constant_sgdm_to_spa(float(validate_eta(lr, "lr")), momentum)
+        return cls(params, lr=eta, c=c, **kwargs)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_spike", {"warned": False, "steps": 0, "last": {}})
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads an SPA state dict, or a ``torch.optim.SGD`` (momentum) one converted by Theorem 1.
+
+        An SGD state dict (groups with ``momentum`` and no ``c``) becomes the SPA state that
+        continues the SGD run exactly (to round-off), with a warning that says so:
+        ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``, the buffers kept
+        (:func:`lightning_spa.mapping.sgd_state_dict_to_spa`). A state dict saved before
+        ``prev_eta``/``prev_c`` existed (``prev_scale`` only) loads exactly too.
+
+        Raises:
+            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1.
+        """
+        groups = state_dict.get("param_groups", [])
+        if groups and all("c" not in g and "momentum" in g for g in groups):
+            from lightning_spa.mapping import sgd_state_dict_to_spa
+
+            state_dict = sgd_state_dict_to_spa(state_dict, self.param_groups)
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "prev_scale" in state and "prev_eta" not in state:  # the layout before prev_eta/prev_c
+                state["prev_eta"], state["prev_c"] = state["prev_scale"], 0.0
+            if "momentum_buffer" in state and not float((1 - state["prev_c"]) * state["prev_eta"]):
+                state.clear()  # a stale buffer (zero scale) means z = x
+
+    def momentum_history(self, p: Tensor) -> tuple[Tensor, float | Tensor] | None:
+        """``(m, s)`` of parameter ``p`` with ``z = x - s m``, or None when ``z = x`` (no history)."""
+        state = self.state.get(p)
+        if not state or state.get("momentum_buffer") is None:
+            return None
+        return state["momentum_buffer"], (1 - state["prev_c"]) * state["prev_eta"]
+
     @torch.no_grad()
     def z(self, p: Tensor) -> Tensor:
-        """Returns the paper's ``z`` for parameter ``p`` (a new tensor; ``z = x`` before any step)."""
-        state = self.state.get(p, {})
-        buf = state.get("momentum_buffer")
-        if buf is None or state.get("prev_scale", 0.0) == 0.0:
+        """Returns the paper's ``z`` for parameter ``p`` (a new tensor; ``z = x`` without history)."""
+        history = self.momentum_history(p)
+        if history is None:
             return p.detach().clone()
-        return torch.add(p.detach(), buf, alpha=-state["prev_scale"])
+        buf, scale = history
+        return p.detach() - scale * buf
+
+    def z_params(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """Yields ``(x, z)`` for every parameter of every group."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield p, self.z(p)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -184,121 +274,65 @@ class SPA(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         state_of = self.state
-        for group in self.param_groups:
-            eta = validate_eta(group["lr"], "lr")
-            c = validate_c(group["c"], "c")
-            # One pass over the parameters (this loop is most of SPA's Python cost per step).
-            # They are batched by the scale their buffer carries: all equal, unless some
-            # parameters skipped steps or were added later.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        self._spike["steps"] += 1
+        for index, group in enumerate(self.param_groups):
+            eta, c = _step_value(group, "lr"), _step_value(group, "c")
             params: list[Tensor] = []
             grads: list[Tensor] = []
             bufs: list[Tensor | None] = []
-            keys: list[float | None] = []
-            key0: float | None = None
-            uniform = True
-            for p in group["params"]:
+            etas: list[Any] = []
+            cs: list[Any] = []
+            for p in group["params"]:  # one pass: most of SPA's Python cost per step
                 grad = p.grad
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
-                state = state_of[p]
-                buf = state.get("momentum_buffer")
-                key = None if buf is None else state.get("prev_scale")  # no buffer: m_{k+1} = g_k
-                if not params:
-                    key0 = key
-                elif uniform and key != key0:
-                    uniform = False
                 params.append(p)
                 grads.append(grad)
-                bufs.append(buf)
-                keys.append(key)
-            if not params:
+                state = state_of.get(p)
+                if state:
+                    bufs.append(state["momentum_buffer"])
+                    etas.append(state["prev_eta"])
+                    cs.append(state["prev_c"])
+                else:
+                    bufs.append(None)
+                    etas.append(None)
+                    cs.append(None)
+            info = spa(
+                params, grads, bufs, etas, cs, group["foreach"], group["fused"], grad_scale, found_inf,
+                lr=eta, c=c, weight_decay=group["weight_decay"], maximize=group["maximize"],
+            )  # fmt: skip
+            if info.skipped:
                 continue
-            if uniform:
-                self._step_batch(group, params, grads, bufs, eta, c, key0)
-                continue
-            batches: dict[float | None, list[int]] = {}
-            for i, key in enumerate(keys):
-                batches.setdefault(key, []).append(i)
-            for prev_scale, idx in batches.items():
-                self._step_batch(
-                    group, [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], eta, c, prev_scale
-                )
+            if info.changed:
+                for p, buf, e, q in zip(params, bufs, etas, cs, strict=True):
+                    if buf is None:
+                        state_of.pop(p, None)
+                    elif isinstance(e, Tensor):  # tensor mode: the scale is derived (momentum_history)
+                        state_of[p] = {"momentum_buffer": buf, "prev_eta": e, "prev_c": q}
+                    else:
+                        state_of[p] = {"momentum_buffer": buf, "prev_eta": e, "prev_c": q, "prev_scale": (1 - q) * e}
+            if not isinstance(eta, Tensor):
+                self._check_spike(index, eta, info.momentum)
         return loss
 
-    def _step_batch(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        bufs: list[Tensor | None],
-        eta: float,
-        c: float,
-        prev_scale: float | None,
-    ) -> None:
-        """One Theorem-1 SGD step on ``params``, whose buffers ``bufs`` all carry ``prev_scale``."""
-        alpha = c * eta
-        fresh = prev_scale is None or prev_scale == 0.0
-        if fresh:
-            # No usable history: m_{k+1} = g_k. torch's kernels start a buffer from None.
-            beta = 1.0 if c < 1.0 else 0.0  # any non-zero momentum makes torch create the buffer
-            bufs = [None] * len(params)
-        else:
-            if eta == 0.0:
-                raise ValueError(
-                    "`lr` (eta) became 0 while momentum was active: beta = (1-c_prev)*eta_prev/eta is undefined. "
-                    "Set c=1 first or keep eta > 0."
-                )
-            beta = cast(float, prev_scale) / eta
-        foreach, fused = group["foreach"], group["fused"]
-        grouped = None
-        if foreach is None and fused is None:
-            # torch's fused SGD kernel has no DTensor (FSDP2) sharding rule: plain tensors only.
-            fused = set(map(type, params)) <= _PLAIN_TENSOR_TYPES
-            if fused:  # device and dtype support, checked once per (device, dtype) bucket
-                grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])  # type: ignore[list-item]
-                fused_devices = _torch_optimizer._get_fused_kernels_supported_devices()
-                keys = cast(list[tuple[torch.device, torch.dtype]], list(grouped))
-                fused = all(dev.type in fused_devices and dtype.is_floating_point for dev, dtype in keys)
-            foreach = not fused and all(_foreach_supported(p) for p in params)
-        hyper: dict[str, Any] = dict(
-            weight_decay=group["weight_decay"], momentum=beta, lr=alpha, dampening=0.0, nesterov=False,
-            maximize=group["maximize"],
-        )  # fmt: skip
-        if fused and not fresh and beta != 0.0:
-            # Steady state: call torch's fused kernel directly, once per (device, dtype) bucket, with
-            # exactly the arguments torch.optim.sgd._fused_sgd would pass (no first step, no AMP scaling).
-            if grouped is None:
-                grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])  # type: ignore[list-item]
-            for (device_params, device_grads, device_bufs), _ in grouped.values():
-                torch._fused_sgd_(
-                    cast(list[Tensor], device_params),
-                    cast(list[Tensor], device_grads),
-                    cast(list[Tensor], device_bufs),
-                    **hyper,
-                    is_first_step=False,
-                )
-        else:
-            _torch_sgd(
-                params,
-                grads,
-                bufs,
-                foreach=bool(foreach),
-                fused=bool(fused),
-                **hyper,
-            )
-        scale = (1.0 - c) * eta
-        if not fresh and scale == prev_scale:
-            return  # buffers were updated in place and the scale they carry is unchanged: no state to write
-        for p, buf in zip(params, bufs, strict=True):
-            state = self.state[p]
-            if beta != 0.0:
-                state["momentum_buffer"] = buf
-            state["prev_scale"] = scale
-
-    def z_params(self) -> Iterable[tuple[Tensor, Tensor]]:
-        """Yields ``(x, z)`` for every parameter of every group."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                yield p, self.z(p)
+    def _check_spike(self, index: int, eta: float, momentum: float | None) -> None:
+        """Warns once when a step's equivalent momentum is >= 1 after a step at which eta did not fall."""
+        last = self._spike["last"]
+        prev = last.get(index)
+        sudden = prev is None or not prev[1]
+        last[index] = (eta, prev is not None and eta < prev[0])
+        if momentum is None or momentum < 1.0 or not sudden or self._spike["warned"]:
+            return
+        self._spike["warned"] = True
+        warnings.warn(
+            f"SPA step {self._spike['steps']}, param group {index}: eta fell to {eta:.6g} in one step, an "
+            f"equivalent SGD momentum (1 - c_prev) * eta_prev / eta of {momentum:.4g} >= 1 (the loss spike of an "
+            "instant drop). SPA runs it exactly; to avoid the spike, move eta (and c) gradually: "
+            "lightning_spa.GradualSchedule, or a smooth LR scheduler (cosine, or a per-step decay by a factor "
+            "above 1 - c). Warned once per optimizer.",
+            SPASpikeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,110 @@
+"""The one place lightning_spa touches private torch APIs, each with a public-API fallback.
+
+:mod:`lightning_spa.functional` asks this module three things:
+
+- :func:`kernel_support`: which parameters may use the fused and the foreach kernels (torch's
+  private device lists and ``_foreach_supported_types``, which ``torch.distributed.tensor``
+  extends with ``DTensor``; fallback: the device lists of torch 2.4 - 2.13 and plain tensors);
+- :func:`group_by_device_and_dtype`: the C++ grouping torch's own kernels use (fallback: a dict);
+- :func:`fused_sgd_`: torch's fused SGD kernel ``torch._fused_sgd_`` called once per
+  ``(device, dtype)`` bucket (fallback: the public functional ``torch.optim.sgd.sgd(fused=True)``,
+  a few Python calls slower).
+
+``PRIVATE`` switches all of them to the fallbacks (the tests run both ways). Every private
+name is looked up at call time, so a torch that drops one degrades to the fallback instead
+of failing at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["PRIVATE", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
+
+PRIVATE = True
+"""Use torch's private helpers when they exist; ``False`` forces the public fallbacks."""
+
+_FALLBACK_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")
+_FALLBACK_FOREACH_DEVICES = ("cuda", "xpu", "mtia")
+
+Buckets = dict[tuple[torch.device, torch.dtype], tuple[list[list[Any]], list[int]]]
+
+
+def _private(module: Any, name: str) -> Any:
+    return getattr(module, name, None) if PRIVATE else None
+
+
+def kernel_support() -> tuple[tuple[str, ...], tuple[str, ...], tuple[type, ...]]:
+    """``(fused devices, foreach devices, tensor types foreach accepts)`` of this torch."""
+    from torch.optim import optimizer as _optimizer
+
+    fused = _private(_optimizer, "_get_fused_kernels_supported_devices")
+    foreach = _private(_optimizer, "_get_foreach_kernels_supported_devices")
+    types = _private(_optimizer, "_foreach_supported_types")
+    privateuse1 = torch._C._get_privateuse1_backend_name() if PRIVATE else "privateuseone"
+    return (
+        tuple(fused()) if fused is not None else (*_FALLBACK_FUSED_DEVICES, privateuse1),
+        tuple(foreach()) if foreach is not None else (*_FALLBACK_FOREACH_DEVICES, privateuse1),
+        tuple(types) if types is not None else (Tensor, torch.nn.Parameter),
+    )
+
+
+def group_by_device_and_dtype(lists: list[list[Any]]) -> Buckets:
+    """``{(device, dtype): ([sublist of each list], indices)}``, keyed by the tensors of ``lists[0]``.
+
+    Entries of the other lists may be None; order is kept within a bucket. Under
+    ``torch.compile`` the Python fallback runs (the C++ grouping does not trace).
+    """
+    grouping = _private(torch._C, "_group_tensors_by_device_and_dtype")
+    if grouping is not None and not torch.compiler.is_compiling():
+        return grouping(lists, True)  # type: ignore[no-any-return]
+    buckets: Buckets = {}
+    for i, p in enumerate(lists[0]):
+        subs, indices = buckets.setdefault((p.device, p.dtype), ([[] for _ in lists], []))
+        for sub, full in zip(subs, lists, strict=True):
+            sub.append(full[i])
+        indices.append(i)
+    return buckets
+
+
+def fused_sgd_(
+    buckets: Buckets,
+    *,
+    momentum: float,
+    dampening: float,
+    lr: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """torch's fused SGD step (no Nesterov) in place on ``buckets`` of ``[params, grads, bufs]``.
+
+    ``bufs`` all None (with ``momentum != 0``) starts the buffers: the None entries of each
+    bucket's list are replaced by the new buffers (map them back with the indices). The kernel
+    computes ``g = (+/-) grad / grad_scale + weight_decay * p``, then
+    ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` on a first step) and
+    ``p -= lr * buf``; ``momentum == 0`` uses no buffer; a non-zero ``found_inf`` skips it all.
+    """
+    kernel = _private(torch, "_fused_sgd_")
+    for (device, _), ((ps, gs, bs), _) in buckets.items():
+        if kernel is None:
+            torch.optim.sgd.sgd(
+                ps, gs, bs, fused=True, grad_scale=grad_scale, found_inf=found_inf,
+                weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening, nesterov=False,
+                maximize=maximize,
+            )  # fmt: skip
+            continue
+        first = momentum != 0.0 and bs[0] is None
+        if first:
+            bs[:] = [torch.empty_like(g) for g in gs]
+        kernel(
+            ps, gs, [] if momentum == 0.0 else bs,
+            weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening, nesterov=False,
+            maximize=maximize, is_first_step=first,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+        )  # fmt: skip

@@ -1,0 +1,277 @@
+r"""``spa(...)``: one SPA step on lists of tensors, like :func:`torch.optim.sgd.sgd`.
+
+SPA (``THEORY.md`` sections 1, 2 and 9), for step ``k`` with step size ``eta_k`` and averaging
+weight ``c_k`` in ``(0, 1]``, ``g_k`` the gradient at ``x_k`` plus ``weight_decay * x_k``::
+
+    z_{k+1} = z_k - eta_k g_k          x_{k+1} = (1 - c_k) x_k + c_k z_{k+1}
+
+runs on torch SGD's state: a momentum buffer ``m`` that carries a scale ``s`` with
+``z = x - s m``. Each parameter's history is ``(prev_eta, prev_c)``, ``s = (1 - prev_c) * prev_eta``
+(None: no buffer, ``z = x``). :func:`lightning_spa.theorem.spa_step` gives the coefficients
+(``t = max(s, eta)``: ``m' = (s/t) m + (eta/t) g;  x' = x - c t m';  s' = (1 - c) t``), so
+``eta = 0`` and tiny ``eta`` are exact, and a constant schedule is torch's
+``SGD(c*eta, momentum=1-c)`` bit for bit on each path.
+
+Two modes:
+
+- floats (``lr`` and ``c`` Python numbers, or ``fused=True``): parameters are batched by
+  history and each batch runs one kernel: the per-tensor loop, foreach, or torch's fused SGD
+  kernel (which also takes ``grad_scale``/``found_inf`` from a ``GradScaler``);
+- tensors (``lr`` or ``c`` a one-element tensor, without ``fused=True``): the histories are
+  0-dim tensors on each parameter's device and the arithmetic has no host value in it: no
+  device synchronisation, and ``torch.compile`` does not recompile when the values change.
+  A per-parameter loop (fused by the compiler; slower than the float mode in eager).
+
+``c = 1`` leaves no history: the buffers are dropped (set to None) unless ``c`` is a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_spa import _compat
+from lightning_spa.theorem import StepCoefficients, spa_step, step_momentum
+
+__all__ = ["StepInfo", "spa"]
+
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+Scalar = float | Tensor
+
+
+class StepInfo(NamedTuple):
+    """What :func:`spa` did, for the optimizer's bookkeeping.
+
+    Attributes:
+        changed: some buffer or history entry of the lists was replaced (write them back).
+        momentum: the largest equivalent SGD+M momentum ``s / eta`` of the step (``inf`` at
+            ``eta = 0``; float mode, parameters with a buffer), None if unknown or none.
+        skipped: a ``found_inf`` was set: nothing was changed.
+    """
+
+    changed: bool
+    momentum: float | None
+    skipped: bool = False
+
+
+def spa(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    prev_etas: list[Scalar | None],
+    prev_cs: list[Scalar | None],
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    *,
+    lr: Scalar,
+    c: Scalar,
+    weight_decay: float,
+    maximize: bool,
+) -> StepInfo:
+    """One SPA step in place on ``params``; updates the three state lists in place.
+
+    Args:
+        params: parameters ``x`` with a gradient.
+        grads: their gradients (dense).
+        momentum_buffer_list: ``m`` of each parameter, None without history.
+        prev_etas: ``prev_eta`` of each history (float or 0-dim tensor), None without one.
+        prev_cs: ``prev_c`` of each history, None without one.
+        foreach: use the multi-tensor kernels (float mode).
+        fused: use torch's fused SGD kernel (float mode; tensor values are read with ``.item()``).
+            Both None: fused where every parameter supports it, else foreach, else the loop;
+            under ``torch.compile``, foreach.
+        grad_scale: with ``fused=True``, the ``GradScaler`` scale the kernel divides gradients by.
+        found_inf: with ``fused=True``, non-zero skips the step (read once: a host sync).
+        lr: ``eta_k`` (>= 0), a float or a one-element tensor.
+        c: ``c_k`` in ``(0, 1]``, a float or a one-element tensor.
+        weight_decay: coupled L2 weight decay (>= 0).
+        maximize: ascend instead of descend.
+    """
+    if not params:
+        return StepInfo(False, None)
+    if (grad_scale is not None or found_inf is not None) and not fused:
+        raise RuntimeError("`grad_scale` and `found_inf` need `fused=True` (the kernel unscales the gradients).")
+    if (isinstance(lr, Tensor) or isinstance(c, Tensor)) and not fused:
+        return _tensor_mode(params, grads, momentum_buffer_list, prev_etas, prev_cs, lr, c, weight_decay, maximize)
+    if found_inf is not None and bool(found_inf.item()):
+        return StepInfo(False, None, skipped=True)
+    eta, c_ = float(lr), float(c)
+    impl = "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
+    # Batch the parameters by the history of their buffers: one batch unless some skipped steps.
+    keys = [None if b is None else (float(e), float(q)) for b, e, q in  # type: ignore[arg-type]
+            zip(momentum_buffer_list, prev_etas, prev_cs, strict=True)]  # fmt: skip
+    first = keys[0]
+    batches: dict[tuple[float, float] | None, list[int] | None] = {first: None}
+    if any(k != first for k in keys):
+        grouped: dict[tuple[float, float] | None, list[int]] = {}
+        for i, k in enumerate(keys):
+            grouped.setdefault(k, []).append(i)
+        batches = dict(grouped)
+    changed, momentum = False, None
+    for key, idx in batches.items():
+        coef = spa_step(eta, c_, key)
+        if key is not None:
+            beta = step_momentum(eta, *key)
+            momentum = beta if momentum is None else max(momentum, beta)
+        if idx is None:
+            ps, gs, bs = params, grads, momentum_buffer_list
+        else:
+            ps, gs, bs = [params[i] for i in idx], [grads[i] for i in idx], [momentum_buffer_list[i] for i in idx]
+        bs = _float_step(ps, gs, bs, coef, impl, weight_decay, maximize, grad_scale, found_inf)
+        if coef.history == key and not coef.fresh:
+            continue  # buffers updated in place, same history: nothing to write
+        changed = True
+        new_eta, new_c = coef.history if coef.history is not None else (None, None)
+        for j, i in enumerate(range(len(params)) if idx is None else idx):
+            momentum_buffer_list[i] = bs[j] if coef.history is not None else None
+            prev_etas[i], prev_cs[i] = new_eta, new_c
+    return StepInfo(changed, momentum)
+
+
+def _float_step(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    bs: list[Tensor | None],
+    coef: StepCoefficients,
+    impl: str | None,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> list[Tensor | None]:
+    """Runs ``coef`` on one batch with the loop, foreach or fused kernel; returns the buffers."""
+    if coef.fresh and coef.lr == 0.0:
+        return bs  # eta = 0 and no buffer: nothing moves
+    if coef.fresh:
+        bs = [None] * len(ps)  # no buffer, or a stale one (zero scale): m' = g
+    elif coef.grad_weight == 0.0:  # eta = 0 on a buffer: x' = x - c s m; g is not even read
+        for (pp, bb), _ in _compat.group_by_device_and_dtype([ps, bs]).values():
+            torch._foreach_add_(pp, bb, alpha=-coef.lr)
+        return bs
+    buckets = None
+    if impl is None:  # default dispatch
+        if torch.compiler.is_compiling():
+            impl = "foreach" if set(map(type, ps)) <= set(_compat.kernel_support()[2]) else "loop"
+        else:
+            fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
+            buckets = _compat.group_by_device_and_dtype([ps, gs, bs])
+            if set(map(type, ps)) <= _PLAIN and all(
+                d.type in fused_devices and t.is_floating_point for d, t in buckets
+            ):  # fmt: skip
+                impl = "fused"
+            elif set(map(type, ps)) <= set(foreach_types) and all(d.type in foreach_devices for d, _ in buckets):
+                impl = "foreach"
+            else:
+                impl = "loop"
+    if impl == "fused":
+        buckets = buckets or _compat.group_by_device_and_dtype([ps, gs, bs])
+        _compat.fused_sgd_(
+            buckets,
+            momentum=coef.momentum if coef.history is not None or not coef.fresh else 0.0,
+            dampening=1.0 - coef.grad_weight, lr=coef.lr, weight_decay=weight_decay, maximize=maximize,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        if coef.fresh and coef.history is not None:  # the kernel started new buffers in the buckets
+            for (_, _, bb), indices in buckets.values():
+                for i, buf in zip(indices, bb, strict=True):
+                    bs[i] = buf
+    elif impl == "foreach":
+        _foreach_step(buckets or _compat.group_by_device_and_dtype([ps, gs, bs]), bs, coef, weight_decay, maximize)
+    else:
+        _loop_step(ps, gs, bs, coef, weight_decay, maximize)
+    return bs
+
+
+def _loop_step(
+    ps: list[Tensor], gs: list[Tensor], bs: list[Tensor | None], coef: StepCoefficients, wd: float, maximize: bool
+) -> None:
+    """torch's ``_single_tensor_sgd`` with a gradient weight (same operations, same bits)."""
+    keep = coef.history is not None or not coef.fresh
+    for i, (p, grad) in enumerate(zip(ps, gs, strict=True)):
+        g = grad if not maximize else -grad
+        if wd != 0.0:
+            g = g.add(p, alpha=wd)
+        if keep:
+            buf = bs[i]
+            if buf is None:
+                buf = bs[i] = g.detach().clone()
+            else:
+                buf.mul_(coef.momentum).add_(g, alpha=coef.grad_weight)
+            g = buf
+        p.add_(g, alpha=-coef.lr)
+
+
+def _foreach_step(
+    buckets: _compat.Buckets, bs: list[Tensor | None], coef: StepCoefficients, wd: float, maximize: bool
+) -> None:
+    """torch's ``_multi_tensor_sgd`` with a gradient weight (same operations, same bits)."""
+    keep = coef.history is not None or not coef.fresh
+    for (pp, gg, bb), indices in buckets.values():
+        if maximize:
+            gg = list(torch._foreach_neg(gg))
+        if wd != 0.0:
+            gg = list(torch._foreach_add(gg, pp, alpha=wd))
+        if keep:
+            if coef.fresh:
+                bb = [g.detach().clone() for g in gg]
+                for i, buf in zip(indices, bb, strict=True):
+                    bs[i] = buf
+            else:
+                if coef.momentum != 1.0:
+                    torch._foreach_mul_(bb, coef.momentum)
+                torch._foreach_add_(bb, gg, alpha=coef.grad_weight)
+            gg = bb
+        torch._foreach_add_(pp, gg, alpha=-coef.lr)
+
+
+def _tensor_mode(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor | None],
+    prev_etas: list[Scalar | None],
+    prev_cs: list[Scalar | None],
+    lr: Scalar,
+    c: Scalar,
+    weight_decay: float,
+    maximize: bool,
+) -> StepInfo:
+    """The step with tensor scalars: no host value, no branch on a value (see the module docstring)."""
+    plain_sgd = not isinstance(c, Tensor) and float(c) == 1.0  # c = 1 known on the host: no buffers
+    changed = False
+    for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
+        eta = torch.as_tensor(lr, device=p.device).reshape(())
+        dtype = eta.dtype if eta.is_floating_point() else torch.get_default_dtype()
+        eta = eta.to(dtype)
+        cc = torch.as_tensor(c, dtype=dtype, device=p.device).reshape(())
+        g = grad if not maximize else -grad
+        if weight_decay != 0.0:
+            g = g.add(p, alpha=weight_decay)
+        buf = bufs[i]
+        if buf is None:
+            if plain_sgd:
+                p.addcmul_(g, eta, value=-1)
+                continue
+            buf = bufs[i] = g.detach().clone()
+            p.addcmul_(buf, cc * eta, value=-1)
+            prev_etas[i], prev_cs[i], changed = eta.clone(), cc.clone(), True
+            continue
+        b = torch.as_tensor(prev_etas[i], dtype=dtype, device=p.device)
+        q = torch.as_tensor(prev_cs[i], dtype=dtype, device=p.device)
+        s = (1 - q) * b
+        t = torch.maximum(s, eta)
+        safe = torch.where(t > 0, t, torch.ones_like(t))
+        buf.mul_(torch.where(eta == b, 1 - q, s / safe)).addcmul_(g, eta / safe)
+        p.addcmul_(buf, cc * t, value=-1)
+        if plain_sgd:
+            bufs[i] = prev_etas[i] = prev_cs[i] = None
+            changed = True
+        elif b is prev_etas[i] and q is prev_cs[i]:
+            b.copy_(t)  # in place: the state keeps its tensors (no recompilation)
+            q.copy_(cc)
+        else:  # a float history (or another dtype/device) becomes this mode's tensors
+            prev_etas[i], prev_cs[i], changed = t, cc.clone(), True
+    return StepInfo(changed, None)
