@@ -121,13 +121,14 @@ def recorder(L: ModuleType) -> Any:
 
 def fit(L: ModuleType, module: Any, callbacks: list[Any], ckpt_path: str | None = None, **kw: Any) -> tuple[Any, Any]:
     rec = recorder(L)
+    loader = kw.pop("loader", None) or data()
     kwargs: dict[str, Any] = dict(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, precision="64-true",
     )  # fmt: skip
     kwargs.update(kw)
     trainer = L.Trainer(callbacks=[*callbacks, rec], **kwargs)
-    trainer.fit(module, train_dataloaders=kw.pop("loader", None) or data(), ckpt_path=ckpt_path)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, rec
 
 
@@ -224,3 +225,131 @@ def test_targeting_by_param_group_name(pl: ModuleType) -> None:
     _, rec = fit(pl, module, [cb], max_steps=6)
     assert rec.key("lr", 0) == [1.0] * 3 and rec.key("lr", 1) == [1.0, 0.5, 0.5]
     assert list(cb.state_dict()["clocks"]) == ["1"]
+
+
+# ----- skipped steps, parameters without a gradient: torch SGD follows SPA exactly ----------------------------
+
+
+def test_skipped_step_and_gradless_params_inside_transitions_spa_equals_torch_sgd(pl: ModuleType) -> None:
+    # eta0 0.05, c0 0.2 (SGD lr 0.01, momentum 0.8); paper mode 2x at steps 3 and 9, T = 4: momentum
+    # peaks at 0.8 * 2**(1/4) = 0.951. Batch 4 skips its step (the clock stays at 4); the head has no
+    # gradient on batches 5, 6 (clock 4, 5: inside the first transition) and 11 (clock 10: the second).
+    def plan(batch_idx: int) -> tuple[list[int], bool]:
+        return ([] if batch_idx == 4 else [0]), batch_idx not in (5, 6, 11)
+
+    def run(factory: Factory) -> tuple[Any, Any, Any]:
+        cb = GradualSchedule([3, 9], factor=0.5, transition_steps=4, unit="step")
+        module = make_module(pl, [factory], manual=True, plan=plan)
+        _, rec = fit(pl, module, [cb], max_epochs=1, loader=data(batches=16, batch_size=4))
+        return module, rec, cb
+
+    init = [p.detach().clone() for p in make_module(pl, [spa()]).parameters()]
+    spa_module, spa_rec, spa_cb = run(spa(0.05, 0.2))
+    sgd_module, sgd_rec, sgd_cb = run(sgd(0.01, 0.8))
+    assert spa_cb.state_dict()["clocks"]["0"]["steps"] == sgd_cb.state_dict()["clocks"]["0"]["steps"] == 15
+
+    def eta_c(k: int) -> tuple[float, float]:
+        p = min(1.0, max(0.0, (k - 2) / 4)) + min(1.0, max(0.0, (k - 8) / 4))  # transitions made
+        return 0.05 * 0.5**p, 0.2 * 2**p
+
+    for k in range(15):  # indexed by steps taken: the skipped batch left no gap
+        eta, c = eta_c(k)
+        eta_prev, c_prev = eta_c(k - 1) if k else (eta, c)
+        assert spa_rec.key("lr")[k] == pytest.approx(eta, rel=1e-14)
+        assert spa_rec.key("c")[k] == pytest.approx(c, rel=1e-14)
+        assert sgd_rec.key("lr")[k] == pytest.approx(c * eta, rel=1e-14)
+        assert sgd_rec.key("momentum")[k] == pytest.approx((1 - c_prev) * eta_prev / eta, rel=1e-13)
+    assert max(sgd_rec.key("momentum")) == pytest.approx(0.8 * 2**0.25, rel=1e-13)
+    assert max(sgd_rec.key("momentum")) < 1.0
+    moved = 0.0
+    for a, b, a0 in zip(spa_module.parameters(), sgd_module.parameters(), init, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+        moved = max(moved, (a - a0).abs().max().item())
+    assert moved > 1e-2
+
+
+def test_fused_sgd_step_skipped_by_the_grad_scaler_does_not_advance_the_clock() -> None:
+    from lightning_spa.callbacks._adapter import OptimizerClock
+    from lightning_spa.schedule import StepDecay
+
+    w = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.5, fused=True)
+    clock = OptimizerClock(opt, "sgd", 0, [StepDecay((1,), 0.5, "lr", 1)], "GradualSchedule")
+    clock.start(None)
+    clock.attach()
+    clock.write()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    for k, grad in enumerate([1.0, float("inf"), 1.0]):
+        opt.zero_grad()
+        scaler.scale((w * torch.full((3,), grad)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert clock.steps == [1, 1, 2][k]
+    # eta0 0.2, c0 0.5: step 0 at eta 0.2, then the skip, then step 1 at eta 0.1 (momentum 0.5 * 0.2 / 0.1 = 1:
+    # the instant drop); the next step would use momentum 0.5 again
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and opt.param_groups[0]["momentum"] == pytest.approx(0.5)
+    assert torch.allclose(w.detach(), torch.full((3,), 1 - 0.1 - 0.05 * (1 * 1.0 + 1.0)))
+
+
+# ----- a param group added mid-run ---------------------------------------------------------------------------
+
+
+def head_adder(L: ModuleType) -> Any:
+    """Adds the (frozen) head as a new param group at epoch 2, and again at fit start when resuming, as
+    BackboneFinetuning does."""
+
+    class AddHead(L.Callback):
+        def __init__(self) -> None:
+            self.added = False
+
+        def add(self, trainer: Any, pl_module: Any) -> None:
+            pl_module.head.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.head.parameters()), "lr": 0.2, "c": 0.3})
+            self.added = True
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            pl_module.head.requires_grad_(False)
+            if self.added:
+                self.add(trainer, pl_module)
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.current_epoch == 2 and not self.added:
+                self.add(trainer, pl_module)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"added": self.added}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.added = state_dict["added"]
+
+    return AddHead()
+
+
+def test_param_group_added_at_epoch_2_is_scheduled_from_its_own_values_and_resumes(
+    pl: ModuleType, tmp_path: Path
+) -> None:
+    def body_only(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return SPA(params[:2], lr=0.5, c=0.5)  # body weight and bias
+
+    def run(ckpt: str | None = None, **kw: Any) -> tuple[Any, Any, Any]:
+        module = make_module(pl, [body_only])
+        cb = GradualSchedule([3, 10], factor=0.5, transition_steps=4, unit="step")
+        trainer, rec = fit(pl, module, [cb, head_adder(pl)], ckpt_path=ckpt, loader=data(batches=3), **kw)
+        return trainer, module, rec
+
+    _, full_module, full = run(max_epochs=6)  # 3 steps per epoch: the head joins at step 6
+    ps = [min(1.0, max(0.0, (k - 2) / 4)) + min(1.0, max(0.0, (k - 9) / 4)) for k in range(18)]
+    assert full.key("lr") == pytest.approx([0.5 * 0.5**p for p in ps], rel=1e-14)
+    assert full.key("c") == pytest.approx([min(1.0, 0.5 * 2**p) for p in ps], rel=1e-14)
+    # the head from step 6, relative to its own (0.2, 0.3) and to the schedule at step 6 (one transition made)
+    head = [gs[1] for gs in full.values[0][6:]]
+    assert [g["lr"] for g in head] == pytest.approx([0.2 * 0.5 ** (p - 1) for p in ps[6:]], rel=1e-14)
+    assert [g["c"] for g in head] == pytest.approx([0.3 * 2 ** (p - 1) for p in ps[6:]], rel=1e-14)
+    assert all(len(gs) == 1 for gs in full.values[0][:6])
+
+    trainer, _, _ = run(max_epochs=4)  # stops at step 12, inside the second transition (10..13)
+    trainer.save_checkpoint(tmp_path / "joined.ckpt")
+    _, resumed_module, resumed = run(str(tmp_path / "joined.ckpt"), max_epochs=6)
+    assert resumed.values[0] == full.values[0][12:]
+    for a, b in zip(full_module.parameters(), resumed_module.parameters(), strict=True):
+        assert torch.equal(a, b)
