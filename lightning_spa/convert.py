@@ -13,9 +13,9 @@ mapped to the other form (Theorem 1: :mod:`lightning_spa.theorem` step by step, 
 
 The result is summarised as segments: maximal step ranges on which each value is constant,
 geometric (constant ratio a step) or varying, so a 100k-step schedule prints in a few lines.
-No Lightning or matplotlib import here, and no torch on the SPA path: an SPA schedule is
-expanded and mapped in plain Python (``lightning-spa convert --eta ... --c ...`` never imports
-torch). Only SGD+M input imports :mod:`lightning_spa.mapping`, when :func:`convert_sgdm` runs.
+No Lightning, torch or matplotlib import here: an SPA schedule is expanded and mapped in
+plain Python. SGD+M input also needs :func:`lightning_spa.mapping.sgdm_to_spa`, imported when
+:func:`convert_sgdm` runs.
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def convert_sgdm(
         a, b = sgdm_schedule(100, 0.1, 0.5, milestones=[20], factor=1.0, momentum_after=[0.9])
         convert_sgdm(a, b).no_spa_equivalent["step"]   # 21: a rising momentum drives c above 1
     """
-    from lightning_spa.mapping import NoSPAEquivalentError, sgdm_to_spa  # imports torch: only for SGD+M input
+    from lightning_spa.mapping import NoSPAEquivalentError, sgdm_to_spa  # only SGD+M input needs the module
 
     alpha, beta = [float(a) for a in alpha], [float(b) for b in beta]
     report = ConversionReport("sgdm", description, alpha, beta, [], [], momentum_ge_1=_flags(beta))
