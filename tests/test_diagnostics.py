@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, MomentumDiagnostics
 from lightning_spa.diagnostics import (
-    DiagnosticsEMA,
     complete_sums,
     cosine_of,
     group_hyper,
     measure_after_step,
     measure_before_step,
+    prev_scales,
     step_samples,
 )
+from lightning_spa.meter import DiagnosticsEMA
 
 CPU = torch.device("cpu")
 
@@ -69,12 +70,12 @@ def test_measurement_matches_explicit_vectors(kind: str) -> None:
             opt.param_groups[0]["c"] = 1.0  # momentum still folded in this step, gone the next
         opt.zero_grad()
         ((w**2).sum() + (w * torch.randn(30, 20)).sum() + (b * torch.randn(20)).sum()).backward()
-        hypers = [group_hyper(opt, g) for g in opt.param_groups]
         x0 = [p.detach().double().clone() for p in (w, b)]
         gs, ms = _explicit(opt)
-        before = measure_before_step(opt, CPU)
+        before, prevs = measure_before_step(opt, CPU), prev_scales(opt)
         opt.step()
-        samples = step_samples(*complete_sums(before, measure_after_step(opt, hypers, CPU), False), hypers)
+        hypers = [group_hyper(opt, g, prev) for g, prev in zip(opt.param_groups, prevs, strict=True)]
+        samples = step_samples(*complete_sums(before, measure_after_step(opt, CPU), False), hypers)
         h = hypers[0]
         step_sq = sum(float((p.detach().double() - x).square().sum()) for p, x in zip((w, b), x0, strict=True))
         g_sq = sum(float(g.square().sum()) for g in gs)
@@ -98,7 +99,7 @@ def test_hyperparameters_in_both_forms() -> None:
     p.grad = torch.ones(3)
     spa.step()
     spa.param_groups[0]["lr"] = 1.0
-    h1 = group_hyper(spa, spa.param_groups[0])
+    h1 = group_hyper(spa, spa.param_groups[0], prev_scales(spa)[0])
     assert h1.momentum == pytest.approx((1 - 0.25) * 2.0 / 1.0)  # Theorem 1: (1 - c_{k-1}) eta_{k-1} / eta_k
     sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     hs = group_hyper(sgd, sgd.param_groups[0])
@@ -219,12 +220,18 @@ def test_deterministic_quadratic_small_step_ratio_far_above_one(tmp_path: Path) 
 def test_default_follows_log_every_n_steps_and_sampled_ema(tmp_path: Path) -> None:
     model = NoiseOrQuadratic("sgd", dim=256)
     _, raw = _fit(tmp_path, model, 40, MomentumDiagnostics(every_n_steps=1, ema_decay=0.0), name="raw")
-    _, s = _fit(tmp_path, NoiseOrQuadratic("sgd", dim=256), 40, MomentumDiagnostics(ema_decay=0.9), name="s",
-                log_every_n_steps=10)
-    assert sorted(s["spa/step_sq"]) == [0, 10, 20, 30]
-    # Bias-corrected EMA of the raw samples at 0, 10, 20, 30 with per-step decay 0.9: each weighs 1 - 0.9**10.
+    _, s = _fit(
+        tmp_path,
+        NoiseOrQuadratic("sgd", dim=256),
+        40,
+        MomentumDiagnostics(ema_decay=0.9),
+        name="s",
+        log_every_n_steps=10,
+    )
+    assert sorted(s["spa/step_sq"]) == [9, 19, 29, 39]  # Lightning's logging steps: (k + 1) % 10 == 0
+    # Bias-corrected EMA of the raw samples at 9, 19, 29, 39 with per-step decay 0.9: each weighs 1 - 0.9**10.
     num = den = 0.0
-    for k in (0, 10, 20, 30):
+    for k in (9, 19, 29, 39):
         num = 0.9**10 * num + (1 - 0.9**10) * raw["spa/step_sq"][k]
         den = 0.9**10 * den + (1 - 0.9**10)
         assert s["spa/step_sq"][k] == pytest.approx(num / den, rel=1e-5)
@@ -249,9 +256,8 @@ def test_per_group_names_and_other_optimizers(tmp_path: Path) -> None:
     total = s["spa/step_sq/head"][4] + s["spa/step_sq/1"][4]
     assert s["spa/step_sq"][4] == pytest.approx(total, rel=1e-5)
 
-    with pytest.warns(UserWarning, match=r"optimizer 0 \(Adam\) is not measured"):
-        _, s = _fit(tmp_path, NoiseOrQuadratic("adam", dim=8), 5, MomentumDiagnostics(every_n_steps=1), name="adam")
-    assert not any(tag.startswith("spa/") for tag in s)
+    with pytest.raises(ValueError, match=r"MomentumDiagnostics has no optimizer to work on: optimizer 0 \(Adam\)"):
+        _fit(tmp_path, NoiseOrQuadratic("adam", dim=8), 5, MomentumDiagnostics(every_n_steps=1), name="adam")
 
 
 def test_gradient_accumulation_one_measurement_per_optimizer_step(tmp_path: Path) -> None:
@@ -262,8 +268,9 @@ def test_gradient_accumulation_one_measurement_per_optimizer_step(tmp_path: Path
 def test_gradient_clipping_is_seen(tmp_path: Path) -> None:
     # |noise| ~ 64 in 4096 dims, clipped to norm 1: grad_sq = eta^2 * 1 with eta = lr / (1 - momentum) = 1
     # (raw samples with decay 0). Unclipped it would be ~4096.
-    _, s = _fit(tmp_path, NoiseOrQuadratic("sgd"), 3, MomentumDiagnostics(every_n_steps=1, ema_decay=0.0),
-                gradient_clip_val=1.0)
+    _, s = _fit(
+        tmp_path, NoiseOrQuadratic("sgd"), 3, MomentumDiagnostics(every_n_steps=1, ema_decay=0.0), gradient_clip_val=1.0
+    )
     for k in range(3):
         assert s["spa/grad_sq"][k] == pytest.approx((0.1 / (1 - 0.9)) ** 2, rel=1e-4)
 
@@ -290,8 +297,9 @@ def test_resume_continues_without_jump(tmp_path: Path) -> None:
     first, _ = _fit(tmp_path, NoiseOrQuadratic("spa", dim=256), 20, MomentumDiagnostics(**diag), name="first")
     ckpt = tmp_path / "half.ckpt"
     first.save_checkpoint(ckpt)
-    _, resumed = _fit(tmp_path, NoiseOrQuadratic("spa", dim=256), 40, MomentumDiagnostics(**diag), name="resumed",
-                      ckpt_path=str(ckpt))
+    _, resumed = _fit(
+        tmp_path, NoiseOrQuadratic("spa", dim=256), 40, MomentumDiagnostics(**diag), name="resumed", ckpt_path=str(ckpt)
+    )
     assert sorted(resumed["spa/ratio"]) == list(range(20, 40))
     for tag in ("spa/step_sq", "spa/grad_sq", "spa/ratio", "spa/cosine"):
         for k in range(20, 40):
@@ -329,7 +337,7 @@ def test_invalid_arguments(kwargs: dict[str, Any], error: type[Exception], match
         MomentumDiagnostics(**kwargs)
 
 
-def test_amp_step_skipped_by_grad_scaler_is_not_measured(tmp_path: Path) -> None:
+def test_amp_step_skipped_by_grad_scaler_is_not_counted(tmp_path: Path) -> None:
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     class Overflow(NoiseOrQuadratic):
@@ -337,12 +345,15 @@ def test_amp_step_skipped_by_grad_scaler_is_not_measured(tmp_path: Path) -> None
             if self.global_step == 2:
                 self.w.grad[0] = float("inf")  # the scaler finds it and skips optimizer.step()
 
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        _, s = _fit(tmp_path, Overflow("sgd", dim=64), 6, MomentumDiagnostics(every_n_steps=1),
-                    plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
-    assert sorted(s["spa/step_sq"]) == [0, 1, 3, 4, 5]
-    assert sum("step 2 was skipped" in str(w.message) for w in record) == 1
+    # 6 batches, the third skipped: the optimizer takes 5 steps, its clock reads 0..4, all measured.
+    _, s = _fit(
+        tmp_path,
+        Overflow("sgd", dim=64),
+        6,
+        MomentumDiagnostics(every_n_steps=1),
+        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+    )
+    assert sorted(s["spa/step_sq"]) == [0, 1, 2, 3, 4]
     assert all(math.isfinite(v) for tag in s for v in s[tag].values())
 
 
@@ -376,12 +387,14 @@ def test_torch_sgd_momentum_spike_is_not_measured(tmp_path: Path) -> None:
 
 
 def test_torch_sgd_buffer_left_by_momentum_zero_is_not_used(tmp_path: Path) -> None:
-    from lightning_spa import MomentumOff
+    class ZeroMomentum(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step >= 4:
+                trainer.optimizers[0].param_groups[0]["momentum"] = 0.0
 
     # From step 4 torch SGD runs with momentum 0 and keeps its old buffer untouched: the cosine
     # with m_k is undefined from then on, so the cosine EMA must stop changing.
-    off = MomentumOff(after_epochs=3, unit="step")
-    _, s = _fit(tmp_path, NoiseOrQuadratic("sgd"), 10, MomentumDiagnostics(every_n_steps=1), before=(off,))
-    assert s["spa/momentum"][4] == 0.0 and s["spa/momentum"][2] == pytest.approx(0.9)
+    _, s = _fit(tmp_path, NoiseOrQuadratic("sgd"), 10, MomentumDiagnostics(every_n_steps=1), before=(ZeroMomentum(),))
+    assert s["spa/momentum"][4] == 0.0 and s["spa/momentum"][3] == pytest.approx(0.9)
     assert len({s["spa/cosine"][k] for k in range(3, 10)}) == 1
     assert s["spa/cosine"][2] != s["spa/cosine"][3]

@@ -1,62 +1,48 @@
 """MomentumDiagnostics: the paper's alignment ratio (Insight 1, ``THEORY.md`` section 4), live.
 
-The math lives in :mod:`lightning_spa.diagnostics` (measurement, bias-corrected EMAs) and
-:mod:`lightning_spa.distributed` (sums over DTensor shards); this callback decides when to
-measure, wires the two halves of a measurement around the optimizer step and logs the result.
+The math lives in :mod:`lightning_spa.diagnostics` (the measurement), :mod:`lightning_spa.meter`
+(the per-optimizer step clock, the measured-step pre-hook and the bias-corrected EMAs) and
+:mod:`lightning_spa.distributed` (sums over DTensor shards); this callback picks the optimizers,
+attaches one :class:`~lightning_spa.meter.MomentumMeter` to each and logs what they read.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
-
-import torch
-from torch import Tensor
-from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import Callback, is_tensorboard_logger, rank_zero_warn, unwrap_optimizer
-from lightning_spa.diagnostics import (
-    DiagnosticsEMA,
-    GroupHyper,
-    complete_sums,
-    group_hyper,
-    has_spa_form,
-    measure_after_step,
-    measure_before_step,
-    step_samples,
-    unsupported_reason,
+from lightning_spa.callbacks._select import (
+    OptimizerSelection,
+    check_selection,
+    select_optimizers,
+    warn_lr_monitor_momentum,
 )
-from lightning_spa.distributed import has_sharded_params, local_tensor
+from lightning_spa.diagnostics import GroupHyper
+from lightning_spa.meter import EMA_NAMES, MomentumMeter, Reading
 
 __all__ = ["MomentumDiagnostics"]
 
-_EMA_NAMES = ("step_sq", "grad_sq", "grad_sq_scaled", "cosine", "ratio")
 _HYPER_NAMES = ("eta", "c", "lr", "momentum")
-
-
-class _Tracker:
-    """Diagnostics state of one supported optimizer."""
-
-    def __init__(self, optimizer: Optimizer, suffix: str, decay: float) -> None:
-        self.optimizer, self.suffix = optimizer, suffix
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.sharded = has_sharded_params(params)
-        self.device = local_tensor(params[0]).device if params else torch.device("cpu")
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.groups = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
-        self.ema = DiagnosticsEMA(len(self.groups) + 1, decay, self.device, dtype)
-        self.pending: tuple[int, list[GroupHyper], Tensor] | None = None
-        self.handle: RemovableHandle | None = None
+_OWNER = "MomentumDiagnostics"
+_WARNINGS = {
+    "nonfinite": "non-finite gradients at optimizer {where}; that step is not folded into the EMAs.",
+    "skipped": "the AMP grad scaler skipped optimizer {where} (inf/NaN gradients); it is not counted and is "
+    "measured when it is taken.",
+    "spike": "torch SGD momentum >= 1 at optimizer {where} (the spike of an instant hyper-parameter change) has "
+    "no SPA form; that step is not measured.",
+}
 
 
 class MomentumDiagnostics(Callback):
     r"""Logs whether momentum is helping: the alignment ratio of Defazio (2020), Figure 2.
 
-    At every ``every_n_steps``-th optimizer step ``k`` it measures, for :class:`~lightning_spa.SPA`
-    and :class:`torch.optim.SGD` with momentum (``THEORY.md`` section 4)::
+    For each measured :class:`~lightning_spa.SPA` or :class:`torch.optim.SGD` (without Nesterov and
+    dampening) it logs at its optimizer step ``k`` (``THEORY.md`` section 4)::
 
-        spa/step_sq         EMA of ||x_{k+1} - x_k||^2 = alpha_k^2 ||m_{k+1}||^2
+        spa/step_sq         EMA of ||x_{k+1} - x_k||^2
         spa/grad_sq         EMA of eta_k^2 ||g_k||^2     (g_k as the optimizer uses it: weight decay,
                                                            maximize and gradient clipping included)
         spa/grad_sq_scaled  EMA of (c_k / (2 - c_k)) eta_k^2 ||g_k||^2, the noise-level step_sq
@@ -66,21 +52,34 @@ class MomentumDiagnostics(Callback):
         spa/lr, spa/momentum  their SGD+M equivalents (Theorem 1)
         spa/one             the constant 1, the reference line of the ratio chart
 
-    with ``/<group name or index>`` variants when ``per_group=True`` (and an ``/opt<i>`` part when
-    several optimizers are measured). Values are logged through ``trainer.loggers`` at step ``k``.
-    For SGD+M, ``eta = lr / (1 - momentum)`` and ``c = 1 - momentum`` (the constant-schedule
-    mapping at the current values). The whole-model ratio divides the summed ``step_sq`` by the
-    summed per-group ``grad_sq_scaled``.
+    with ``/<group name or index>`` variants when ``per_group=True``, and an ``/opt<i>`` part
+    (``i``: the index in ``trainer.optimizers``) when several optimizers are measured. Values go to
+    ``trainer.loggers`` at step ``k`` and to ``trainer.callback_metrics`` (``self.log`` at the end of
+    the batch), so ``EarlyStopping(monitor="spa/ratio")`` and ``ModelCheckpoint`` can use them. For
+    SGD+M, ``eta = lr / (1 - momentum)`` and ``c = 1 - momentum`` (the constant-schedule mapping
+    at the current values). The whole-model ratio divides the summed ``step_sq`` by the summed
+    per-group ``grad_sq_scaled``.
 
-    Cost: on the other steps the callback does nothing (no allocation, no device synchronisation);
-    on a measured step it takes a few dot products per parameter tensor (no parameter-sized
-    allocation), updates EMAs kept on the device, and synchronises once to log. ``ema_decay`` is
-    per optimizer step, so a sample taken ``n`` steps after the previous one weighs
-    ``1 - ema_decay**n``; the EMAs are bias-corrected (the first value is the first sample, whose
-    ratio is ``c (2 - c)`` since the first step has no momentum yet). Sampling every
-    ``log_every_n_steps`` (the default) keeps the overhead below 1% of a small CNN's training
-    throughput on CPU; ``every_n_steps=1`` measures every step and costs more
-    (``benchmarks/diagnostics_overhead.py``).
+    When: each optimizer has its own clock ``k``, the steps it actually took (a step skipped by
+    an AMP grad scaler does not count; a GAN's two optimizers each count their own). Step ``k``
+    is measured when ``(k + 1) % every_n_steps == 0``, Lightning's ``log_every_n_steps``
+    convention, so by default (one optimizer, no skipped step) the measured steps are the
+    trainer's logging steps. The measurement runs in an optimizer step pre-hook registered for
+    that step only: it sees the hyper-parameters the step uses, whatever the callback order.
+
+    Cost: on the other steps one tiny step post-hook (the clock), well under 10 microseconds; a
+    measured step takes a few dot products per parameter tensor (no parameter-sized allocation),
+    updates EMAs kept on the device and synchronises once (``benchmarks/diagnostics_overhead.py``).
+    ``ema_decay`` is per optimizer step, so a sample taken ``n`` steps after the previous one
+    weighs ``1 - ema_decay**n``; the EMAs are bias-corrected (the first value is the first
+    sample, whose ratio is ``c (2 - c)`` since the first step has no momentum yet).
+
+    Also handled: param groups added mid-run (``BaseFinetuning``) extend the EMAs; complex
+    parameters (``Re<a, b>``); sparse gradients (exact, ``O(nnz)``); 16-mixed AMP, including
+    optimizers that unscale inside their step (fused SGD: the loss scale is divided out, and a step
+    the scaler skips is not measured); a step with non-finite gradients is not folded in (one
+    warning). With gradient accumulation there is one measurement per optimizer step. The clocks
+    and EMAs are saved in checkpoints, and the same instance can be reused for a resumed fit.
 
     Distributed: under DDP the numbers are computed locally (gradients are already averaged); with
     DTensor parameters (FSDP2 ``fully_shard`` through ``ModelParallelStrategy``) local sums are
@@ -88,19 +87,20 @@ class MomentumDiagnostics(Callback):
     single-process values. FSDP1 (``FSDPStrategy``) flat shards are not DTensors: a warning says
     the values would be per-rank.
 
-    Skipped steps: a step skipped by an AMP grad scaler is not measured, and a step with non-finite
-    gradients is not folded into the EMAs (one warning each). With gradient accumulation there is
-    one measurement per optimizer step. The EMA state is saved in checkpoints.
-
     Args:
-        every_n_steps: measure and log every this many optimizer steps (at steps ``k`` with
-            ``k % every_n_steps == 0``); ``None`` follows ``Trainer(log_every_n_steps)``.
+        every_n_steps: measure every this many optimizer steps; ``None`` follows
+            ``Trainer(log_every_n_steps)``.
         ema_decay: per-step decay of the EMAs, in ``[0, 1)``; ``0`` logs the raw samples.
         per_group: also log every parameter group.
         prog_bar: show ``spa/ratio`` and ``spa/cosine`` in the progress bar.
+        optimizers: which of ``trainer.optimizers`` to measure: indices and names (an optimizer
+            class name, or a param group ``"name"``). ``None``: every supported one; the others
+            (e.g. a GAN's Adam discriminator) are skipped with one warning. An explicitly selected
+            unsupported optimizer is an error at fit start.
 
     Raises:
-        ValueError: ``every_n_steps`` not a positive integer, or ``ema_decay`` outside ``[0, 1)``.
+        ValueError: ``every_n_steps`` not a positive integer, ``ema_decay`` outside ``[0, 1)``, or
+            ``optimizers`` not None or a list of indices and names.
         TypeError: ``per_group`` or ``prog_bar`` not a bool.
 
     Example::
@@ -113,7 +113,12 @@ class MomentumDiagnostics(Callback):
     """
 
     def __init__(
-        self, every_n_steps: int | None = None, ema_decay: float = 0.99, per_group: bool = False, prog_bar: bool = False
+        self,
+        every_n_steps: int | None = None,
+        ema_decay: float = 0.99,
+        per_group: bool = False,
+        prog_bar: bool = False,
+        optimizers: OptimizerSelection = None,
     ) -> None:
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
@@ -129,48 +134,52 @@ class MomentumDiagnostics(Callback):
                 raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
         self.every_n_steps, self.ema_decay = every_n_steps, float(ema_decay)
         self.per_group, self.prog_bar = per_group, prog_bar
-        self._n = every_n_steps or 1
-        self._trackers: list[_Tracker] = []
+        self.optimizers = check_selection(optimizers, _OWNER)
+        key: dict[str, Any] = dict(every_n_steps=every_n_steps, ema_decay=self.ema_decay)
+        if self.optimizers is not None:
+            key["optimizers"] = self.optimizers
+        # Lightning reads state_key for every hook call (profiler names): computed once.
+        self._state_key = self._generate_state_key(**key)
+        #: The meter of each measured optimizer, by index in ``trainer.optimizers`` (set at fit start).
+        self.meters: dict[int, MomentumMeter] = {}
+        self._by_id: dict[int, MomentumMeter] = {}
         self._loaded: dict[str, Any] | None = None
-        self._bar: dict[str, float] = {}
+        self._to_log: dict[str, float] = {}
+        self._bar_names: set[str] = set()
         self._warned: set[str] = set()
         self._loggers: list[Any] = []
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, ema_decay=self.ema_decay)
+        return self._state_key
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Trainer(log_every_n_steps) is stored by Lightning's logger connector (0 under barebones=True).
-        self._n = self.every_n_steps or int(getattr(trainer, "log_every_n_steps", 0) or 50)
+        n = self.every_n_steps or int(getattr(trainer, "log_every_n_steps", 0) or 50)
         self._loggers = list(trainer.loggers)
-        self._remove_hooks()
-        supported = []
-        for i, optimizer in enumerate(trainer.optimizers):
-            reason = unsupported_reason(optimizer)
-            if reason is None:
-                supported.append((i, optimizer))
-            else:
-                rank_zero_warn(
-                    f"MomentumDiagnostics: optimizer {i} ({type(optimizer).__name__}) is not measured: {reason}. "
-                    "Nothing is logged for it; use lightning_spa.SPA or torch.optim.SGD(momentum=...)."
-                )
-        multi = len(supported) > 1
-        self._trackers = [_Tracker(opt, f"/opt{i}" if multi else "", self.ema_decay) for i, opt in supported]
-        for tracker in self._trackers:
-            tracker.handle = tracker.optimizer.register_step_post_hook(self._make_post_hook(tracker))
+        self._detach()
+        selected = select_optimizers(trainer, self.optimizers, _OWNER, purpose="measure")
+        warn_lr_monitor_momentum(trainer, selected, _OWNER)
+        multi = len(selected) > 1
+        self.meters = {}
+        for s in selected:
+            meter = MomentumMeter(s.optimizer, every_n_steps=n, ema_decay=self.ema_decay)
+            suffix = f"/opt{s.index}" if multi else ""
+            meter.listeners.append(functools.partial(self._on_reading, suffix=suffix))
+            self.meters[s.index] = meter
+        if self._loaded is not None:
+            self._apply_loaded()
+        for meter in self.meters.values():
+            meter.attach()
+        self._by_id = {id(meter.optimizer): meter for meter in self.meters.values()}
         if type(trainer.strategy).__name__ == "FSDPStrategy":
             rank_zero_warn(
                 "MomentumDiagnostics under FSDPStrategy (FSDP1): flat-parameter shards are not DTensors, so the "
                 "logged values are those of each rank's shard. Use ModelParallelStrategy with fully_shard (FSDP2) "
                 "for exact global values."
             )
-        if not self._loggers and not self.prog_bar and self._trackers:
-            rank_zero_warn("MomentumDiagnostics: the trainer has no logger and prog_bar=False; nothing is recorded.")
-        if self._loaded is not None:
-            self._apply_loaded()
         if trainer.is_global_zero:
             self._register_tensorboard_layout()
 
@@ -191,126 +200,94 @@ class MomentumDiagnostics(Callback):
             if is_tensorboard_logger(logger):
                 logger.experiment.add_custom_scalars(layout)
 
-    def _remove_hooks(self) -> None:
-        for tracker in self._trackers:
-            if tracker.handle is not None:
-                tracker.handle.remove()
-                tracker.handle = None
+    def _detach(self) -> None:
+        for meter in self.meters.values():
+            meter.detach()
+        self._by_id = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self._detach()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self._detach()
 
-    # -- measurement ----------------------------------------------------------------------------
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
+    # -- measurement and logging ----------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        optimizer = unwrap_optimizer(optimizer)
-        for tracker in self._trackers:
-            if tracker.optimizer is not optimizer:
-                continue
-            if tracker.pending is not None:
-                self._warn_once(
-                    "skipped",
-                    f"MomentumDiagnostics: optimizer step {tracker.pending[0]} was skipped (e.g. by an AMP grad "
-                    "scaler that found inf/NaN gradients); it is not measured. Further skips are not reported.",
-                )
-                tracker.pending = None
-            step = trainer.global_step
-            if step % self._n:
+        meter = self._by_id.get(id(optimizer))
+        if meter is None:  # a LightningOptimizer, or an optimizer not measured
+            meter = self._by_id.get(id(unwrap_optimizer(optimizer)))
+            if meter is None:
                 return
-            hypers = [group_hyper(optimizer, g) for g in optimizer.param_groups]
-            if not all(has_spa_form(h) for h in hypers):
-                self._warn_once(
-                    "spike",
-                    f"MomentumDiagnostics: torch SGD momentum >= 1 at optimizer step {step} (the spike of an instant "
-                    "hyper-parameter change) has no SPA form; that step is not measured. Further ones are not "
-                    "reported.",
-                )
-                return
-            tracker.pending = (step, hypers, measure_before_step(optimizer, tracker.device, tracker.ema.values.dtype))
+        meter.before_step()
 
-    def _make_post_hook(self, tracker: _Tracker) -> Any:
-        def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            if tracker.pending is not None:
-                self._finish(tracker)
+    # -- logging --------------------------------------------------------------------------------
 
-        return hook
-
-    def _finish(self, tracker: _Tracker) -> None:
-        assert tracker.pending is not None
-        step, hypers, before = tracker.pending
-        tracker.pending = None
-        after = measure_after_step(tracker.optimizer, hypers, tracker.device, tracker.ema.values.dtype)
-        before_sum, after_sum = complete_sums(before, after, tracker.sharded)
-        ok = tracker.ema.update(step_samples(before_sum, after_sum, hypers), step, default_gap=self._n)
-        values = torch.cat([tracker.ema.corrected().reshape(-1), ok.reshape(1).to(tracker.ema.values.dtype)])
-        host = values.tolist()  # the one host-device synchronisation of a measured step
-        if not host[-1]:
-            self._warn_once(
-                "nonfinite",
-                f"MomentumDiagnostics: non-finite gradients at optimizer step {step}; that step is not folded into "
-                "the EMAs. Further occurrences are not reported.",
-            )
-        metrics = self._metrics(tracker, host[:-1], hypers)
+    def _on_reading(self, reading: Reading, suffix: str) -> None:
+        where = f"step {reading.step}{' of optimizer ' + suffix[4:] if suffix else ''}"
+        if reading.status != "ok" and reading.status not in self._warned:
+            self._warned.add(reading.status)
+            rank_zero_warn(f"MomentumDiagnostics: {_WARNINGS[reading.status].format(where=where)} "
+                           "Further occurrences are not reported.")  # fmt: skip
+        if not reading.values or reading.status == "skipped":
+            return
+        metrics = self._metrics(reading, suffix)
+        self._to_log.update(metrics)
         for logger in self._loggers:
-            logger.log_metrics(metrics, step=step)
-        if self.prog_bar and not tracker.suffix:
-            self._bar = {k: metrics[k] for k in ("spa/ratio", "spa/cosine") if k in metrics}
+            logger.log_metrics({**metrics, "spa/one": 1.0}, step=reading.step)
 
-    def _metrics(self, tracker: _Tracker, flat: list[float], hypers: list[GroupHyper]) -> dict[str, float]:
-        width = len(_EMA_NAMES)
-        rows = [flat[i * width : (i + 1) * width] for i in range(len(tracker.groups) + 1)]
+    def _metrics(self, reading: Reading, suffix: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
 
-        def put(row: list[float], hyper: GroupHyper, suffix: str) -> None:
-            for name, value in zip(_EMA_NAMES, row, strict=True):
-                if value == value and abs(value) != float("inf"):  # an undefined value is left out
-                    metrics[f"spa/{name}{suffix}"] = value
-            for name, value in zip(_HYPER_NAMES, (hyper.eta, hyper.c, hyper.lr, hyper.momentum), strict=True):
-                metrics[f"spa/{name}{suffix}"] = value
+        def put(row: list[float], hyper: GroupHyper, tail: str) -> None:
+            values = (*row, hyper.eta, hyper.c, hyper.lr, hyper.momentum)
+            for name, value in zip((*EMA_NAMES, *_HYPER_NAMES), values, strict=True):
+                if math.isfinite(value):  # an undefined value is left out
+                    metrics[f"spa/{name}{tail}"] = value
 
-        put(rows[-1], hypers[0], tracker.suffix)
+        put(reading.values[-1], reading.hypers[0], suffix)
         if self.per_group:
-            for name, row, hyper in zip(tracker.groups, rows[:-1], hypers, strict=True):
-                put(row, hyper, f"{tracker.suffix}/{name}")
-        metrics["spa/one"] = 1.0
+            for name, row, hyper in zip(reading.groups, reading.values[:-1], reading.hypers, strict=True):
+                put(row, hyper, f"{suffix}/{name}")
+        self._bar_names.update((f"spa/ratio{suffix}", f"spa/cosine{suffix}"))
         return metrics
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.prog_bar and self._bar:
-            for name, value in self._bar.items():
-                pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if not self._to_log:
+            return
+        metrics, self._to_log = self._to_log, {}
+        for name, value in metrics.items():
+            bar = self.prog_bar and name in self._bar_names
+            # logger=False: the loggers got them at the optimizer's own step; this is for callback_metrics.
+            pl_module.log(name, value, prog_bar=bar, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     # -- checkpointing --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if not self._trackers and self._loaded is not None:
+        if not self.meters and self._loaded is not None:
             return self._loaded
-        return {"version": 1, "ema": {t.suffix or "/": t.ema.state_dict() for t in self._trackers}}
+        return {"version": 2, "meters": {str(i): meter.state_dict() for i, meter in self.meters.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before on_fit_start builds the meters: applied there, so a
+        # reused instance takes the checkpoint's state instead of the previous fit's.
         self._loaded = state_dict
-        if self._trackers:
-            self._apply_loaded()
 
     def _apply_loaded(self) -> None:
         assert self._loaded is not None
-        saved = dict(self._loaded.get("ema", {}))
-        for tracker in self._trackers:
-            if (tracker.suffix or "/") in saved:
-                tracker.ema.load_state_dict(saved.pop(tracker.suffix or "/"))
+        loaded, self._loaded = self._loaded, None
+        if loaded.get("version") != 2:
+            rank_zero_warn("MomentumDiagnostics: the checkpoint's diagnostics state is from an older version; the "
+                           "step clocks and EMAs restart.")  # fmt: skip
+            return
+        saved = dict(loaded.get("meters", {}))
+        for index, meter in self.meters.items():
+            if str(index) in saved:
+                meter.load_state_dict(saved.pop(str(index)))
         if saved:
             rank_zero_warn(
-                f"MomentumDiagnostics: the checkpoint holds EMA state for optimizers {sorted(saved)} that this run "
-                "does not measure; that state is dropped and their EMAs restart."
+                f"MomentumDiagnostics: the checkpoint holds diagnostics state for optimizers {sorted(saved)} that "
+                "this run does not measure; that state is dropped."
             )
-        self._loaded = None
