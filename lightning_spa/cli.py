@@ -16,11 +16,9 @@ Exit status (also in ``--help``): 0 success; 1 invalid input (the options parse 
 no valid schedule, or ``plot`` finds no readable run); 2 usage error (argparse); 3
 ``convert --check`` flagged the schedule.
 
-Start-up cost: this module imports only the standard library. ``--help`` and ``convert`` with
-an SPA schedule (``--eta/--c``) import neither torch nor Lightning; ``convert`` with an SGD+M
-schedule (``--lr/--momentum``) also imports :mod:`lightning_spa.mapping` (no Lightning);
-``figure1`` and ``plot`` import matplotlib (``plot``: tensorboard for event files).
-``benchmarks/cli_startup.py`` measures it.
+Start-up cost: this module imports only the standard library; ``--help`` and ``convert``
+import neither torch nor Lightning (``tests/test_imports.py``, ``benchmarks/cli_startup.py``).
+``figure1`` and ``plot`` import matplotlib (``plot``: tensorboard too, for event files).
 """
 
 from __future__ import annotations

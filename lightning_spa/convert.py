@@ -3,8 +3,8 @@ r"""Schedules in both forms, checked against Theorem 1: the engine of ``lightnin
 Notation (``THEORY.md`` sections 2, 5, 6): SGD+M ``(alpha_k, beta_k)`` (``lr``, ``momentum``)
 and SPA ``(eta_k, c_k)``, indexed by the optimizer step ``k`` that uses them. A schedule given
 in one form is expanded step by step (SPA schedules through :mod:`lightning_spa.schedule`),
-mapped to the other form (Theorem 1: :mod:`lightning_spa.theorem` step by step, and
-:func:`lightning_spa.mapping.sgdm_to_spa` for SGD+M input) and checked:
+mapped to the other form (:mod:`lightning_spa.mapping`, on the scalar Theorem 1 of
+:mod:`lightning_spa.theorem`) and checked:
 
 - every step whose equivalent momentum ``beta_k >= 1`` (a sudden fall of ``eta``);
 - the first step with no SPA equivalent (:class:`~lightning_spa.mapping.NoSPAEquivalentError`;
@@ -13,9 +13,9 @@ mapped to the other form (Theorem 1: :mod:`lightning_spa.theorem` step by step, 
 
 The result is summarised as segments: maximal step ranges on which each value is constant,
 geometric (constant ratio a step) or varying, so a 100k-step schedule prints in a few lines.
-No Lightning, torch or matplotlib import here: an SPA schedule is expanded and mapped in
-plain Python. SGD+M input also needs :func:`lightning_spa.mapping.sgdm_to_spa`, imported when
-:func:`convert_sgdm` runs.
+No Lightning, torch or matplotlib import here (``tests/test_imports.py``): schedules are
+expanded and mapped in plain Python, so ``lightning-spa convert`` starts in a fraction of the
+time of ``import torch`` (``benchmarks/cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
 
+from lightning_spa.mapping import NoSPAEquivalentError, sgdm_to_spa, spa_to_sgdm
 from lightning_spa.schedule import SPASchedule, StepDecay, compose, smallest_safe_transition_steps
-from lightning_spa.theorem import constant_sgdm_to_spa, step_spa_to_sgdm
+from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = [
     "ConversionReport",
@@ -37,7 +38,6 @@ __all__ = [
     "segments",
     "sgdm_schedule",
     "spa_schedule",
-    "spa_to_sgdm_steps",
 ]
 
 _RTOL = 1e-7  # values closer than this print alike (6 significant digits) and count as constant
@@ -176,20 +176,6 @@ def spa_schedule(
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def spa_to_sgdm_steps(eta: Sequence[float], c: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Per-step SGD+M ``(lr, momentum)`` of a per-step SPA schedule (Theorem 1, :mod:`lightning_spa.theorem`).
-
-    ``lr_k = c_k * eta_k`` and ``momentum_k = (1 - c_{k-1}) * eta_{k-1} / eta_k`` (``1 - c_0`` at
-    step 0): the values of :func:`lightning_spa.mapping.spa_to_sgdm`, without importing torch.
-    The schedules of :mod:`lightning_spa.schedule` produce valid values (``eta > 0``, ``c`` in
-    ``(0, 1]``), so nothing is checked here.
-    """
-    if len(eta) != len(c):
-        raise ValueError(f"`eta` and `c` must have the same length, got {len(eta)} and {len(c)}.")
-    pairs = [step_spa_to_sgdm(eta[k], c[k], (eta[k - 1], c[k - 1]) if k else None) for k in range(len(eta))]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
 def sgdm_schedule(
     total_steps: int,
     lr: float,
@@ -275,14 +261,14 @@ def convert_spa(
         raise ValueError(f"`total_steps` must be >= 1, got {total_steps}.")
     schedules: list[SPASchedule] = [*([decay] if decay is not None else []), *others]
     eta, c = spa_schedule(total_steps, eta0, c0, schedules)
-    alpha, beta = spa_to_sgdm_steps(eta, c)
+    alpha, beta = spa_to_sgdm(eta, c)
     report = ConversionReport("spa", description, alpha, beta, eta, c, momentum_ge_1=_flags(beta))
     if decay is not None and decay.milestones:
         t = smallest_safe_transition_steps(decay, list(others), [(eta0, c0)])  # whole transitions, past the end too
         if t is not None:
             rate = float(decay.factor) ** (-1.0 / t)
             safe = StepDecay(decay.milestones, decay.factor, decay.mode, t, decay.warmup_steps)
-            _, safe_beta = spa_to_sgdm_steps(*spa_schedule(total_steps, eta0, c0, [safe, *others]))
+            _, safe_beta = spa_to_sgdm(*spa_schedule(total_steps, eta0, c0, [safe, *others]))
             report.suggestion = {
                 "transition_steps": t,
                 "eta_ratio_per_step": 1.0 / rate,
@@ -327,8 +313,6 @@ def convert_sgdm(
         a, b = sgdm_schedule(100, 0.1, 0.5, milestones=[20], factor=1.0, momentum_after=[0.9])
         convert_sgdm(a, b).no_spa_equivalent["step"]   # 21: a rising momentum drives c above 1
     """
-    from lightning_spa.mapping import NoSPAEquivalentError, sgdm_to_spa  # only SGD+M input needs the module
-
     alpha, beta = [float(a) for a in alpha], [float(b) for b in beta]
     report = ConversionReport("sgdm", description, alpha, beta, [], [], momentum_ge_1=_flags(beta))
     if beta[0] >= 1.0:

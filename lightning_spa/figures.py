@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_spa.convert import ConversionReport, convert_sgdm, convert_spa, sgdm_schedule, spa_to_sgdm_steps
+from lightning_spa.convert import ConversionReport, convert_sgdm, convert_spa, sgdm_schedule
+from lightning_spa.mapping import spa_to_sgdm
 from lightning_spa.schedule import MomentumRemoval, StepDecay
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class Panel:
 def _geometric_panel_f(r: float = 1.1) -> ConversionReport:
     eta = [1.0 if k < CHANGE else max(0.1, r ** -(k - CHANGE + 1)) for k in range(STEPS)]
     c = [0.1 if k < CHANGE else min(1.0, 0.1 * r ** (k - CHANGE + 1)) for k in range(STEPS)]
-    alpha, beta = spa_to_sgdm_steps(eta, c)
+    alpha, beta = spa_to_sgdm(eta, c)
     flags = [(k, b) for k, b in enumerate(beta) if k >= 1 and b >= 1.0]
     return ConversionReport("spa", f"SPA eta /{r:g} and c x{r:g} a step", alpha, beta, eta, c, momentum_ge_1=flags)
 
