@@ -29,6 +29,8 @@ whose buffers are dropped (momentum off costs nothing; turning it back on restar
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from numbers import Real
@@ -120,6 +122,15 @@ def _step_value(group: dict[str, Any], key: str) -> float | Tensor:
     if isinstance(value, Tensor):
         return _scalar(value, key, "the step size eta" if key == "lr" else "the averaging weight c")
     return validate_eta(value) if key == "lr" else validate_c(value)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside torch and lightning_spa."""
+    inside = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class SPA(Optimizer):
@@ -319,11 +330,17 @@ class SPA(Optimizer):
         return loss
 
     def _check_spike(self, index: int, eta: float, momentum: float | None) -> None:
-        """Warns once when a step's equivalent momentum is >= 1 after a step at which eta did not fall."""
+        """Warns once when a step's equivalent momentum is >= 1 and eta fell at this step only.
+
+        An instant drop (MultiStepLR, StepLR) falls after a step at which eta did not fall; the
+        tail of a smooth decay to 0 (cosine, linear), whose equivalent momentum also exceeds 1,
+        falls at every step, and a rise after ``eta = 0`` does not fall at all: neither is warned.
+        """
         last = self._spike["last"]
         prev = last.get(index)
-        sudden = prev is None or not prev[1]
-        last[index] = (eta, prev is not None and eta < prev[0])
+        falling = prev is not None and eta < prev[0]
+        sudden = prev is None or (falling and not prev[1])
+        last[index] = (eta, falling)
         if momentum is None or momentum < 1.0 or not sudden or self._spike["warned"]:
             return
         self._spike["warned"] = True
@@ -334,5 +351,5 @@ class SPA(Optimizer):
             "lightning_spa.GradualSchedule, or a smooth LR scheduler (cosine, or a per-step decay by a factor "
             "above 1 - c). Warned once per optimizer.",
             SPASpikeWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
