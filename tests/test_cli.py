@@ -302,3 +302,17 @@ def test_plot_of_a_drifting_eta_prints_no_numpy_warning(tmp_path: Path, capsys: 
         assert main([*argv, "--plot", str(png)]) == EXIT_OK
     assert "no SPA equivalent from step" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_prefers_event_files_to_a_csv_in_the_same_directory(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_spa.plotting import read_run
+
+    run = tmp_path / "version_0"
+    _write_csv_run(run, [0, 1])  # both loggers pointed at one directory: one run, read once
+    writer = SummaryWriter(str(run))
+    for k in (0, 5):
+        writer.add_scalar("spa/ratio", 2.0, k)
+    writer.close()
+    assert read_run(tmp_path)["spa/ratio"] == ([0, 5], [2.0, 2.0])
