@@ -124,13 +124,14 @@ class SyncWindows:
     """Counts host-device synchronisations in labelled windows (``set_sync_debug_mode("warn")``).
 
     In ``"warn"`` mode torch emits one ``UserWarning`` per synchronising CUDA call; the warnings
-    raised between :meth:`open` and :meth:`close` are recorded and counted. On the CPU (smoke
-    runs) the windows exist but count nothing.
+    raised between :meth:`open` and :meth:`close` are recorded, counted and located (the Python
+    line that made the call). On the CPU (smoke runs) the windows exist but count nothing.
     """
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
-        self.counts: dict[str, list[tuple[int, int]]] = {}
+        self.counts: dict[str, list[tuple[int, int]]] = {}  # label -> [(step, syncs)]
+        self.sources: dict[str, int] = {}  # "file:line" -> syncs, over all windows
         self._open: tuple[str, int] | None = None
         self._catcher: Any = None
         self._log: list[warnings.WarningMessage] = []
@@ -154,13 +155,16 @@ class SyncWindows:
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
         self._catcher.__exit__(None, None, None)
-        n = sum(1 for w in self._log if "synchroniz" in str(w.message))
+        syncs = [w for w in self._log if "synchroniz" in str(w.message)]
+        for w in syncs:
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            self.sources[where] = self.sources.get(where, 0) + 1
         label, step = self._open
-        self.counts.setdefault(label, []).append((step, n))
+        self.counts.setdefault(label, []).append((step, len(syncs)))
         self._open = None
 
 
-def _memory_logger() -> Any:
+def memory_logger() -> Any:
     from pytorch_lightning.loggers.logger import Logger
 
     class MemoryLogger(Logger):
@@ -224,7 +228,7 @@ def _fit(
     return trainer
 
 
-def _fake_module(
+def fake_module(
     net_factory: Callable[[], Any],
     optimizer_factory: Callable[[Any], Any],
     input_shape: tuple[int, ...],
@@ -260,7 +264,7 @@ def _fake_module(
     return FakeData()
 
 
-def _mlp() -> Any:
+def mlp() -> Any:
     from torch import nn
 
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -387,75 +391,63 @@ def check_trajectory(ctx: Context) -> None:
 # -- 2. host synchronisations -----------------------------------------------------------------------
 
 
-def _spa_steps_under_error_mode(ctx: Context, flags: dict[str, Any], lr: float) -> None:
-    """Six SPA steps (first step, steady state, an eta and c change) under sync debug mode "error"."""
+def spa_steps_under_error_mode(device: Any, flags: dict[str, Any]) -> None:
+    """Six SPA steps with a float ``lr`` (the first step, steady state, an ``eta`` and ``c`` change),
+    each under ``torch.cuda.set_sync_debug_mode("error")`` on CUDA: a host sync raises."""
     import torch
 
     from lightning_spa.optim import SPA
 
-    params = [torch.nn.Parameter(torch.randn(s, device=ctx.device)) for s in ((64, 32), (32,), (1000,))]
-    opt = SPA(params, lr=lr, c=0.1, **flags)
+    on_cuda = device.type == "cuda"
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ((64, 32), (32,), (1000,))]
+    opt = SPA(params, lr=1.0, c=0.1, **flags)
     for k in range(6):
         for p in params:
             p.grad = torch.randn_like(p)
         if k == 3:  # a schedule change: new eta and c, a new beta for the kernel
             for group in opt.param_groups:
                 group["lr"], group["c"] = 0.5, 0.2
-        if ctx.cuda:
+        if on_cuda:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
             opt.step()
         finally:
-            if ctx.cuda:
+            if on_cuda:
                 torch.cuda.set_sync_debug_mode("default")
 
 
-def _probes(windows: SyncWindows) -> tuple[Any, Any]:
-    """Two callbacks that bracket the others: ``opener`` first in the list, ``closer`` last.
-
-    Windows: ``on_train_batch_start`` and ``on_train_batch_end`` (opener to closer), and
-    ``step`` (opener's ``on_before_optimizer_step`` to a step post-hook registered after every
-    other callback's: it covers the other callbacks' ``on_before_optimizer_step``, the optimizer
-    step and the post-hooks, e.g. ``MomentumDiagnostics``' measurement).
-    """
+def sync_probe(windows: SyncWindows) -> Any:
+    """A callback, first in ``trainer.callbacks``, that opens one window per batch: from the start of
+    batch ``k`` (before the other callbacks' hooks) to the start of batch ``k + 1``. A window holds
+    every hook of the batch, the forward and backward, the optimizer step with its hooks and
+    Lightning's logging; a run without the callbacks under test is the control."""
     from pytorch_lightning.callbacks import Callback
 
-    class Opener(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            for opt in trainer.optimizers:  # after every on_fit_start: runs after their post-hooks
-                opt.register_step_post_hook(lambda *args: windows.close())
-
+    class BatchWindows(Callback):
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-            windows.open("on_train_batch_start", trainer.global_step)
+            windows.open("batch", trainer.global_step)
 
-        def on_before_optimizer_step(self, trainer: Any, *args: Any) -> None:
-            windows.open("step", trainer.global_step)
-
-        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-            windows.open("on_train_batch_end", trainer.global_step)
-
-    class Closer(Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
+        def on_train_end(self, *args: Any) -> None:
             windows.close()
 
-        def on_train_batch_end(self, *args: Any) -> None:
-            windows.close()
-
-    return Opener(), Closer()
+    return BatchWindows()
 
 
-def _sync_counts(ctx: Context, callbacks: list[Any], steps: int) -> dict[str, list[tuple[int, int]]]:
+def sync_counts(ctx: Context, callbacks: list[Any], steps: int) -> tuple[dict[int, int], set[int], dict[str, int]]:
+    """``({step: syncs}, steps at which a "spa/" metric was logged, {"file:line": syncs})`` of a small
+    Lightning fit (an MLP, SPA) with ``callbacks``."""
     from lightning_spa.optim import SPA
 
     windows = SyncWindows(ctx.cuda)
-    opener, closer = _probes(windows)
-    module = _fake_module(_mlp, lambda ps: SPA(ps, lr=1.0, c=0.1), (32,), 64, 10, steps)
+    logger = memory_logger()
+    module = fake_module(mlp, lambda ps: SPA(ps, lr=1.0, c=0.1), (32,), 64, 10, steps)
     try:
-        _fit(ctx, module, steps, [opener, *callbacks, closer], logger=_memory_logger())
+        _fit(ctx, module, steps, [sync_probe(windows), *callbacks], logger=logger)
     finally:
         windows.close()
-    return windows.counts
+    logged = {int(s) for s, m in logger.rows if s is not None and any(k.startswith("spa/") for k in m)}
+    return dict(windows.counts.get("batch", [])), logged, windows.sources
 
 
 def check_sync(ctx: Context) -> None:
@@ -468,63 +460,116 @@ def check_sync(ctx: Context) -> None:
     for path, flags in PATHS.items():
 
         def float_lr(flags: dict[str, Any] = flags, path: str = path) -> None:
-            _spa_steps_under_error_mode(ctx, flags, 1.0)
+            spa_steps_under_error_mode(ctx.device, flags)
             rep.add("sync", f"SPA step, float lr, {path}", status(True), "none in 6 steps (mode 'error')" + note, "0")
 
         _isolated(ctx, "sync", f"SPA step, float lr, {path}", float_lr)
 
-    def tensor_lr() -> None:  # read with .item() (documented: one sync per group and step); counted, not judged
+    def count_steps(make_opt: Callable[[list[Any]], Any], scaler: Any = None, steps: int = 4) -> tuple[int, str]:
+        """Max syncs per step (first step included) of an optimizer on 3 tensors, optionally through a
+        GradScaler (``scaler.step`` and ``scaler.update``), and where the worst ones come from."""
+        import torch
+
+        windows = SyncWindows(ctx.cuda)
+        params = [torch.nn.Parameter(torch.randn(s, device=ctx.device)) for s in ((64, 32), (32,), (1000,))]
+        opt = make_opt(params)
+        for k in range(steps):
+            if scaler is None:
+                for p in params:
+                    p.grad = torch.randn_like(p)
+            else:
+                scaler.scale(sum((p * torch.randn_like(p)).sum() for p in params)).backward()
+            if ctx.cuda:
+                torch.cuda.synchronize()
+            windows.open("step", k)
+            try:
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
+            finally:
+                windows.close()
+            opt.zero_grad()
+        top = sorted(windows.sources.items(), key=lambda kv: -kv[1])[:2]
+        return max(n for _, n in windows.counts["step"]), ", ".join(f"{k} x{v}" for k, v in top)
+
+    def tensor_lr(lr_device: str, flags: dict[str, Any], claim: bool) -> None:
         import torch
 
         from lightning_spa.optim import SPA
 
-        windows = SyncWindows(ctx.cuda)
-        params = [torch.nn.Parameter(torch.randn(100, device=ctx.device))]
-        opt = SPA(params, lr=torch.tensor(1.0, device=ctx.device), c=0.1)
-        for k in range(3):
-            params[0].grad = torch.randn_like(params[0])
-            windows.open("tensor lr", k)
-            try:
-                opt.step()
-            finally:
-                windows.close()
-        per_step = max(n for _, n in windows.counts["tensor lr"])
-        rep.add("sync", "SPA step, tensor lr on the device", INFO, f"{per_step} per step" + note, "documented .item()")
+        case = f"SPA step, tensor lr on {lr_device}, {'fused' if flags else 'default'} path"
 
-    _isolated(ctx, "sync", "SPA step, tensor lr on the device", tensor_lr)
+        def make(ps: list[Any]) -> Any:
+            return SPA(ps, lr=torch.tensor(1.0, device=lr_device), c=0.1, **flags)
+
+        n, where_ = count_steps(make)
+        shown = f"{n} per step" + (f" [{where_}]" if n else "") + note
+        if claim:  # the SPA docstring: a tensor lr (without fused=True) reads no host value
+            rep.add("sync", case, status(n == 0), shown, "0 (tensor mode)")
+        else:
+            rep.add("sync", case, INFO, shown, "counted")
+
+    def scaler_step(name: str) -> None:
+        import torch
+
+        from lightning_spa.optim import SPA
+
+        def make(ps: list[Any]) -> Any:
+            if name.startswith("SPA"):
+                return SPA(ps, lr=1.0, c=0.1, fused=True)
+            return torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)
+
+        n, where_ = count_steps(make, torch.amp.GradScaler(ctx.device.type, init_scale=2.0**8))
+        shown = f"{n} per step" + (f" [{where_}]" if n else "") + note
+        rep.add("sync", f"GradScaler step + update, {name}", INFO, shown, "counted")
+
+    if ctx.cuda:
+        _isolated(ctx, "sync", "tensor lr, device", lambda: tensor_lr(ctx.device.type, {}, True))
+        _isolated(ctx, "sync", "tensor lr, device, fused", lambda: tensor_lr(ctx.device.type, {"fused": True}, False))
+        _isolated(ctx, "sync", "tensor lr, cpu", lambda: tensor_lr("cpu", {}, False))
+    else:
+        _isolated(ctx, "sync", "tensor lr, cpu", lambda: tensor_lr("cpu", {}, True))
+    for name in ("SPA(fused=True)", "torch SGD(fused=True)"):
+        _isolated(ctx, "sync", f"GradScaler step, {name}", lambda n=name: scaler_step(n))
 
     steps, every = 24, 4  # cheap: a small MLP
-    base: dict[str, int] = {}
+    base: dict[int, int] = {}
+
+    def where(sources: dict[str, int]) -> str:
+        top = sorted(sources.items(), key=lambda kv: -kv[1])[:3]
+        return f" [{', '.join(f'{k} x{v}' for k, v in top)}]" if top else ""
 
     def control() -> None:
-        counts = _sync_counts(ctx, [], steps)
-        base.update({label: max((n for _, n in rows), default=0) for label, rows in counts.items()})
-        shown = ", ".join(f"{k} {v}" for k, v in sorted(base.items()))
+        counts, _, sources = sync_counts(ctx, [], steps)
+        base.update(counts)
+        shown = f"max {max(counts.values(), default=0)} per batch over {len(counts)} batches" + where(sources)
         rep.add("sync", "Lightning loop alone (control)", INFO, shown + note, "subtracted below")
 
     def diagnostics() -> None:
         from lightning_spa.callbacks import MomentumDiagnostics
 
-        counts = _sync_counts(ctx, [MomentumDiagnostics(every_n_steps=every)], steps)
-        rows = counts.get("step", [])
-        unmeasured = [n - base.get("step", 0) for s, n in rows if s % every]
-        measured = [n - base.get("step", 0) for s, n in rows if not s % every]
-        other = max((n - base.get(lb, 0) for lb, rs in counts.items() if lb != "step" for _, n in rs), default=0)
+        counts, logged, sources = sync_counts(ctx, [MomentumDiagnostics(every_n_steps=every)], steps)
+        extra = {s: n - base.get(s, 0) for s, n in counts.items()}
+        unmeasured = [n for s, n in extra.items() if s not in logged]
+        measured = [n for s, n in extra.items() if s in logged]
         if not unmeasured or not measured:
-            rep.add("sync", "MomentumDiagnostics", FAIL, f"step windows seen: {len(rows)} of {steps}", "")
+            rep.add("sync", "MomentumDiagnostics", FAIL, f"{len(logged)} measured of {len(counts)} batches", "")
             return
+        located = where(sources) if max(unmeasured) > 0 or max(measured) > 1 else ""
         rep.add(
             "sync",
             "MomentumDiagnostics, unmeasured step",
-            status(max(unmeasured) == 0 and other == 0),
-            f"max {max(unmeasured)} over {len(unmeasured)} steps (batch hooks: {other})" + note,
+            status(max(unmeasured) == 0),
+            f"max {max(unmeasured)} per batch over {len(unmeasured)} batches" + located + note,
             "0",
         )
         rep.add(
             "sync",
             "MomentumDiagnostics, measured step",
             status(max(measured) <= 1),
-            f"max {max(measured)}, min {min(measured)} over {len(measured)} steps" + note,
+            f"max {max(measured)}, min {min(measured)} over {len(measured)} batches" + located + note,
             "<= 1",
         )
 
@@ -535,10 +580,11 @@ def check_sync(ctx: Context) -> None:
         callbacks = [GradualSchedule(milestones=[4], factor=0.5, unit="step", transition_steps=8)]
         if with_off:
             callbacks.append(MomentumOff(after_epochs=16, unit="step"))
-        counts = _sync_counts(ctx, callbacks, steps)
-        worst = max((n - base.get(lb, 0) for lb, rows in counts.items() for _, n in rows), default=0)
+        counts, _, sources = sync_counts(ctx, callbacks, steps)
+        worst = max((n - base.get(s, 0) for s, n in counts.items()), default=0)
         name = "GradualSchedule + MomentumOff" if with_off else "GradualSchedule"
-        rep.add("sync", name, status(worst == 0), f"max {worst} per hook window over {steps} steps" + note, "0")
+        shown = f"max {worst} per batch over {len(counts)} batches" + (where(sources) if worst else "")
+        rep.add("sync", name, status(worst == 0), shown + note, "0")
 
     _isolated(ctx, "sync", "Lightning loop alone (control)", control)
     _isolated(ctx, "sync", "MomentumDiagnostics", diagnostics)
@@ -571,8 +617,8 @@ def _amp_grad_sq(ctx: Context, name: str, factory: Callable[[Any], Any], steps: 
     runs: dict[str, Any] = {}
     probe = GradProbe()
     for precision in ("32-true", "16-mixed"):
-        logger = _memory_logger()
-        module = _fake_module(_mlp, factory, (32,), 64, 10, steps)
+        logger = memory_logger()
+        module = fake_module(mlp, factory, (32,), 64, 10, steps)
         plugins = None
         if precision == "16-mixed":
             # A moderate initial scale, so that no step overflows: both runs take every step.
@@ -723,8 +769,8 @@ def _overhead(ctx: Context) -> tuple[str, dict[str, float]]:
     for r in range(rounds + 1):  # round 0 warms up (cudnn autotuning, allocator) and is dropped
         for name in names[r % len(names) :] + names[: r % len(names)]:
             clock = Clock()
-            module = _fake_module(resnet18, lambda ps: SPA(ps, lr=1.0, c=0.1), (3, 32, 32), batch, 10, steps)
-            _fit(ctx, module, steps, [*configs[name](), clock], logger=_memory_logger())
+            module = fake_module(resnet18, lambda ps: SPA(ps, lr=1.0, c=0.1), (3, 32, 32), batch, 10, steps)
+            _fit(ctx, module, steps, [*configs[name](), clock], logger=memory_logger())
             if r:
                 times[name].append(clock.seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
