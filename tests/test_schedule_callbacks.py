@@ -397,7 +397,8 @@ def _ddp_program(out: Path) -> None:
         cbs, spa(1.0, 0.5), accelerator="cpu", devices=2, strategy="ddp", limit_train_batches=6, max_epochs=3
     )
     rank = trainer.global_rank
-    payload = {"steps": rec.steps, "groups": rec.groups, "batches": trainer.num_training_batches}
+    clocks = [cb.state_dict()["clocks"] for cb in cbs]
+    payload = {"steps": rec.steps, "groups": rec.groups, "batches": trainer.num_training_batches, "clocks": clocks}
     (out / f"rank{rank}.json").write_text(json.dumps(payload))
 
 
@@ -425,6 +426,7 @@ def test_ddp_ranks_use_identical_values_without_collectives(tmp_path: Path) -> N
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["batches"] == 6 and ranks[0]["steps"] == list(range(18))
+    assert ranks[0]["clocks"] == [{"0": {"steps": 18, "groups": [[1.0, 0.5, 0]]}}] * 2  # one clock, shared
     # 6 optimizer steps per epoch on each rank: milestone step 6 (T = 4), momentum off from step 15 (T = 2)
     etas = [1.0] * 6 + [0.1 ** ((j + 1) / 4) for j in range(4)] + [0.1] * 8
     cs = [0.5] * 6 + [0.5 * 2 ** ((j + 1) / 4) for j in range(4)] + [1.0] * 8
