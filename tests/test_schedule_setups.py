@@ -353,3 +353,27 @@ def test_param_group_added_at_epoch_2_is_scheduled_from_its_own_values_and_resum
     assert resumed.values[0] == full.values[0][12:]
     for a, b in zip(full_module.parameters(), resumed_module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["fused_sgd", "spa"])
+def test_16_mixed_step_skipped_by_the_grad_scaler_is_not_counted(pl: ModuleType, kind: str) -> None:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    loader = data(batches=8)
+    x, y = loader.dataset.tensors  # type: ignore[attr-defined]
+    x[40:48] *= 1e5  # batch 5 overflows float16: inf gradients, the grad scaler skips that step
+    loader = DataLoader(TensorDataset(x.float(), y.float()), batch_size=8, shuffle=False)
+    if kind == "spa":
+        factory: Factory = spa(0.5, 0.5)
+    else:
+        factory = lambda params: torch.optim.SGD(params, lr=0.25, momentum=0.5, fused=True)  # noqa: E731
+    module = make_module(pl, [factory]).float()
+    cb = GradualSchedule([2], factor=0.5, mode="lr", transition_steps=4, unit="step")
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000))
+    _, rec = fit(pl, module, [cb], max_epochs=1, loader=loader, precision=None, plugins=[plugin])
+    assert cb.state_dict()["clocks"]["0"]["steps"] == 7
+    clock = [0, 1, 2, 3, 4, 5, 5, 6]  # Lightning calls on_before_optimizer_step for the skipped step too
+    etas = [0.5 * 0.5 ** min(1.0, max(0.0, (k - 1) / 4)) for k in clock]
+    got = rec.key("lr") if kind == "spa" else [lr / 0.5 for lr in rec.key("lr")]
+    assert got == pytest.approx(etas, rel=1e-6)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
