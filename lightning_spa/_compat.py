@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as _public_sgd
 
 __all__ = ["PRIVATE", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
 
@@ -92,7 +93,7 @@ def fused_sgd_(
     kernel = _private(torch, "_fused_sgd_")
     for (device, _), ((ps, gs, bs), _) in buckets.items():
         if kernel is None:
-            torch.optim.sgd.sgd(
+            _public_sgd(
                 ps, gs, bs, fused=True, grad_scale=grad_scale, found_inf=found_inf,
                 weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening, nesterov=False,
                 maximize=maximize,

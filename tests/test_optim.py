@@ -210,12 +210,61 @@ def test_invalid_arguments_name_the_argument(kwargs, match):
         SPA([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": "0.1"}, TypeError, "`lr`"),
+        ({"c": "0.1"}, TypeError, "`c`"),
+        ({"lr": None}, TypeError, "`lr`"),
+        ({"lr": torch.tensor([0.1, 0.2])}, ValueError, "Tensor lr must be 1-element"),
+        ({"c": torch.tensor([0.1, 0.2])}, ValueError, "Tensor c must be 1-element"),
+        ({"lr": torch.tensor(-1.0)}, ValueError, "Invalid learning rate"),
+        ({"c": torch.tensor(0.0)}, ValueError, "`c`"),
+    ],
+)
+def test_types_and_tensor_values_are_checked_like_torch(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SPA([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("group", "error", "match"),
+    [
+        ({"c": 1.5}, ValueError, "`c`"),
+        ({"lr": -1.0}, ValueError, "`lr`"),
+        ({"lr": "fast"}, TypeError, "`lr`"),
+        ({"weight_decay": -1.0}, ValueError, "`weight_decay`"),
+        ({"fused": True, "foreach": True}, ValueError, "`fused=True` and `foreach=True`"),
+    ],
+)
+def test_add_param_group_validates_like_the_constructor(group, error, match):
+    opt = SPA([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(error, match=match):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], **group})
+    assert len(opt.param_groups) == 1  # the bad group was not kept
+
+
+def test_from_sgdm_names_nesterov_and_dampening():
+    params = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match="`nesterov=True` has no SPA form"):
+        SPA.from_sgdm(params, lr=0.1, momentum=0.9, nesterov=True)
+    with pytest.raises(ValueError, match="`dampening`"):
+        SPA.from_sgdm(params, lr=0.1, momentum=0.9, dampening=0.5)
+    assert SPA.from_sgdm(params, lr=0.1, momentum=0.9, nesterov=False, dampening=0.0).param_groups[0]["c"] == 1 - 0.9
+
+
 def test_invalid_values_set_between_steps_are_caught_at_the_step():
     p = torch.zeros(2, requires_grad=True)
     opt = SPA([p])
     p.grad = torch.ones(2)
     opt.param_groups[0]["c"] = 0.0
     with pytest.raises(ValueError, match="`c`"):
+        opt.step()
+    opt.param_groups[0].update(c=0.5, lr="0.1")
+    with pytest.raises(TypeError, match="`lr`"):
+        opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor([0.1, 0.1])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         opt.step()
 
 

@@ -1,0 +1,149 @@
+"""SPA under torch.compile, AMP grad scaling, torch's private helpers switched off, and the
+scalar step of the rescaling view (``lightning_spa.theorem.spa_step``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from spa_reference import ReferenceSPA
+
+from lightning_spa import SPA, _compat
+from lightning_spa.functional import spa
+from lightning_spa.theorem import spa_step, step_momentum
+
+
+def test_spa_step_coefficients_follow_the_rescaling_view():
+    # no history: m' = g, alpha = c * eta; history (eta, c) for c < 1, none for c = 1 or eta = 0
+    assert spa_step(0.5, 0.2, None) == (0.8, 1.0, 0.1, (0.5, 0.2), True)
+    assert spa_step(0.5, 1.0, None) == (0.0, 1.0, 0.5, None, True)
+    assert spa_step(0.0, 0.2, None).lr == 0.0 and spa_step(0.0, 0.2, None).history is None
+    # eta unchanged: beta = 1 - c_prev exactly (not (1 - c) * eta / eta)
+    assert spa_step(0.3, 0.1, (0.3, 0.1)).momentum == 1 - 0.1
+    # eta rises: beta = s / eta < 1; alpha = c * eta
+    assert spa_step(1.0, 0.5, (0.5, 0.2)) == (0.4, 1.0, 0.5, (1.0, 0.5), False)
+    # eta drops below s = 0.8 * 1.0: keep m, add (eta / s) g, x -= c s m', s' = (1 - c) s
+    coef = spa_step(0.2, 0.5, (1.0, 0.2))
+    assert coef == (1.0, 0.2 / 0.8, 0.5 * 0.8, (0.8, 0.5), False)
+    assert spa_step(0.0, 0.5, (1.0, 0.2)) == (1.0, 0.0, 0.4, (0.8, 0.5), False)
+    assert math.isfinite(spa_step(1e-310, 0.1, (1.0, 0.1)).grad_weight)
+    assert step_momentum(0.0, 1.0, 0.2) == math.inf and step_momentum(0.1, 1.0, 0.1) == pytest.approx(9.0)
+
+
+def _reference_run(steps, etas, cs, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(5, dtype=torch.float64, generator=gen), torch.randn(3, 2, dtype=torch.float64, generator=gen))
+             for _ in range(steps)]  # fmt: skip
+    x = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(3, 2, dtype=torch.float64, generator=gen).requires_grad_()
+    return x, w, grads
+
+
+def test_compiled_step_with_tensor_lr_and_c_compiles_at_most_twice():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    etas = [0.5 * 0.7**k if k != 6 else 0.0 for k in range(10)]  # changes every step, 0 included
+    cs = [min(1.0, 0.2 * 1.2**k) for k in range(10)]
+    x, w, grads = _reference_run(10, etas, cs)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lr, c = torch.tensor(etas[0], dtype=torch.float64), torch.tensor(cs[0], dtype=torch.float64)
+    opt = SPA([x, w], lr=lr, c=c)
+    ref = ReferenceSPA([x_ref, w_ref])
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    for k in range(10):
+        lr.fill_(etas[k])
+        c.fill_(cs[k])
+        x.grad, w.grad = grads[k]
+        x_ref.grad, w_ref.grad = grads[k]
+        step()
+        ref.step(etas[k], cs[k])
+    assert counter.frame_count <= 2  # the first step (no buffers) and the others
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-12)
+    torch._dynamo.reset()
+
+
+def test_compiled_step_with_the_default_dispatch_runs():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    x, w, grads = _reference_run(4, None, None)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    opt, ref = SPA([x, w], lr=0.5, c=0.2), SPA([x_ref, w_ref], lr=0.5, c=0.2)
+    step = torch.compile(opt.step, backend=CompileCounter())
+    for g in grads:
+        x.grad, w.grad = g
+        x_ref.grad, w_ref.grad = g
+        step()
+        ref.step()
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-14)
+    torch._dynamo.reset()
+
+
+def test_grad_scaler_unscales_inside_the_fused_kernel_and_skips_inf_steps():
+    torch.manual_seed(0)
+    x = torch.randn(6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    opt, ref = SPA([x], lr=0.5, c=0.2, fused=True), SPA([x_ref], lr=0.5, c=0.2, fused=True)
+    assert opt._step_supports_amp_scaling and not SPA([x_ref])._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for k in range(5):
+        g = torch.randn(6)
+        if k == 2:
+            g[1] = math.inf
+        opt.zero_grad()
+        scaler.scale((x * g).sum()).backward()
+        x_before, state_before = x.detach().clone(), {key: v for key, v in opt.state[x].items()} if k else {}
+        buf_before = opt.state[x]["momentum_buffer"].clone() if k else None
+        scaler.step(opt)
+        scaler.update()
+        if k == 2:  # skipped: parameters, buffer and history untouched; the scale halves
+            assert torch.equal(x, x_before) and torch.equal(opt.state[x]["momentum_buffer"], buf_before)
+            assert {key: v for key, v in opt.state[x].items() if key != "momentum_buffer"} == {
+                key: v for key, v in state_before.items() if key != "momentum_buffer"
+            }
+            assert scaler.get_scale() == 512.0
+        else:
+            x_ref.grad = g.clone()
+            ref.step()
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)  # 1024 and 512 are powers of 2: exact unscaling
+
+
+def test_grad_scale_without_fused_is_refused_by_the_functional():
+    p = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        spa([p], [p.clone()], [None], [None], [None], grad_scale=torch.ones(()), lr=0.1, c=0.5,
+            weight_decay=0.0, maximize=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", [{"foreach": True}, {"fused": True}, {}], ids=["foreach", "fused", "default"])
+def test_public_fallbacks_give_the_same_bits(path, monkeypatch):
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.randn(4, 3, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+        opt = SPA(ps, lr=0.5, c=0.2, weight_decay=0.01, **path)
+        for k in range(6):
+            opt.param_groups[0].update(lr=[0.5, 0.5, 0.05, 0.0, 0.3, 0.3][k], c=[0.2, 0.2, 0.2, 0.5, 1.0, 0.2][k])
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            with pytest.warns() if k == 2 else _nothing():
+                opt.step()
+        return ps
+
+    private = run()
+    monkeypatch.setattr(_compat, "PRIVATE", False)
+    assert _compat.kernel_support()[2] == (torch.Tensor, torch.nn.Parameter)
+    public = run()
+    for p, q in zip(private, public, strict=True):
+        assert torch.equal(p, q)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
