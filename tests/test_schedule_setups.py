@@ -377,3 +377,19 @@ def test_16_mixed_step_skipped_by_the_grad_scaler_is_not_counted(pl: ModuleType,
     got = rec.key("lr") if kind == "spa" else [lr / 0.5 for lr in rec.key("lr")]
     assert got == pytest.approx(etas, rel=1e-6)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_optimizer_step_override_that_skips_a_step_is_not_counted(pl: ModuleType) -> None:
+    class SkipsOneBatch(make_module(pl, [sgd()]).__class__):  # type: ignore[misc]
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+            optimizer_closure()
+            if (epoch, batch_idx) != (0, 2):
+                optimizer.step()
+
+    cb = GradualSchedule([2], factor=0.5, mode="lr", transition_steps=4, unit="step")
+    trainer, rec = fit(pl, SkipsOneBatch(), [cb], max_epochs=2)  # 8 batches, 7 steps taken
+    assert trainer.global_step == 8  # Lightning counts the skipped step; the schedule clock does not
+    assert cb.state_dict()["clocks"]["0"]["steps"] == 7
+    etas = [0.5 * 0.5 ** min(1.0, max(0.0, (k - 1) / 4)) for k in range(7)]
+    assert [lr / 0.5 for lr in rec.key("lr")] == pytest.approx(etas, rel=1e-14)
+    assert max(rec.key("momentum")) < 1.0
