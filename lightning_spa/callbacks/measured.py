@@ -1,0 +1,317 @@
+r"""MeasuredMomentumOff: momentum off once the alignment ratio says it stopped helping (Figures 2 + 3).
+
+The measurement is :class:`~lightning_spa.meter.MomentumMeter`, the one behind
+:class:`~lightning_spa.callbacks.MomentumDiagnostics` (same math, same bias-corrected EMA, the
+all-reduced sums under FSDP2); the rule is :class:`~lightning_spa.decision.MomentumOffDecision`;
+the switch is the schedule of :class:`~lightning_spa.callbacks.MomentumOff` (a geometric
+``c -> 1`` with ``eta`` kept, composed with the other schedule callbacks by the optimizer's clock),
+whose start is unknown until the rule decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import partial
+from typing import Any, Literal
+
+from lightning_spa import _lightning as pl
+from lightning_spa._lightning import rank_zero_info, rank_zero_warn
+from lightning_spa.callbacks._adapter import OptimizerClock
+from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_unit, to_steps
+from lightning_spa.callbacks._select import OptimizerSelection, index_of
+from lightning_spa.decision import DEFAULT_THRESHOLD, MomentumOffDecision
+from lightning_spa.meter import MomentumMeter, Reading
+from lightning_spa.schedule import MomentumRemoval
+
+__all__ = ["MeasuredMomentumOff"]
+
+
+class _DecidedRemoval:
+    """A :class:`~lightning_spa.schedule.MomentumRemoval` whose ``start`` is set when the rule decides.
+
+    Before the decision it asks for nothing (``eta`` factor 1, ``c = c0``); after it, it is exactly
+    ``MomentumRemoval(start, transition_steps)``, a pure function of the optimizer step, so a
+    resumed run that restores ``start`` continues bit-exactly.
+    """
+
+    def __init__(self, transition_steps: int) -> None:
+        self.transition_steps = transition_steps
+        self.start: int | None = None
+
+    def eta_factor(self, k: int) -> float:
+        return 1.0
+
+    def c_value(self, k: int, c0: float, joined: int = 0) -> float:
+        if self.start is None:
+            return c0
+        return MomentumRemoval(self.start, self.transition_steps).c_value(k, c0, joined)
+
+    def critical_steps(self) -> Iterable[int]:
+        return ()  # eta never falls: the equivalent momentum stays at most 1 - c
+
+    def __repr__(self) -> str:  # the clock orders schedules by repr; eta factor 1 makes the order irrelevant
+        return f"MeasuredMomentumRemoval(transition_steps={self.transition_steps})"
+
+
+def _check_amount(value: Any, name: str, unit: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0 (in `unit`, epochs by default), got {value!r}.")
+    if unit == "step" and float(value) != int(value):
+        raise ValueError(f"`{name}` in optimizer steps (unit='step') must be an integer, got {value!r}.")
+    return float(value)
+
+
+class MeasuredMomentumOff(SPAScheduleCallback):
+    r"""Turns momentum off when the measured alignment ratio says it stopped helping.
+
+    The paper's Insight 1 (``THEORY.md`` section 4): the smoothed ratio
+    ``EMA(||x_{k+1}-x_k||^2) / EMA((c/(2-c)) eta^2 ||g_k||^2)`` is far above 1 while momentum helps
+    and near 1 (or below) once the gradients are noise. This callback measures it on each selected
+    optimizer from the end of a warm-up, and once it has stayed at or below ``threshold`` for
+    ``patience`` it starts the gradual switch of :class:`MomentumOff` (``c -> 1`` geometrically
+    over ``transition_steps`` with ``eta`` kept; SGD+M: ``lr / (1 - momentum)``, momentum 0), then
+    stops measuring.
+
+    The rule (:class:`~lightning_spa.decision.MomentumOffDecision`), with ``W``, ``P`` the warm-up
+    and patience in optimizer steps of that optimizer's own clock (steps actually taken):
+
+    - steps ``k < W`` are not measured (they cost nothing). The EMA starts at step ``W``: the first
+      steps, with large and fast-shrinking gradients, would otherwise dominate both averages for
+      hundreds of steps and hide the phase after them;
+    - from ``W``, every ``every_n_steps``-th step is measured (every step by default: with
+      heavy-tailed gradient norms a sparse sample misses the rare large ``||g||^2`` that the
+      normaliser needs, and the ratio reads high; see ``examples/reproduce/results/measured_off.md``);
+    - a ratio ``<= threshold`` at step ``s`` opens a window, a ratio above closes it; the decision is
+      taken at the first measured step ``k`` with ``k - s >= P``; momentum goes from step ``k + 1``.
+      Measured every step, a ratio that stays low decides at ``W + P`` exactly.
+
+    Works on :class:`~lightning_spa.SPA` and ``torch.optim.SGD(momentum=...)`` (through Theorem 1,
+    like :class:`MomentumOff`), composes with :class:`GradualSchedule` and :class:`MomentumOff`
+    in any order (``c`` is the largest requested), and with several optimizers decides for each one
+    on its own measurement. Under DDP every rank measures the same (averaged) gradients, under FSDP2
+    the sums are all-reduced, so every rank takes the same decision at the same step with no extra
+    collective. The decision (and, before it, the EMA and the open window) is saved in checkpoints:
+    a run resumed before the decision keeps measuring; after it, the transition continues exactly.
+
+    Logged through ``trainer.loggers``: ``spa/momentum_off_step`` (the first optimizer step with
+    less momentum, logged at the deciding step; ``/opt<i>`` with several optimizers) and, with
+    ``log_ratio=True``, the smoothed ratio the rule reads as ``spa/off_ratio`` at each measured
+    step. One console line (rank zero) per decision.
+
+    Cost: nothing before ``W`` and after the decision (one tiny optimizer post-hook counts steps);
+    in between, one measurement per measured step, like ``MomentumDiagnostics(every_n_steps=1)``
+    without its logging (``benchmarks/measured_off_overhead.py``).
+
+    Args:
+        threshold: the smoothed ratio at or below which momentum counts as not helping (1 is the
+            noise level). Default 1.1.
+        warmup: no measurement before this point (in ``unit``); at least the first epoch, in which
+            the paper finds momentum helps most.
+        patience: how long the ratio must stay at or below ``threshold`` (in ``unit``).
+        transition_steps: optimizer steps over which ``c`` rises geometrically to 1 once decided;
+            None: one epoch; 0 (or 1): instant, with a warning.
+        unit: ``"epoch"`` (fractions allowed) or ``"step"`` (optimizer steps) for ``warmup`` and
+            ``patience``.
+        every_n_steps: measure every this many optimizer steps from the warm-up on.
+        ema_decay: per-step decay of the ratio's EMAs, in ``[0, 1)``.
+        log_ratio: also log the smoothed ratio the rule reads (``spa/off_ratio``).
+        optimizers: which optimizers: None (every SPA / torch SGD+M optimizer; others skipped with a
+            warning), or a list of indices and names (an optimizer class name or a param group's
+            ``"name"``).
+
+    Raises:
+        ValueError: at construction, an invalid argument (the message names it and the valid
+            range); at fit start, an unsupported optimizer setting, an LR scheduler on the same
+            optimizer, or epochs with a dataloader that has no length.
+        TypeError: at fit start, an explicitly selected optimizer other than SPA or torch SGD.
+
+    Example::
+
+        from lightning_spa import MeasuredMomentumOff
+
+        trainer = pl.Trainer(max_epochs=90, callbacks=[MeasuredMomentumOff(warmup=1, patience=1)])
+
+        # LightningCLI YAML
+        trainer:
+          callbacks:
+            - class_path: lightning_spa.MeasuredMomentumOff
+              init_args: {threshold: 1.1, warmup: 1, patience: 1, unit: epoch}
+    """
+
+    def __init__(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        warmup: float = 1,
+        patience: float = 1,
+        transition_steps: int | None = None,
+        unit: Literal["epoch", "step"] = "epoch",
+        every_n_steps: int = 1,
+        ema_decay: float = 0.95,
+        log_ratio: bool = False,
+        optimizers: OptimizerSelection = None,
+    ) -> None:
+        super().__init__(optimizers)
+        check_unit(unit)
+        MomentumOffDecision(threshold)  # validates `threshold`, naming it
+        self.threshold = float(threshold)
+        self.warmup = _check_amount(warmup, "warmup", unit)
+        self.patience = _check_amount(patience, "patience", unit)
+        if transition_steps is not None and (
+            isinstance(transition_steps, bool) or not isinstance(transition_steps, int) or transition_steps < 0
+        ):
+            raise ValueError(
+                f"`transition_steps` must be None (one epoch) or an integer >= 0 (0: instant), "
+                f"got {transition_steps!r}."
+            )
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an integer >= 1 (1: every step), got {every_n_steps!r}.")
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be a float in [0, 1) (e.g. 0.95), got {ema_decay!r}.")
+        if not isinstance(log_ratio, bool):
+            raise ValueError(f"`log_ratio` must be a bool, got {log_ratio!r}.")
+        self.transition_steps, self.unit = transition_steps, unit
+        self.every_n_steps, self.ema_decay, self.log_ratio = every_n_steps, float(ema_decay), log_ratio
+        self.warmup_steps = self.patience_steps = 0  # in optimizer steps, set at fit start
+        self.decisions: dict[int, MomentumOffDecision] = {}
+        self._removals: dict[int, _DecidedRemoval] = {}
+        self._meters: dict[int, MomentumMeter] = {}
+        self._loaded_decisions: dict[int, dict[str, Any]] = {}
+        self._loaded_meters: dict[int, dict[str, Any]] = {}
+        self._loggers: list[Any] = []
+        self._suffix = False
+        self._state_key = self._generate_state_key(
+            threshold=self.threshold, warmup=self.warmup, patience=self.patience, unit=self.unit,
+            transition_steps=self.transition_steps, optimizers=self.optimizers,
+        )  # fmt: skip
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key  # Lightning reads it several times a step: computed once
+
+    @property
+    def decided_steps(self) -> dict[int, int | None]:
+        """Per optimizer index: the step whose measurement decided (momentum goes from the next one), or None."""
+        return {i: d.decided_step for i, d in sorted(self.decisions.items())}
+
+    # ----- setup --------------------------------------------------------------------------
+    def _build(self, steps_per_epoch: int) -> _DecidedRemoval:
+        if steps_per_epoch == 0 and (self.unit == "epoch" or self.transition_steps is None):
+            raise ValueError(
+                "MeasuredMomentumOff: the training dataloader has no length, so epochs cannot be converted to "
+                "optimizer steps; use unit='step' and give transition_steps."
+            )
+        self.decisions, self._removals = {}, {}  # a new fit: _check fills them per optimizer
+        self.warmup_steps = to_steps(self.warmup, self.unit, steps_per_epoch)
+        self.patience_steps = to_steps(self.patience, self.unit, steps_per_epoch)
+        length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
+        return _DecidedRemoval(length)
+
+    def _check(self, clock: OptimizerClock) -> None:
+        # One removal and one decision per optimizer: swap the shared placeholder in this clock for its own.
+        assert isinstance(self.schedule, _DecidedRemoval)
+        removal = _DecidedRemoval(self.schedule.transition_steps)
+        clock.schedules = [removal if s is self.schedule else s for s in clock.schedules]
+        decision = MomentumOffDecision(self.threshold, self.warmup_steps, self.patience_steps)
+        if clock.index in self._loaded_decisions:
+            decision.load_state_dict(self._loaded_decisions.pop(clock.index))
+        removal.start = decision.transition_start
+        self._removals[clock.index], self.decisions[clock.index] = removal, decision
+        if removal.transition_steps <= 1 and min((g.c0 for g in clock.groups), default=1.0) < 1.0:
+            rank_zero_warn(
+                f"MeasuredMomentumOff(transition_steps={self.transition_steps}) switches momentum off at once on "
+                f"optimizer {clock.index}: the raw gradient then gets 1/c0 times the learning rate before the "
+                "averaging settles (our Figure 3 reproduction diverged in 1 of 5 seeds this way). Use the default "
+                "transition_steps=None (one epoch) for a gradual switch."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # the first schedule callback builds the clocks and calls _check
+        self._loggers = list(trainer.loggers)
+        self._suffix = len(self._clocks) > 1
+        self._detach_meters()
+        for index, clock in self._clocks.items():
+            if self.decisions[index].decided:
+                continue
+            meter = MomentumMeter(clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay)
+            if index in self._loaded_meters:
+                meter.load_state_dict(self._loaded_meters.pop(index))
+            meter.listeners.append(partial(self._on_reading, index))
+            self._meters[index] = meter.attach()
+        self._loaded_meters = {}
+
+    def _detach_meters(self) -> None:
+        for meter in self._meters.values():
+            meter.detach()
+        self._meters = {}
+
+    # ----- measuring and deciding ---------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._meters:
+            return
+        index = index_of(trainer, optimizer)
+        meter = self._meters.get(index) if index is not None else None
+        if meter is None or index is None:
+            return
+        k = self._clocks[index].steps  # the coming step
+        if k >= self.warmup_steps and (k - self.warmup_steps) % self.every_n_steps == 0:
+            meter.measure_next_step()
+            meter.before_step()  # the first half now; the meter's step post-hook finishes it (runs first)
+
+    def _on_reading(self, index: int, reading: Reading) -> None:
+        """Called by the meter in its step post-hook, before the clock's: the decision reaches step ``k + 1``."""
+        decision = self.decisions[index]
+        if reading.status != "ok" or decision.decided:
+            return
+        k = self._clocks[index].steps  # the step just taken (the clock advances in its own post-hook, next)
+        ratio = reading.ratio
+        suffix = f"/opt{index}" if self._suffix else ""
+        if self.log_ratio and math.isfinite(ratio):
+            for logger in self._loggers:
+                logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=k)
+        if not decision.observe(k, ratio):
+            return
+        start = decision.transition_start
+        assert start is not None
+        self._removals[index].start = start  # the clock's post-hook writes step k + 1's values next
+        for logger in self._loggers:
+            logger.log_metrics({f"spa/momentum_off_step{suffix}": float(start)}, step=k)
+        rank_zero_info(
+            f"MeasuredMomentumOff: optimizer {index}: smoothed alignment ratio {ratio:.3g} <= {self.threshold:g} "
+            f"since step {decision.below_since} (warm-up {self.warmup_steps}, patience {self.patience_steps} steps); "
+            f"momentum off from optimizer step {start}, over {self._removals[index].transition_steps} steps."
+        )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # A decided optimizer needs no meter any more (detached here, not inside the optimizer's hooks).
+        for index in [i for i in self._meters if self.decisions[i].decided]:
+            self._meters.pop(index).detach()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._detach_meters()
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["decisions"] = {str(i): d.state_dict() for i, d in self.decisions.items()}
+        state["meters"] = {str(i): m.state_dict() for i, m in self._meters.items() if not self.decisions[i].decided}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        decisions = {int(i): s for i, s in state_dict.get("decisions", {}).items()}
+        meters = {int(i): s for i, s in state_dict.get("meters", {}).items()}
+        if not self._in_fit:
+            self._loaded_decisions, self._loaded_meters = decisions, meters
+            return
+        # Strategies that restore after setup load the state after on_fit_start: apply it now.
+        for index, state in decisions.items():
+            if index in self.decisions:
+                self.decisions[index].load_state_dict(state)
+                self._removals[index].start = self.decisions[index].transition_start
+        for index, state in meters.items():
+            if index in self._meters:
+                self._meters[index].load_state_dict(state)

@@ -1,0 +1,84 @@
+"""Problems for the MeasuredMomentumOff tests, and a script for the 2-process DDP check.
+
+Usage: python tests/measured_off_problem.py {single,ddp} OUT_DIR
+
+``Objective`` minimises ``0.5 * h * ||W - T||^2 + noise * <W, xi_k>`` over one float64 vector
+``W`` of ``dim`` entries; ``xi_k`` is a standard normal vector seeded by the optimizer step, so
+every DDP rank gets the same gradient and a resumed run the same noise.
+
+- ``h = 0``: pure noise, the gradient does not depend on ``W``: the ratio is 1 in expectation
+  (``THEORY.md`` section 4); with ``dim = 4000`` its sampling noise is a few percent.
+- ``noise = 0``: a deterministic quadratic; with ``eta * h`` small the step follows the slowly
+  turning gradient, ``||x_{k+1} - x_k|| ~ eta ||g||``, so the ratio tends to ``(2 - c) / c``.
+- both: the ratio is high while ``W`` is far from ``T``, then falls to the noise level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Objective(pl.LightningModule):
+    def __init__(
+        self, dim: int = 4000, h: float = 0.0, noise: float = 1.0, optimizer: str = "spa", eta: float = 0.1,
+        c: float = 0.2, offset: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.h, self.noise, self.optimizer_name, self.eta, self.c = h, noise, optimizer, eta, c
+        gen = torch.Generator().manual_seed(0)
+        self.target = torch.randn(dim, generator=gen, dtype=torch.float64)
+        self.w = torch.nn.Parameter(self.target + offset + torch.randn(dim, generator=gen, dtype=torch.float64))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        xi = torch.randn(self.w.shape, generator=torch.Generator().manual_seed(1000 + self.global_step),
+                         dtype=torch.float64)  # fmt: skip
+        return 0.5 * self.h * (self.w - self.target).square().sum() + self.noise * (self.w * xi).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        from lightning_spa import SPA
+
+        if self.optimizer_name == "spa":
+            return SPA([self.w], lr=self.eta, c=self.c)
+        return torch.optim.SGD([self.w], lr=self.c * self.eta, momentum=1.0 - self.c)
+
+
+def loader(steps: int) -> DataLoader:
+    return DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1)
+
+
+MIXED = {"dim": 2000, "h": 1.0, "noise": 0.3, "eta": 0.2, "c": 0.2, "offset": 3.0}
+
+
+def main() -> None:
+    from lightning_spa.callbacks.measured import MeasuredMomentumOff
+
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+    cs: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            cs.append(float(trainer.optimizers[0].param_groups[0]["c"]))
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2 if mode == "ddp" else 1, strategy="ddp" if mode == "ddp" else "auto",
+        max_steps=150, logger=False, callbacks=[callback, Record()], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    model = Objective(**MIXED)  # type: ignore[arg-type]
+    trainer.fit(model, loader(300))
+    result = {"decided": callback.decided_steps[0], "cs": cs, "w_sum": float(model.w.detach().sum())}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""MeasuredMomentumOff: momentum off when the alignment ratio says so (issue 11).
+
+Problems (``tests/measured_off_problem.py``): pure noise (ratio ~1: decides at warm-up + patience
+exactly), a deterministic quadratic (ratio ~(2-c)/c: never decides), and a quadratic with noise
+(high ratio, then the noise level: a decision step that depends on the trajectory). Float64, one
+parameter vector, one step per batch: seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from measured_off_problem import MIXED, Objective, loader
+
+from lightning_spa.callbacks.measured import MeasuredMomentumOff
+from lightning_spa.callbacks.schedules import GradualSchedule
+from lightning_spa.decision import MomentumOffDecision
+from lightning_spa.schedule import MomentumRemoval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Record(pl.Callback):
+    """The ``c`` (SPA) or ``momentum`` (torch SGD) each optimizer step used, read right before it."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        group = trainer.optimizers[0].param_groups[0]
+        self.values.append(float(group["c"] if "c" in group else group["momentum"]))
+
+
+def fit(
+    model: pl.LightningModule, callbacks: list[pl.Callback], steps: int, ckpt: str | None = None, **trainer: Any
+) -> pl.Trainer:
+    t = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=callbacks, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, **{"logger": False, **trainer},
+    )  # fmt: skip
+    t.fit(model, loader(400), ckpt_path=ckpt)
+    return t
+
+
+def expected_c(c0: float, start: int | None, length: int, steps: range) -> list[float]:
+    if start is None:
+        return [c0 for _ in steps]
+    removal = MomentumRemoval(start, length)
+    return [1.0 if (v := removal.c_value(k, c0)) >= 1.0 - 1e-12 else v for k in steps]
+
+
+# ----- the rule on real measurements -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("warmup", "patience"), [(10, 15), (25, 0)])
+def test_pure_noise_switches_off_after_warmup_plus_patience(warmup: int, patience: int) -> None:
+    callback = MeasuredMomentumOff(warmup=warmup, patience=patience, unit="step", transition_steps=12, log_ratio=True)
+    record = Record()
+    fit(Objective(h=0.0), [callback, record], steps=80)
+    decided = warmup + patience  # the noise ratio (1 +- a few %) is below 1.1 at every measured step
+    assert callback.decided_steps == {0: decided}
+    # c0 until the decision's step, then MomentumOff's geometric transition over 12 steps from the next one
+    assert record.values == pytest.approx(expected_c(0.2, decided + 1, 12, range(80)), rel=1e-12)
+    assert record.values[decided] == 0.2 and record.values[decided + 12] == 1.0
+
+
+def test_deterministic_quadratic_never_switches() -> None:
+    callback = MeasuredMomentumOff(warmup=5, patience=5, unit="step", transition_steps=10)
+    ratios: list[float] = []
+    record = Record()
+    model = Objective(dim=50, h=1.0, noise=0.0, eta=0.01, c=0.1)
+    fit(model, [callback, record, _RatioTap(callback, ratios)], steps=150)
+    assert callback.decided_steps == {0: None}
+    assert record.values == [0.1] * 150
+    # Overdamped (eta * h = 0.01), so ||g|| only shrinks along the path. The first measured step (k = 5)
+    # carries at least the constant-gradient share of momentum, x_{k+1} - x_k = -eta (1 - (1-c)^(k+1)) g,
+    # i.e. a ratio >= (1 - 0.9^6)^2 (2 - c) / c = 4.18; later, with g shrinking by q = 1 - eta h a step,
+    # x_{k+1} - x_k -> -eta g c / (1 - (1-c)/q): the ratio tends to (2-c)/c * (c / (1 - (1-c)/q))^2 = 23.0.
+    assert len(ratios) == 145
+    assert min(ratios) == ratios[0] >= (1 - 0.9**6) ** 2 * 19
+    assert ratios[-1] == pytest.approx(19 * (0.1 / (1 - 0.9 / 0.99)) ** 2, rel=0.02)
+
+
+class _RatioTap(pl.Callback):
+    """Collects the smoothed ratio the decision reads, through the meters' listeners."""
+
+    def __init__(self, callback: MeasuredMomentumOff, out: list[float]) -> None:
+        self.callback, self.out = callback, out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for meter in self.callback._meters.values():
+            meter.listeners.append(lambda r: self.out.append(r.ratio))
+
+
+def test_decision_equals_the_rule_on_the_shared_measurement() -> None:
+    """The callback's decision is MomentumOffDecision applied to MomentumMeter's ratio from the warm-up on."""
+    ratios: list[float] = []
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+    fit(Objective(**MIXED), [callback, _RatioTap(callback, ratios)], steps=150)  # type: ignore[arg-type]
+    decided = callback.decided_steps[0]
+    assert decided is not None and 25 < decided < 150  # the mixed problem needs the ratio to fall first
+    rule = MomentumOffDecision(1.1, 10, 15)
+    steps = range(10, 10 + len(ratios))
+    assert [rule.observe(k, r) for k, r in zip(steps, ratios, strict=True)].index(True) + 10 == decided
+    assert ratios[0] > 1.1  # high while W is far from the target
+
+
+def test_torch_sgd_and_spa_decide_at_the_same_step() -> None:
+    results = {}
+    for name in ("spa", "sgd"):
+        callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+        model = Objective(**{**MIXED, "optimizer": name})  # type: ignore[arg-type]
+        fit(model, [callback], steps=150)
+        results[name] = (callback.decided_steps[0], model.w.detach().clone())
+    assert results["spa"][0] == results["sgd"][0] is not None
+    torch.testing.assert_close(results["sgd"][1], results["spa"][1], rtol=1e-9, atol=1e-9)
+
+
+# ----- resume ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [18, 30], ids=["before-decision", "inside-transition"])
+def test_decision_survives_a_resume(tmp_path: Path, cut: int) -> None:
+    def make() -> tuple[MeasuredMomentumOff, Record]:
+        return MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=12), Record()
+
+    callback, record = make()
+    reference = Objective(h=0.0, dim=1000)
+    fit(reference, [callback, record], steps=60)
+    assert callback.decided_steps == {0: 25}
+    first_cb, first_rec = make()
+    first = Objective(h=0.0, dim=1000)
+    trainer = fit(first, [first_cb, first_rec], steps=cut)
+    assert first_cb.decided_steps == {0: None if cut <= 25 else 25}
+    path = str(tmp_path / "cut.ckpt")
+    trainer.save_checkpoint(path)
+    resumed_cb, resumed_rec = make()
+    resumed = Objective(h=0.0, dim=1000)
+    fit(resumed, [resumed_cb, resumed_rec], steps=60, ckpt=path)
+    assert resumed_cb.decided_steps == {0: 25}
+    assert first_rec.values + resumed_rec.values == record.values  # bit-exact, transition included
+    assert torch.equal(resumed.w, reference.w)
+
+
+# ----- several optimizers, composition ----------------------------------------------------------------
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization: optimizer 0 on pure noise, optimizer 1 on a deterministic quadratic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(2000, generator=gen, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(50, generator=gen, dtype=torch.float64))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_a, opt_b = self.optimizers()  # type: ignore[misc]
+        xi = torch.randn(2000, generator=torch.Generator().manual_seed(batch_idx), dtype=torch.float64)
+        for opt, loss in ((opt_a, (self.a * xi).sum()), (opt_b, 0.5 * self.b.square().sum())):
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        from lightning_spa import SPA
+
+        return [SPA([self.a], lr=0.1, c=0.2), SPA([self.b], lr=0.01, c=0.1)]
+
+
+def test_each_optimizer_decides_on_its_own_measurement() -> None:
+    callback = MeasuredMomentumOff(warmup=10, patience=5, unit="step", transition_steps=4)
+    model = TwoOptimizers()
+    trainer = fit(model, [callback], steps=2 * 60)  # global_step counts both optimizers' steps
+    assert callback.decided_steps == {0: 15, 1: None}  # each on its own clock: 60 steps each
+    assert trainer.optimizers[0].param_groups[0]["c"] == 1.0
+    assert trainer.optimizers[1].param_groups[0]["c"] == 0.1
+
+
+@pytest.mark.parametrize("order", ["measured-first", "gradual-first"])
+def test_composes_with_gradual_schedule_in_any_order(order: str) -> None:
+    measured = MeasuredMomentumOff(warmup=10, patience=5, unit="step", transition_steps=4)
+    gradual = GradualSchedule(milestones=[40], factor=0.5, mode="lr", transition_steps=5, unit="step")
+    record = Record()
+    callbacks = [measured, gradual] if order == "measured-first" else [gradual, measured]
+    fit(Objective(h=0.0), [*callbacks, record], steps=60)
+    assert measured.decided_steps == {0: 15}
+    assert record.values == pytest.approx(expected_c(0.2, 16, 4, range(60)), rel=1e-12)
+
+
+# ----- arguments, logging ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": 0}, "`threshold` must be finite and > 0"),
+        ({"threshold": "1.1"}, "`threshold` must be a number"),
+        ({"warmup": -1}, "`warmup` must be a finite number >= 0"),
+        ({"patience": math.nan}, "`patience` must be a finite number >= 0"),
+        ({"warmup": 2.5, "unit": "step"}, r"`warmup` in optimizer steps \(unit='step'\) must be an integer"),
+        ({"unit": "epochs"}, "`unit` must be 'epoch' or 'step'"),
+        ({"transition_steps": -2}, "`transition_steps` must be None"),
+        ({"every_n_steps": 0}, "`every_n_steps` must be an integer >= 1"),
+        ({"ema_decay": 1.0}, r"`ema_decay` must be a float in \[0, 1\)"),
+        ({"log_ratio": "yes"}, "`log_ratio` must be a bool"),
+        ({"optimizers": []}, "`optimizers` must be None"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MeasuredMomentumOff(**kwargs)
+
+
+def test_instant_switch_warns() -> None:
+    with pytest.warns(UserWarning, match="switches momentum off at once"):
+        fit(Objective(h=0.0, dim=100), [MeasuredMomentumOff(warmup=2, patience=2, unit="step", transition_steps=0)],
+            steps=3)  # fmt: skip
+
+
+def test_logs_the_decision_and_one_console_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=12, log_ratio=True)
+    with caplog.at_level("INFO"):
+        fit(Objective(h=0.0, dim=1000), [callback], steps=40, logger=CSVLogger(tmp_path, name="", version=0))
+    lines = [r.getMessage() for r in caplog.records if "MeasuredMomentumOff" in r.getMessage()]
+    assert len(lines) == 1 and "momentum off from optimizer step 26" in lines[0]
+    rows = (tmp_path / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    col_off, col_ratio, col_step = (
+        header.index("spa/momentum_off_step"),
+        header.index("spa/off_ratio"),
+        header.index("step"),
+    )
+    offs = [(int(r.split(",")[col_step]), r.split(",")[col_off]) for r in rows[1:] if r.split(",")[col_off]]
+    assert offs == [(25, "26.0")]
+    ratio_steps = sorted({int(r.split(",")[col_step]) for r in rows[1:] if r.split(",")[col_ratio]})
+    assert ratio_steps == list(range(10, 26))  # measured from the warm-up to the decision, then no more
+
+
+# ----- DDP ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_two_rank_ddp_decides_at_the_same_step_as_one_process(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("measured_off_problem.py")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    results = {}
+    for mode in ("single", "ddp"):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), mode, str(tmp_path / mode)], env=env, cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"{mode} run did not finish within 240 s: a rank hangs")
+        assert proc.returncode == 0, stderr[-3000:]
+        results[mode] = [json.loads((tmp_path / mode / f"rank{r}.json").read_text())
+                         for r in range(2 if mode == "ddp" else 1)]  # fmt: skip
+    single = results["single"][0]
+    assert single["decided"] is not None and 25 < single["decided"] < 150
+    for rank in results["ddp"]:
+        assert rank["decided"] == single["decided"]
+        assert rank["cs"] == single["cs"]
+        assert rank["w_sum"] == pytest.approx(single["w_sum"], rel=1e-12)
