@@ -81,8 +81,8 @@ def _trajectories(path: str, dtype: torch.dtype, steps: int = 60) -> tuple[float
 @pytest.mark.parametrize("path", PATHS)
 def test_spa_matches_theorem1_sgd_on_cuda(path: str, dtype: torch.dtype) -> None:
     d_sgd, d_ref, scale = _trajectories(path, dtype)
-    # Same kernels, same (alpha, beta): equal up to rounding (bfloat16 keeps ~3 digits).
-    assert d_sgd <= (1e-5 if dtype == torch.float32 else 2e-2) * scale
+    # The same recursion: equal up to round-off (bfloat16 keeps 8 bits: ten units in the last place).
+    assert d_sgd <= (1e-5 if dtype == torch.float32 else 4e-2) * scale
     if dtype == torch.float32:  # and the paper's recursion, computed in float64
         assert d_ref <= 1e-4 * scale
 
@@ -166,15 +166,23 @@ def _context(tmp_path: Path) -> Any:
     return gpu_check.Context(torch.device("cuda"), True, gpu_check.Report(), tmp_path)
 
 
+FACTORIES = {
+    "SPA": lambda ps: SPA(ps, lr=1.0, c=0.1),
+    "SPA-fused": lambda ps: SPA(ps, lr=1.0, c=0.1, fused=True),
+    "SGD-fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+}
+
+
 @cuda
-def test_momentum_diagnostics_syncs_on_cuda(tmp_path: Path) -> None:
-    """No host sync on an unmeasured step, at most one on a measured step (the Lightning loop alone
-    is the control)."""
+@pytest.mark.parametrize(("optimizer", "amp"), [("SPA", False), ("SPA-fused", True), ("SGD-fused", True)])
+def test_momentum_diagnostics_syncs_on_cuda(tmp_path: Path, optimizer: str, amp: bool) -> None:
+    """No host sync on an unmeasured step, at most one on a measured step, with and without 16-mixed
+    AMP (the same fit without the callback is the control: the scaler's own syncs are not counted)."""
     from lightning_spa.callbacks import MomentumDiagnostics
 
-    ctx = _context(tmp_path)
-    control, _, _ = gpu_check.sync_counts(ctx, [], 12)
-    counts, logged, sources = gpu_check.sync_counts(ctx, [MomentumDiagnostics(every_n_steps=4)], 12)
+    ctx, factory = _context(tmp_path), FACTORIES[optimizer]
+    control, _, _ = gpu_check.sync_counts(ctx, [], 12, factory, amp)
+    counts, logged, sources = gpu_check.sync_counts(ctx, [MomentumDiagnostics(every_n_steps=4)], 12, factory, amp)
     extra = {s: n - control.get(s, 0) for s, n in counts.items()}
     assert logged, "nothing was measured"
     assert all(n == 0 for s, n in extra.items() if s not in logged), (extra, logged, sources)
