@@ -11,7 +11,11 @@ Two optimizers are supported (:mod:`lightning_spa.callbacks._select` checks them
 AMP grad scaler skips, or a ``step()`` nobody calls, does not count) and writes, right after
 each step, the values of the next one, computed from the step count alone (so the previous
 step's values, which torch SGD's momentum needs, are those of the previous step *taken*). Right
-before a step it checks nobody else changed them and picks up param groups added since.
+before a step it checks nobody else changed them and picks up param groups added since. So
+between steps the param groups always hold the coming step's values; a reader of the step just
+taken reads them before the step (``on_before_optimizer_step``, a pre-step hook), or in a
+post-step hook registered before the clock's (the callbacks hook at ``on_train_start``), or
+computes them: ``clock.values(g, clock.steps - 1)``.
 
 Exactness on torch SGD when some parameters have no gradient. SPA keeps, per parameter, the scale
 ``s = (1 - c) * eta`` its momentum buffer carries (``z = x - s * m``); torch SGD has one momentum
@@ -168,10 +172,12 @@ class OptimizerClock:
                     f"(eta {start.eta0:g}, c {start.c0:g}) reaches the equivalent SGD+M momentum "
                     f"{overflow.momentum:.4g} at step {overflow.step}"
                 )
-                if getattr(schedule, "transition_steps", 1) > 1:
-                    raise ValueError(f"{message} (>= 1). Give the group a larger c (smaller momentum) or use a "
-                                     "longer transition_steps.")  # fmt: skip
-                self._warn(f"{message}: expect the loss spike of an instant change.")
+                if getattr(schedule, "transition_steps", 1) <= 1:  # an instant change: warned at fit start too
+                    self._warn(f"{message}: expect the loss spike of an instant change.")
+                    continue
+                raise ValueError(
+                    f"{message} (>= 1). Give the group a larger c (smaller momentum) or use a longer transition_steps."
+                )
             self.groups.append(start)
             self._written.append(self._write_group(g))
 
@@ -233,7 +239,7 @@ class OptimizerClock:
                         self._warned_lost = True
                         self._warn(
                             f"{self.owner}: a parameter of optimizer {self.index} (torch SGD) had no gradient at step "
-                            f"{k}, where momentum reached 0: torch SGD drops its momentum buffer, SPA would keep it. "
+                            f"{k}, where c reached 1 (momentum 0): torch SGD drops its momentum, SPA would keep it. "
                             "Use lightning_spa.SPA for an exact result."
                         )
                     continue

@@ -5,8 +5,8 @@ builds its schedule and selects its optimizers (:func:`~lightning_spa.callbacks.
 and every selected optimizer gets one :class:`~lightning_spa.callbacks._adapter.OptimizerClock`
 shared by all callbacks that target it, composing their schedules in a canonical order (so the
 order of the callbacks changes nothing). The clocks hook the optimizers; the callbacks only
-check the setup, write the first values once the optimizer state is restored (``on_train_start``)
-and save the clocks in checkpoints.
+check the setup, write the first values and hook the optimizers once the optimizer state is
+restored (``on_train_start``), and save the clocks in checkpoints.
 """
 
 from __future__ import annotations
@@ -121,14 +121,15 @@ class SPAScheduleCallback(Callback):
             for clock in peer._clocks.values():
                 peer._check(clock)
         warn_lr_monitor_momentum(trainer, [s for peer in peers for s in peer._selected], self._name)
-        for clock in clocks.values():
-            clock.attach()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The optimizer state (param groups included) is restored by now: write the coming step's values.
+        # Hooking the optimizers this late puts the clocks' post-step hooks after those other callbacks
+        # registered at fit start, so those still see the values of the step just taken.
         if self._owner:
             for clock in dict.fromkeys(self._all_clocks(trainer)):
                 clock.write()
+                clock.attach()
 
     def _all_clocks(self, trainer: pl.Trainer) -> list[OptimizerClock]:
         peers = [cb for cb in trainer.callbacks if isinstance(cb, SPAScheduleCallback)]  # type: ignore[attr-defined]
