@@ -368,7 +368,8 @@ def test_yaml_config_parses_and_fits(tmp_path: Path) -> None:
     )
     gradual, off = [cb for cb in cli.trainer.callbacks if isinstance(cb, (GradualSchedule, MomentumOff))]
     assert isinstance(gradual, GradualSchedule) and gradual.milestones == [2.0] and gradual.transition_steps == 2
-    assert isinstance(off, MomentumOff) and off.after_epochs == 6
+    assert isinstance(off, MomentumOff) and off.after_epochs == 6 and off.transition_steps == 0
+    assert gradual.optimizers == [0] and off.optimizers == ["SPA"]
     assert cli.trainer.global_step == 8
     group = cli.trainer.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(0.5) and group["c"] == 1.0
@@ -382,6 +383,7 @@ def test_cli_help_shows_the_arguments(capsys: pytest.CaptureFixture[str]) -> Non
     out = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
     assert "--trainer.callbacks.transition_steps" in out and "None: one epoch of optimizer steps" in out
     assert "--trainer.callbacks.mode {paper,lr}" in out
+    assert "--trainer.callbacks.optimizers" in out and "(type: Optional[Sequence[int | str]], default: null)" in out
 
 
 # ----- DDP (2 ranks, gloo): this file run as a script is the training program -------------------------
