@@ -25,7 +25,8 @@ tensor so that the sums accumulate in float32), e.g.
 ``kappa`` that the second half recovers). The hyper-parameters are read *during* the step
 (:func:`group_hyper`, from a step post-hook), so they are the ones the step used. The
 displacement is expanded the same way, which holds whatever the optimizer stores: for SPA
-``b_k = c_k (1 - c_{k-1}) eta_{k-1}`` (``c_k`` times ``"prev_scale"``, :func:`prev_scales`), finite
+``x_{k+1} - x_k = -c_k (eta_k g_k + s_k m_k)`` with ``z_k = x_k - s_k m_k``
+(:meth:`~lightning_spa.SPA.momentum_history`, :func:`prev_scales`), so ``b_k = c_k s_k``, finite
 even at ``eta_k = 0``, where ``beta_k`` is not (``THEORY.md`` section 9).
 
 - Complex parameters: ``<a, b> = Re(vdot(a, b))``, the real inner product of ``C^n = R^{2n}``.
@@ -109,34 +110,33 @@ def _as_float(value: Any) -> float:
 def _history(optimizer: Optimizer, p: Tensor, group: dict[str, Any]) -> Tensor | None:
     """``m_k`` of ``p`` if the coming step folds it in, else ``None``.
 
-    A torch SGD group with momentum 0 leaves its old buffer in place but does not use it; an SPA
-    buffer with ``prev_scale == 0`` (or none, as after a step at ``c = 1``) restarts from ``g_k``.
+    SPA keeps no state for a parameter without history (before its first step, after a step at
+    ``c = 1``): :meth:`~lightning_spa.SPA.momentum_history`. A torch SGD group with momentum 0
+    leaves its old buffer in place but does not use it.
     """
-    state = optimizer.state.get(p)
-    if not state:
-        return None
-    buf = state.get("momentum_buffer")
-    if buf is None:
-        return None
     if isinstance(optimizer, SPA):
-        return buf if state.get("prev_scale", 0.0) else None
-    return buf if float(group.get("momentum", 0.0)) != 0.0 else None
+        history = optimizer.momentum_history(p)
+        return None if history is None else history[0]
+    state = optimizer.state.get(p)
+    buf = state.get("momentum_buffer") if state else None
+    return buf if buf is not None and float(group.get("momentum", 0.0)) != 0.0 else None
 
 
 def prev_scales(optimizer: Optimizer) -> list[float | None]:
-    """SPA's ``(1 - c_{k-1}) eta_{k-1}`` (``"prev_scale"``) per param group, read before the step
-    (``None``: no history, or not SPA). Read from the group's first parameter with a gradient and a
-    buffer: the parameters of one group are assumed to share their step history."""
+    """SPA's scale ``s = (1 - c_{k-1}) eta_{k-1}`` (``z = x - s m``) per param group, read before the
+    step (``None``: no history, or not SPA). Read from the group's first parameter with a gradient
+    and history: the parameters of one group are assumed to share their step history."""
     if not isinstance(optimizer, SPA):
         return [None] * len(optimizer.param_groups)
     out: list[float | None] = []
     for group in optimizer.param_groups:
         prev = None
         for p in group["params"]:
-            if p.grad is not None and _history(optimizer, p, group) is not None:
-                prev = float(optimizer.state[p]["prev_scale"])
+            history = optimizer.momentum_history(p) if p.grad is not None else None
+            if history is not None:
+                prev = _as_float(history[1])  # a host read of a 0-dim tensor in SPA's tensor-lr mode
                 break
-        out.append(prev)
+        out.append(prev or None)
     return out
 
 
@@ -151,7 +151,7 @@ def group_hyper(optimizer: Optimizer, group: dict[str, Any], prev_scale: float |
     """
     wd, sign = float(group.get("weight_decay", 0.0)), -1.0 if group.get("maximize", False) else 1.0
     if isinstance(optimizer, SPA):
-        eta, c = _as_float(group["lr"]), float(group["c"])
+        eta, c = _as_float(group["lr"]), _as_float(group["c"])
         lr, beta = constant_spa_to_sgdm(eta, c)  # beta_0 is reported as 1 - c_0 (no effect)
         if prev_scale is not None:  # Theorem 1 with (1 - c_{k-1}) eta_{k-1} = prev_scale
             beta = step_momentum(eta, prev_scale, 0.0)
@@ -199,7 +199,8 @@ def _square_norms(ts: list[Tensor], dtype: torch.dtype) -> Tensor:
         return torch.zeros(0, dtype=dtype)
     if not any(t.is_sparse for t in ts):
         return torch.stack(torch._foreach_norm(ts, 2)).to(dtype).square()
-    return torch.stack([torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t).to(dtype) for t in ts])
+    norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t) for t in ts]
+    return torch.stack(norms).to(dtype).square()
 
 
 def _group_fields(optimizer: Optimizer, group: dict[str, Any], ps: list[Tensor], dtype: torch.dtype) -> Tensor:

@@ -40,7 +40,7 @@ def _explicit(opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torc
         for p in group["params"]:
             gs.append((sign * p.grad + group["weight_decay"] * p.detach()).double())
             state = opt.state.get(p, {})
-            history = "momentum_buffer" in state and (not isinstance(opt, SPA) or state["prev_scale"] != 0.0)
+            history = opt.momentum_history(p) is not None if isinstance(opt, SPA) else "momentum_buffer" in state
             zero = torch.zeros_like(p, dtype=torch.float64)
             ms.append(state["momentum_buffer"].double().clone() if history else zero)
     return gs, ms
