@@ -202,6 +202,7 @@ def _fit(
     logger: Any = None,
     precision: Any = "32-true",
     plugins: list[Any] | None = None,
+    log_every_n_steps: int = 1,
 ) -> Any:
     import pytorch_lightning as pl
 
@@ -219,7 +220,7 @@ def _fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        log_every_n_steps=1,
+        log_every_n_steps=log_every_n_steps,
         default_root_dir=str(ctx.tmp),
     )
     with warnings.catch_warnings():
@@ -814,7 +815,8 @@ def _overhead(ctx: Context) -> tuple[str, dict[str, float]]:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             clock = Clock()
             module = fake_module(resnet18, lambda ps: SPA(ps, lr=1.0, c=0.1), (3, 32, 32), batch, 10, steps)
-            _fit(ctx, module, steps, [*configs[name](), clock], logger=memory_logger())
+            # Lightning's default log_every_n_steps=50, which MomentumDiagnostics() follows.
+            _fit(ctx, module, steps, [*configs[name](), clock], logger=memory_logger(), log_every_n_steps=50)
             if r:
                 times[name].append(clock.seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
