@@ -131,3 +131,12 @@ def test_a_param_group_the_schedule_cannot_handle_is_refused_when_it_joins() -> 
     with pytest.raises(ValueError, match=r"param group 1 added to optimizer 0 has momentum=0.0"):
         fit(pl, module, [GradualSchedule([3], unit="step", transition_steps=4), AddPlainSGDGroup()], max_steps=4,
             loader=data())  # fmt: skip
+
+
+def test_resuming_from_a_checkpoint_without_a_clock_warns(tmp_path: Any) -> None:
+    trainer, _ = fit(pl, make_module(pl, [spa()]), [], max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.warns(UserWarning, match=r"holds no schedule clock for optimizer 0 .* starts at step 0 again"):
+        _, rec = fit(pl, make_module(pl, [spa()]), [GradualSchedule([1], unit="step", transition_steps=4)],
+                     ckpt_path=str(tmp_path / "plain.ckpt"), max_epochs=2)  # fmt: skip
+    assert rec.key("lr")[0] == 0.5  # step 0 of the schedule

@@ -112,6 +112,7 @@ class OptimizerClock:
         self._written: list[dict[str, float]] = []
         self._handles: list[RemovableHandle] = []
         self._warned_lost = False
+        self.loaded = False  # whether the clock came from a checkpoint
 
     # ----- state ------------------------------------------------------------------------------
     def start(self, loaded: dict[str, Any] | None) -> None:
@@ -126,6 +127,7 @@ class OptimizerClock:
         return {"steps": self.steps, "groups": [list(g) for g in self.groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = True
         self.steps = int(state["steps"])
         self.groups = [GroupStart(float(e), float(c), int(j)) for e, c, j in state["groups"]]
 

@@ -126,10 +126,17 @@ class SPAScheduleCallback(Callback):
         # The optimizer state (param groups included) is restored by now: write the coming step's values.
         # Hooking the optimizers this late puts the clocks' post-step hooks after those other callbacks
         # registered at fit start, so those still see the values of the step just taken.
-        if self._owner:
-            for clock in dict.fromkeys(self._all_clocks(trainer)):
-                clock.write()
-                clock.attach()
+        if not self._owner:
+            return
+        for clock in dict.fromkeys(self._all_clocks(trainer)):
+            if trainer.ckpt_path and not clock.loaded:
+                rank_zero_warn(
+                    f"{clock.owner}: the checkpoint {trainer.ckpt_path} holds no schedule clock for optimizer "
+                    f"{clock.index} (saved without these callbacks, or with other arguments), so its schedule starts "
+                    "at step 0 again."
+                )
+            clock.write()
+            clock.attach()
 
     def _all_clocks(self, trainer: pl.Trainer) -> list[OptimizerClock]:
         peers = [cb for cb in trainer.callbacks if isinstance(cb, SPAScheduleCallback)]  # type: ignore[attr-defined]
