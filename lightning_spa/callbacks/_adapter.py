@@ -109,7 +109,11 @@ class OptimizerClock:
         self.groups: list[GroupStart] = []
         self.total_steps = float("inf")  # for the safety check of groups that join
         self._keys = ("lr", "c") if kind == "spa" else ("lr", "momentum")
+        # Per group: what it holds (read back, for the foreign-write check), and the (eta, c) of the
+        # coming step and of the last step taken (None before its first step).
         self._written: list[dict[str, float]] = []
+        self._coming: list[tuple[float, float]] = []
+        self._taken: list[tuple[float, float] | None] = []
         self._handles: list[RemovableHandle] = []
         self._warned_lost = False
         self.loaded = False  # whether the clock came from a checkpoint
@@ -146,15 +150,23 @@ class OptimizerClock:
                 f"checkpoint's schedule has {len(self.groups)}. Add the missing groups before the optimizer state is "
                 "restored (in on_fit_start, as BackboneFinetuning does)."
             )
-        self._written = [self._write_group(g) for g in range(len(self.groups))]
+        self._written, self._coming, self._taken = [], [], []
+        for g in range(len(self.groups)):
+            k, joined = self.steps, self.groups[g].joined
+            self._write_group(g, self.values(g, k), self.values(g, k - 1) if k > joined else None)
 
-    def _write_group(self, g: int) -> dict[str, float]:
-        k, joined = self.steps, self.groups[g].joined
+    def _write_group(self, g: int, coming: tuple[float, float], taken: tuple[float, float] | None) -> None:
+        """Writes ``coming`` into group ``g`` (appended when ``g`` is new); ``taken``: the previous step's values."""
         group = self.optimizer.param_groups[g]
-        eta, c = self.values(g, k)
-        write_spa_terms(group, self.kind, eta, c, self.values(g, k - 1) if k > joined else None)
+        write_spa_terms(group, self.kind, *coming, taken)
         # Read back what the group holds (a float32 tensor lr rounds): that is what the next check compares.
-        return {key: _as_float(group[key]) for key in self._keys}
+        written = {key: _as_float(group[key]) for key in self._keys}
+        if g == len(self._written):  # a new group
+            self._written.append(written)
+            self._coming.append(coming)
+            self._taken.append(taken)
+        else:
+            self._written[g], self._coming[g], self._taken[g] = written, coming, taken
 
     def _join_new_groups(self) -> None:
         for g in range(len(self.groups), len(self.optimizer.param_groups)):
@@ -181,7 +193,7 @@ class OptimizerClock:
                     f"{message} (>= 1). Give the group a larger c (smaller momentum) or use a longer transition_steps."
                 )
             self.groups.append(start)
-            self._written.append(self._write_group(g))
+            self._write_group(g, self.values(g, start.joined), None)  # (eta0, c0), or c = 1 if momentum is off
 
     # ----- hooks on the optimizer ---------------------------------------------------------------
     def attach(self) -> None:
@@ -215,34 +227,31 @@ class OptimizerClock:
         found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for torch's fused SGD
         if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
             return  # the fused kernel skipped the step: the clock does not move
-        if self.kind == "sgd":
-            self._carry_buffers_without_grad()
         self.steps += 1
-        self._written = [self._write_group(g) for g in range(len(self.groups))]
+        for g in range(len(self.groups)):
+            taken, before = self._coming[g], self._taken[g]
+            if self.kind == "sgd" and before is not None:
+                self._carry_buffers_without_grad(g, (1.0 - before[1]) * before[0], (1.0 - taken[1]) * taken[0])
+            self._write_group(g, self.values(g, self.steps), taken)
 
-    def _carry_buffers_without_grad(self) -> None:
-        k = self.steps  # the step just taken
-        for g, group in enumerate(self.optimizer.param_groups):
-            if k <= self.groups[g].joined:
+    def _carry_buffers_without_grad(self, g: int, before: float, after: float) -> None:
+        """Group ``g``'s scale went from ``before`` to ``after`` in the step just taken (module docstring)."""
+        if before == after or before == 0.0:
+            return
+        k = self.steps - 1
+        for p in self.optimizer.param_groups[g]["params"]:
+            if p.grad is not None:
                 continue
-            eta_prev, c_prev = self.values(g, k - 1)
-            eta, c = self.values(g, k)
-            before, after = (1.0 - c_prev) * eta_prev, (1.0 - c) * eta
-            if before == after or before == 0.0:
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is None:
                 continue
-            for p in group["params"]:
-                if p.grad is not None:
-                    continue
-                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is None:
-                    continue
-                if after == 0.0:
-                    if not self._warned_lost:
-                        self._warned_lost = True
-                        self._warn(
-                            f"{self.owner}: a parameter of optimizer {self.index} (torch SGD) had no gradient at step "
-                            f"{k}, where c reached 1 (momentum 0): torch SGD drops its momentum, SPA would keep it. "
-                            "Use lightning_spa.SPA for an exact result."
-                        )
-                    continue
-                buf.mul_(before / after)
+            if after == 0.0:
+                if not self._warned_lost:
+                    self._warned_lost = True
+                    self._warn(
+                        f"{self.owner}: a parameter of optimizer {self.index} (torch SGD) had no gradient at step "
+                        f"{k}, where c reached 1 (momentum 0): torch SGD drops its momentum, SPA would keep it. "
+                        "Use lightning_spa.SPA for an exact result."
+                    )
+                continue
+            buf.mul_(before / after)
