@@ -162,3 +162,42 @@ def test_momentum_removal_validation() -> None:
         MomentumRemoval(-1)
     with pytest.raises(ValueError, match="transition_steps"):
         MomentumRemoval(3, -1)
+
+
+# ----- param groups that join mid-run -------------------------------------------------------------
+
+
+def test_a_group_joining_mid_run_starts_from_its_own_values() -> None:
+    decay = StepDecay((4, 12), 0.1, "paper", 4, warmup_steps=2)
+    eta0, c0, j = 0.3, 0.05, 6  # joins after the first transition (steps 4..7 -> progress 0.75 at step 6)
+    assert compose([decay], j, eta0, c0, joined=j) == pytest.approx((eta0, c0), rel=1e-14)
+    for k in range(j, 20):
+        p = min(1.0, max(0.0, (k - 3) / 4)) + min(1.0, max(0.0, (k - 11) / 4)) - 0.75  # transitions since step 6
+        eta, c = compose([decay], k, eta0, c0, joined=j)
+        assert eta == pytest.approx(eta0 * 0.1**p, rel=1e-13)
+        assert c == pytest.approx(min(1.0, c0 * 10**p), rel=1e-13)
+    # alpha = c * eta is kept while c < 1 (insight 2), as for the groups present from the start
+    assert compose([decay], 13, eta0, c0, joined=j)[0] * compose([decay], 13, eta0, c0, joined=j)[1] == pytest.approx(
+        eta0 * c0, rel=1e-13
+    )
+
+
+def test_a_group_joining_during_or_after_a_momentum_removal() -> None:
+    off = MomentumRemoval(10, transition_steps=4)  # shares 1/4, 2/4, 3/4, 1 at steps 10..13
+    c0 = 0.2
+    # joins at step 11 (share 1/2): the rest of the way to 1 over the two remaining steps
+    assert [compose([off], k, 1.0, c0, joined=11)[1] for k in (11, 12, 13, 14)] == pytest.approx(
+        [c0, c0 * 5**0.5, 1.0, 1.0], rel=1e-14
+    )
+    assert compose([off], 20, 1.0, c0, joined=20) == (1.0, 1.0)  # momentum is already off
+    assert compose([off], 5, 2.0, c0, joined=3) == (2.0, c0)
+
+
+def test_the_first_step_of_a_joining_group_has_no_momentum_to_overflow() -> None:
+    decay = StepDecay((5,), 0.1, "paper", 1)  # instant: (1 - 0.1) / 0.1 = 9 at step 5
+    # a group joining at the milestone starts at its own values; its first step reports 1 - c0
+    assert equivalent_momentum([decay], 5, 1.0, 0.1, joined=5) == pytest.approx(0.9)
+    assert compose([decay], 6, 1.0, 0.1, joined=5) == (1.0, 0.1)
+    assert find_momentum_overflow([decay], 1.0, 0.1, joined=5) is None
+    overflow = find_momentum_overflow([decay], 1.0, 0.1, joined=4)
+    assert overflow is not None and overflow.step == 5 and overflow.momentum == pytest.approx(9.0)
