@@ -242,9 +242,12 @@ def warn_lr_monitor_momentum(trainer: pl.Trainer, selected: Sequence[Selected], 
     if not any(_is_lr_monitor_logging_momentum(cb) for cb in trainer.callbacks):  # type: ignore[attr-defined]
         return
     _WARNED_LR_MONITOR.add(trainer)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    present = any("MomentumDiagnostics" in {c.__name__ for c in type(cb).__mro__} for cb in callbacks)
+    diagnostics = "MomentumDiagnostics (in your callbacks)" if present else "Add MomentumDiagnostics: it"
     rank_zero_warn(
         f"{owner}: LearningRateMonitor(log_momentum=True) logs momentum 0 for lightning_spa.SPA, whose param groups "
-        "hold eta (as 'lr') and c, not a momentum. Its 'lr' is eta, not the SGD+M learning rate c*eta. Add "
-        "lightning_spa.MomentumDiagnostics: it logs spa/eta, spa/c and their SGD+M equivalents spa/lr and "
-        "spa/momentum (the Theorem-1 momentum (1-c_prev)*eta_prev/eta of each step)."
+        "hold eta (as 'lr') and c, not a momentum; its 'lr' is eta, not the SGD+M learning rate c*eta. "
+        f"{diagnostics} logs spa/eta, spa/c and their SGD+M equivalents spa/lr and spa/momentum (the Theorem-1 "
+        "momentum (1-c_prev)*eta_prev/eta of each step)."
     )
