@@ -991,14 +991,13 @@ def _git_revision() -> str:
 
 
 def _environment(ctx: Context, argv: list[str]) -> list[str]:
-    import pytorch_lightning as pl
     import torch
 
     lines = [
         f"command: `{shlex.join(['python', 'benchmarks/gpu_check.py', *argv])}`",
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"pytorch_lightning {pl.__version__}, schedulefree {_version('schedulefree')}",
+        f"pytorch_lightning {_version('pytorch_lightning')}, schedulefree {_version('schedulefree')}",
         f"lightning_spa: {_git_revision()}",
     ]
     if ctx.cuda:
