@@ -10,7 +10,11 @@ fastest torch SGD both as a ratio of medians and as the median of per-round rati
 
 Configurations: SPA default (``foreach=None, fused=None``: the fused kernel where every
 parameter supports it), SPA loop / foreach / fused, and torch SGD loop / foreach / fused,
-all with ``lr=0.01, momentum=0.9`` (SPA built with :meth:`SPA.from_sgdm`: ``eta=0.1, c=0.1``).
+all with ``lr=0.01, momentum=0.9`` (SPA built with :meth:`SPA.from_sgdm`: ``eta=0.1, c=0.1``);
+momentum off: ``SPA(lr=0.01, c=1)`` (no buffers) against torch SGD with ``momentum=0``
+(default and fused); and the peer ``schedulefree.SGDScheduleFree(lr=0.01, momentum=0.9)``
+(foreach, in train mode; skipped when ``schedulefree`` is not installed). Each row's ratio is
+against the fastest torch SGD row of its kind (momentum 0.9, or momentum 0 for ``c=1``).
 
 Model shapes (no torchvision needed):
 
@@ -86,15 +90,41 @@ MODELS: dict[str, Callable[[], list[Shape]]] = {
 }
 
 Factory = Callable[[list[Tensor]], Optimizer]
-CONFIGS: dict[str, Factory] = {
-    "SPA default": lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM),
-    "SPA loop": lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM, foreach=False, fused=False),
-    "SPA foreach": lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM, foreach=True),
-    "SPA fused": lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM, fused=True),
-    "SGD loop": lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, foreach=False, fused=False),
-    "SGD foreach": lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, foreach=True),
-    "SGD fused": lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, fused=True),
+
+
+def _schedule_free(ps: list[Tensor]) -> Optimizer:
+    """``schedulefree.SGDScheduleFree`` (the peer users would pick instead), in train mode."""
+    import schedulefree
+
+    opt = schedulefree.SGDScheduleFree(ps, lr=LR, momentum=MOMENTUM)
+    opt.train()
+    return opt
+
+
+# name -> (factory, the torch SGD rows it is compared with: "momentum" (0.9) or "plain" (momentum 0))
+CONFIGS: dict[str, tuple[Factory, str]] = {
+    "SPA default": (lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM), "momentum"),
+    "SPA loop": (lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM, foreach=False, fused=False), "momentum"),
+    "SPA foreach": (lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM, foreach=True), "momentum"),
+    "SPA fused": (lambda ps: SPA.from_sgdm(ps, lr=LR, momentum=MOMENTUM, fused=True), "momentum"),
+    "SGD loop": (lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, foreach=False, fused=False), "momentum"),
+    "SGD foreach": (lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, foreach=True), "momentum"),
+    "SGD fused": (lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, fused=True), "momentum"),
+    "SPA c=1 default": (lambda ps: SPA(ps, lr=LR, c=1.0), "plain"),
+    "SGD m=0 default": (lambda ps: SGD(ps, lr=LR, momentum=0.0), "plain"),
+    "SGD m=0 fused": (lambda ps: SGD(ps, lr=LR, momentum=0.0, fused=True), "plain"),
+    "SGDScheduleFree": (_schedule_free, "momentum"),
 }
+
+
+def _available(name: str) -> bool:
+    if name != "SGDScheduleFree":
+        return True
+    try:
+        import schedulefree  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _sync(device: torch.device) -> None:
@@ -124,7 +154,7 @@ def bench_model(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Per-step times in seconds (by ``clock``), one per round, for each configuration."""
-    opts = {name: CONFIGS[name](make_params(shapes, device, dtype)) for name in configs}
+    opts = {name: CONFIGS[name][0](make_params(shapes, device, dtype)) for name in configs}
     for opt in opts.values():
         for _ in range(warmup):
             opt.step()
@@ -151,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Runs the benchmark, prints markdown tables and returns ``{model: {config: median seconds}}``."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if _available(c)], choices=list(CONFIGS))
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--rounds", type=int, default=100, help="alternating rounds (default 100)")
@@ -192,24 +222,30 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         times = bench_model(shapes, args.configs, device, dtype, args.rounds, args.steps, args.warmup, clock)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results[model] = med
-        sgd = {k: v for k, v in med.items() if k.startswith("SGD")}
-        best = min(sgd, key=sgd.__getitem__) if sgd else None
+        best: dict[str, str] = {}
+        for kind in ("momentum", "plain"):
+            sgd = {k: v for k, v in med.items() if k.startswith("SGD ") and CONFIGS[k][1] == kind}
+            if sgd:
+                best[kind] = min(sgd, key=sgd.__getitem__)
         print(f"### {model}: {len(shapes)} tensors, {n:,} floats\n")
-        print("| config | median ms | IQR ms | vs fastest SGD |")
+        print("| config | median ms | IQR ms | vs fastest torch SGD of its kind |")
         print("|---|---:|---:|---:|")
         for name, ts in times.items():
             q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-            ratio = f"{med[name] / med[best]:.3f}x" if best else "-"
+            peer = best.get(CONFIGS[name][1])
+            ratio = f"{med[name] / med[peer]:.3f}x ({peer})" if peer else "-"
             print(f"| {name} | {_fmt_ms(med[name])} | {_fmt_ms(q[0])}-{_fmt_ms(q[2])} | {ratio} |")
-        if best and "SPA default" in med:
-            # Also the median of per-round ratios: both timed in the same round, close in time.
-            paired = statistics.median(a / b for a, b in zip(times["SPA default"], times[best], strict=True))
-            print(
-                f"\nSPA default / fastest torch SGD ({best}): **{med['SPA default'] / med[best]:.3f}x** "
-                f"(ratio of medians); median of per-round ratios {paired:.3f}x\n"
-            )
-        else:
-            print()
+        print()
+        for name, kind in (("SPA default", "momentum"), ("SPA c=1 default", "plain"), ("SGDScheduleFree", "momentum")):
+            if name in times and kind in best:
+                # Also the median of per-round ratios: both timed in the same round, close in time.
+                ref = times[best[kind]]
+                paired = statistics.median(a / b for a, b in zip(times[name], ref, strict=True))
+                print(
+                    f"{name} / {best[kind]}: **{med[name] / med[best[kind]]:.3f}x** (ratio of medians); "
+                    f"median of per-round ratios {paired:.3f}x"
+                )
+        print()
     return results
 
 

@@ -17,10 +17,13 @@ of failing at import.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _optimizer
 from torch.optim.sgd import sgd as _public_sgd
 
 __all__ = ["PRIVATE", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
@@ -38,18 +41,24 @@ def _private(module: Any, name: str) -> Any:
     return getattr(module, name, None) if PRIVATE else None
 
 
-def kernel_support() -> tuple[tuple[str, ...], tuple[str, ...], tuple[type, ...]]:
-    """``(fused devices, foreach devices, tensor types foreach accepts)`` of this torch."""
-    from torch.optim import optimizer as _optimizer
+def kernel_support() -> tuple[Sequence[str], Sequence[str], Sequence[type]]:
+    """``(fused devices, foreach devices, tensor types foreach accepts)`` of this torch.
 
-    fused = _private(_optimizer, "_get_fused_kernels_supported_devices")
-    foreach = _private(_optimizer, "_get_foreach_kernels_supported_devices")
+    The device lists are computed once per process; the types are torch's live list (which
+    ``torch.distributed.tensor`` extends with ``DTensor`` when it is imported).
+    """
     types = _private(_optimizer, "_foreach_supported_types")
-    privateuse1 = torch._C._get_privateuse1_backend_name() if PRIVATE else "privateuseone"
+    return (*_devices(PRIVATE), types if types is not None else (Tensor, torch.nn.Parameter))
+
+
+@functools.lru_cache(maxsize=2)
+def _devices(private: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    fused = getattr(_optimizer, "_get_fused_kernels_supported_devices", None) if private else None
+    foreach = getattr(_optimizer, "_get_foreach_kernels_supported_devices", None) if private else None
+    privateuse1 = torch._C._get_privateuse1_backend_name()
     return (
         tuple(fused()) if fused is not None else (*_FALLBACK_FUSED_DEVICES, privateuse1),
         tuple(foreach()) if foreach is not None else (*_FALLBACK_FOREACH_DEVICES, privateuse1),
-        tuple(types) if types is not None else (Tensor, torch.nn.Parameter),
     )
 
 

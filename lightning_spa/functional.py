@@ -101,15 +101,16 @@ def spa(
         return StepInfo(False, None, skipped=True)
     eta, c_ = float(lr), float(c)
     impl = "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
-    # Batch the parameters by the history of their buffers: one batch unless some skipped steps.
-    keys = [None if b is None else (float(e), float(q)) for b, e, q in  # type: ignore[arg-type]
-            zip(momentum_buffer_list, prev_etas, prev_cs, strict=True)]  # fmt: skip
-    first = keys[0]
-    batches: dict[tuple[float, float] | None, list[int] | None] = {first: None}
-    if any(k != first for k in keys):
+    # Batch the parameters by the history of their buffers (a history exists iff a buffer does):
+    # one batch unless some parameters skipped steps or joined later.
+    e0, q0 = prev_etas[0], prev_cs[0]
+    batches: dict[tuple[float, float] | None, list[int] | None]
+    if len(set(prev_etas)) == 1 and len(set(prev_cs)) == 1 and not isinstance(e0, Tensor):
+        batches = {None if e0 is None else (float(e0), float(q0)): None}  # type: ignore[arg-type]
+    else:
         grouped: dict[tuple[float, float] | None, list[int]] = {}
-        for i, k in enumerate(keys):
-            grouped.setdefault(k, []).append(i)
+        for i, (e, q) in enumerate(zip(prev_etas, prev_cs, strict=True)):
+            grouped.setdefault(None if e is None else (float(e), float(q)), []).append(i)  # type: ignore[arg-type]
         batches = dict(grouped)
     changed, momentum = False, None
     for key, idx in batches.items():
@@ -122,8 +123,8 @@ def spa(
         else:
             ps, gs, bs = [params[i] for i in idx], [grads[i] for i in idx], [momentum_buffer_list[i] for i in idx]
         bs = _float_step(ps, gs, bs, coef, impl, weight_decay, maximize, grad_scale, found_inf)
-        if coef.history == key and not coef.fresh:
-            continue  # buffers updated in place, same history: nothing to write
+        if coef.history == key and (key is None or not coef.fresh):
+            continue  # no history before or after, or buffers updated in place: nothing to write
         changed = True
         new_eta, new_c = coef.history if coef.history is not None else (None, None)
         for j, i in enumerate(range(len(params)) if idx is None else idx):
@@ -155,7 +156,7 @@ def _float_step(
     buckets = None
     if impl is None:  # default dispatch
         if torch.compiler.is_compiling():
-            impl = "foreach" if set(map(type, ps)) <= set(_compat.kernel_support()[2]) else "loop"
+            impl = "foreach" if set(map(type, ps)).issubset(_compat.kernel_support()[2]) else "loop"
         else:
             fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
             buckets = _compat.group_by_device_and_dtype([ps, gs, bs])
@@ -163,7 +164,7 @@ def _float_step(
                 d.type in fused_devices and t.is_floating_point for d, t in buckets
             ):  # fmt: skip
                 impl = "fused"
-            elif set(map(type, ps)) <= set(foreach_types) and all(d.type in foreach_devices for d, _ in buckets):
+            elif set(map(type, ps)).issubset(foreach_types) and all(d.type in foreach_devices for d, _ in buckets):
                 impl = "foreach"
             else:
                 impl = "loop"

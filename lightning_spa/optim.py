@@ -29,6 +29,7 @@ whose buffers are dropped (momentum off costs nothing; turning it back on restar
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import warnings
@@ -45,6 +46,9 @@ from lightning_spa.functional import spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = ["SPA", "SPASpikeWarning", "validate_c", "validate_eta"]
+
+
+_GRAD, _IS_SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
 
 class SPASpikeWarning(UserWarning):
@@ -289,28 +293,19 @@ class SPA(Optimizer):
         self._spike["steps"] += 1
         for index, group in enumerate(self.param_groups):
             eta, c = _step_value(group, "lr"), _step_value(group, "c")
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            bufs: list[Tensor | None] = []
-            etas: list[Any] = []
-            cs: list[Any] = []
-            for p in group["params"]:  # one pass: most of SPA's Python cost per step
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
-                params.append(p)
-                grads.append(grad)
-                state = state_of.get(p)
-                if state:
-                    bufs.append(state["momentum_buffer"])
-                    etas.append(state["prev_eta"])
-                    cs.append(state["prev_c"])
-                else:
-                    bufs.append(None)
-                    etas.append(None)
-                    cs.append(None)
+            # One pass over the parameters, in list comprehensions: most of SPA's Python cost per step.
+            all_grads = list(map(_GRAD, group["params"]))
+            params = [p for p, g in zip(group["params"], all_grads, strict=True) if g is not None]
+            grads: list[Tensor] = [g for g in all_grads if g is not None]
+            if any(map(_IS_SPARSE, grads)):
+                raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
+            if state_of:
+                states = [state_of.get(p) for p in params]
+                bufs: list[Tensor | None] = [s["momentum_buffer"] if s else None for s in states]
+                etas: list[Any] = [s["prev_eta"] if s else None for s in states]
+                cs: list[Any] = [s["prev_c"] if s else None for s in states]
+            else:  # no history anywhere (first step, or momentum off)
+                bufs, etas, cs = [None] * len(params), [None] * len(params), [None] * len(params)
             info = spa(
                 params, grads, bufs, etas, cs, group["foreach"], group["fused"], grad_scale, found_inf,
                 lr=eta, c=c, weight_decay=group["weight_decay"], maximize=group["maximize"],
