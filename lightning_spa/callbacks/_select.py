@@ -21,6 +21,9 @@ Supported: :class:`~lightning_spa.SPA`, and :class:`torch.optim.SGD` (subclasses
 Nesterov and with ``dampening=0``; a schedule also needs ``0 < momentum < 1`` in every param
 group (momentum 0 has no ``c`` to schedule). :func:`index_of` maps the (possibly
 ``LightningOptimizer``-wrapped) optimizer a hook receives back to its index.
+
+The support check imports no Lightning (plain PyTorch tools use it too); the functions that take
+a trainer import :mod:`lightning_spa._lightning` when called.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_spa import _lightning as pl
-from lightning_spa._lightning import rank_zero_warn, unwrap_optimizer
 from lightning_spa.optim import SPA
+
+if TYPE_CHECKING:
+    from lightning_spa import _lightning as pl
 
 __all__ = [
     "OptimizerKind",
@@ -172,6 +176,8 @@ def select_optimizers(
             torch SGD that is not supported, or nothing supported at all.
         TypeError: an explicitly selected optimizer that is neither SPA nor torch SGD.
     """
+    from lightning_spa._lightning import rank_zero_warn, unwrap_optimizer
+
     optimizers = [unwrap_optimizer(opt) for opt in trainer.optimizers]
     available = "; ".join(_describe(opt, i) for i, opt in enumerate(optimizers)) or "none"
     if selection is None:
@@ -217,6 +223,8 @@ def select_optimizers(
 
 def index_of(trainer: pl.Trainer, optimizer: Any) -> int | None:
     """Index in ``trainer.optimizers`` of ``optimizer`` (a torch optimizer or a ``LightningOptimizer``), or None."""
+    from lightning_spa._lightning import unwrap_optimizer
+
     raw = unwrap_optimizer(optimizer)
     return next((i for i, opt in enumerate(trainer.optimizers) if unwrap_optimizer(opt) is raw), None)
 
@@ -237,6 +245,8 @@ def warn_lr_monitor_momentum(trainer: pl.Trainer, selected: Sequence[Selected], 
     Torch SGD under the schedule callbacks is logged correctly (the groups hold the Theorem-1
     ``lr`` and ``momentum`` of the coming step). Call at fit start, from any callback.
     """
+    from lightning_spa._lightning import rank_zero_warn
+
     if trainer in _WARNED_LR_MONITOR or not any(s.kind == "spa" for s in selected):
         return
     if not any(_is_lr_monitor_logging_momentum(cb) for cb in trainer.callbacks):  # type: ignore[attr-defined]
