@@ -288,3 +288,21 @@ def test_two_rank_ddp_decides_at_the_same_step_as_one_process(tmp_path: Path) ->
         assert rank["decided"] == single["decided"]
         assert rank["cs"] == single["cs"]
         assert rank["w_sum"] == pytest.approx(single["w_sum"], rel=1e-12)
+
+
+# ----- the reproduction script ------------------------------------------------------------------------
+
+
+def test_reproduction_script_smoke(tmp_path: Path) -> None:
+    """A shortened run of examples/reproduce/measured_off.py: a PNG and a table with one row per arm."""
+    pytest.importorskip("matplotlib")
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
+    table = importlib.import_module("measured_off").main(["--epochs", "3", "--seeds", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "measured_off.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "measured_off.md").read_text() == table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4  # header + three arms
+    # MomentumOff(after_epochs=1): the switch starts at step 23 and c reaches 1 one epoch later (step 45)
+    assert rows[2].split(" | ")[5:7] == ["23", "45"]
