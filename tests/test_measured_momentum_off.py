@@ -208,6 +208,31 @@ def test_composes_with_gradual_schedule_in_any_order(order: str) -> None:
     assert record.values == pytest.approx(expected_c(0.2, 16, 4, range(60)), rel=1e-12)
 
 
+def test_unified_lightning_package() -> None:
+    """The same callback object works under ``lightning.pytorch`` (pure noise: decides at warm-up + patience)."""
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Noise(L.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2000, dtype=torch.float64))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(batch_idx)
+            return (self.w * torch.randn(2000, generator=g, dtype=torch.float64)).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([self.w], lr=0.02, momentum=0.8)
+
+    callback = MeasuredMomentumOff(warmup=5, patience=7, unit="step", transition_steps=3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=20, logger=False, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(Noise(), loader(40))
+    assert callback.decided_steps == {0: 12}
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["momentum"] == 0.0 and group["lr"] == pytest.approx(0.1)  # c = 1: lr / (1 - momentum), momentum 0
+
+
 # ----- arguments, logging ---------------------------------------------------------------------------
 
 
