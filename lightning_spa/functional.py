@@ -85,7 +85,8 @@ def spa(
             Both None: fused where every parameter supports it, else foreach, else the loop;
             under ``torch.compile``, foreach.
         grad_scale: with ``fused=True``, the ``GradScaler`` scale the kernel divides gradients by.
-        found_inf: with ``fused=True``, non-zero skips the step (read once: a host sync).
+        found_inf: with ``fused=True``, non-zero skips the step. The kernel skips it on the device;
+            the host reads it (one sync) only on steps that change a history or start buffers.
         lr: ``eta_k`` (>= 0), a float or a one-element tensor.
         c: ``c_k`` in ``(0, 1]``, a float or a one-element tensor.
         weight_decay: coupled L2 weight decay (>= 0).
@@ -97,8 +98,6 @@ def spa(
         raise RuntimeError("`grad_scale` and `found_inf` need `fused=True` (the kernel unscales the gradients).")
     if (isinstance(lr, Tensor) or isinstance(c, Tensor)) and not fused:
         return _tensor_mode(params, grads, momentum_buffer_list, prev_etas, prev_cs, lr, c, weight_decay, maximize)
-    if found_inf is not None and bool(found_inf.item()):
-        return StepInfo(False, None, skipped=True)
     eta, c_ = float(lr), float(c)
     impl = "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
     # Batch the parameters by the history of their buffers (a history exists iff a buffer does):
@@ -112,9 +111,14 @@ def spa(
         for i, (e, q) in enumerate(zip(prev_etas, prev_cs, strict=True)):
             grouped.setdefault(None if e is None else (float(e), float(q)), []).append(i)  # type: ignore[arg-type]
         batches = dict(grouped)
+    plans = [(key, idx, spa_step(eta, c_, key)) for key, idx in batches.items()]
+    keeps = [coef.history == key and (key is None or not coef.fresh) for key, _, coef in plans]
+    # The kernel skips an inf step by itself; the host needs found_inf only when the step would
+    # change the histories (or start buffers): one read then, none on a constant schedule.
+    if found_inf is not None and not all(keeps) and bool(found_inf.item()):
+        return StepInfo(False, None, skipped=True)
     changed, momentum = False, None
-    for key, idx in batches.items():
-        coef = spa_step(eta, c_, key)
+    for (key, idx, coef), keep in zip(plans, keeps, strict=True):
         if key is not None:
             beta = step_momentum(eta, *key)
             momentum = beta if momentum is None else max(momentum, beta)
@@ -123,7 +127,7 @@ def spa(
         else:
             ps, gs, bs = [params[i] for i in idx], [grads[i] for i in idx], [momentum_buffer_list[i] for i in idx]
         bs = _float_step(ps, gs, bs, coef, impl, weight_decay, maximize, grad_scale, found_inf)
-        if coef.history == key and (key is None or not coef.fresh):
+        if keep:
             continue  # no history before or after, or buffers updated in place: nothing to write
         changed = True
         new_eta, new_c = coef.history if coef.history is not None else (None, None)
@@ -243,11 +247,18 @@ def _tensor_mode(
     """The step with tensor scalars: no host value, no branch on a value (see the module docstring)."""
     plain_sgd = not isinstance(c, Tensor) and float(c) == 1.0  # c = 1 known on the host: no buffers
     changed = False
+    on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
     for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
-        eta = torch.as_tensor(lr, device=p.device).reshape(())
-        dtype = eta.dtype if eta.is_floating_point() else torch.get_default_dtype()
-        eta = eta.to(dtype)
-        cc = torch.as_tensor(c, dtype=dtype, device=p.device).reshape(())
+        if p.device not in on_device:  # once per device: a non-blocking copy, no synchronisation
+            eta_t = lr if isinstance(lr, Tensor) else torch.tensor(lr)
+            dtype = eta_t.dtype if eta_t.is_floating_point() else torch.get_default_dtype()
+            c_t = c if isinstance(c, Tensor) else torch.tensor(c, dtype=dtype)
+            on_device[p.device] = (
+                eta_t.detach().reshape(()).to(device=p.device, dtype=dtype, non_blocking=True),
+                c_t.detach().reshape(()).to(device=p.device, dtype=dtype, non_blocking=True),
+            )
+        eta, cc = on_device[p.device]
+        dtype = eta.dtype
         g = grad if not maximize else -grad
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)

@@ -160,8 +160,9 @@ class SPA(Optimizer):
         foreach: use the multi-tensor kernels. ``None`` (with ``fused=None``) picks the fastest
             path: the fused kernel where every parameter supports it, else foreach, else the loop.
         fused: use torch's fused SGD kernel. ``True`` also lets ``torch.amp.GradScaler`` pass its
-            scale to the kernel (no separate unscale pass; an inf step is skipped, with one host
-            read of ``found_inf``); the default leaves unscaling to the caller, as torch does.
+            scale to the kernel (no separate unscale pass; an inf step is skipped on the device, and
+            read on the host only at steps that change eta or c); the default leaves unscaling to
+            the caller, as torch does.
 
     Raises:
         TypeError: ``lr`` or ``c`` not a number or a one-element tensor.

@@ -83,33 +83,45 @@ def test_compiled_step_with_the_default_dispatch_runs():
     torch._dynamo.reset()
 
 
-def test_grad_scaler_unscales_inside_the_fused_kernel_and_skips_inf_steps():
+@pytest.mark.parametrize(
+    ("inf_at", "etas"),
+    [
+        (2, [0.5] * 5),  # steady state: the kernel skips on its own, the host reads nothing
+        (2, [0.5, 0.5, 0.4, 0.4, 0.3]),  # eta changes at the inf step: the host reads found_inf
+        (0, [0.5] * 5),  # the very first step: no buffer may be started
+    ],
+    ids=["steady", "eta-changes", "first-step"],
+)
+def test_grad_scaler_unscales_inside_the_fused_kernel_and_skips_inf_steps(inf_at, etas):
     torch.manual_seed(0)
     x = torch.randn(6, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     opt, ref = SPA([x], lr=0.5, c=0.2, fused=True), SPA([x_ref], lr=0.5, c=0.2, fused=True)
     assert opt._step_supports_amp_scaling and not SPA([x_ref])._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    for k in range(5):
+    for k, eta in enumerate(etas):
         g = torch.randn(6)
-        if k == 2:
+        if k == inf_at:
             g[1] = math.inf
+        opt.param_groups[0]["lr"] = eta
         opt.zero_grad()
         scaler.scale((x * g).sum()).backward()
-        x_before, state_before = x.detach().clone(), {key: v for key, v in opt.state[x].items()} if k else {}
-        buf_before = opt.state[x]["momentum_buffer"].clone() if k else None
+        x_before = x.detach().clone()
+        state_before = {key: v.clone() if torch.is_tensor(v) else v for key, v in opt.state.get(x, {}).items()}
+        scale_before = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
-        if k == 2:  # skipped: parameters, buffer and history untouched; the scale halves
-            assert torch.equal(x, x_before) and torch.equal(opt.state[x]["momentum_buffer"], buf_before)
-            assert {key: v for key, v in opt.state[x].items() if key != "momentum_buffer"} == {
-                key: v for key, v in state_before.items() if key != "momentum_buffer"
-            }
-            assert scaler.get_scale() == 512.0
+        if k == inf_at:  # skipped: parameters, buffer and history untouched; the scale halves
+            assert torch.equal(x, x_before) and scaler.get_scale() == scale_before / 2
+            state_after = opt.state.get(x, {})
+            assert state_after.keys() == state_before.keys()
+            for key, value in state_before.items():
+                assert torch.equal(value, state_after[key]) if torch.is_tensor(value) else value == state_after[key]
         else:
             x_ref.grad = g.clone()
+            ref.param_groups[0]["lr"] = eta
             ref.step()
-        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)  # 1024 and 512 are powers of 2: exact unscaling
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)  # powers of 2: exact unscaling
 
 
 def test_grad_scale_without_fused_is_refused_by_the_functional():
