@@ -144,6 +144,7 @@ class SPAScheduleCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._in_fit = False
+        self._loaded = {}
         for clock in self._clocks.values():  # the clocks stay readable (and saved) after the fit
             clock.detach()
 
@@ -152,9 +153,10 @@ class SPAScheduleCallback(Callback):
         return {"clocks": {str(i): clock.state_dict() for i, clock in self._clocks.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Kept for on_fit_start (the usual order), and applied at once to the clocks of a fit that is set up
+        # (strategies that restore after setup load the state after on_fit_start).
         self._loaded = {int(i): state for i, state in state_dict.get("clocks", {}).items()}
-        if self._in_fit:  # strategies that restore after setup load the state after on_fit_start
+        if self._in_fit:
             for index, state in self._loaded.items():
                 if index in self._clocks:
                     self._clocks[index].load_state_dict(state)
-            self._loaded = {}
