@@ -16,12 +16,14 @@ the largest requested value (:func:`~lightning_spa.schedule.compose`). So ``Grad
 ``MomentumOff`` together give ``eta0 * factor**i`` with ``c = max(c_gradual, c_off)``.
 
 Step index: one clock per optimizer, counting its optimizer steps actually taken (so
-``accumulate_grad_batches`` shifts nothing, and a step skipped by the AMP grad scaler or by user
-code does not advance it); saved in the checkpoint. Right after each step the values of the
-next one are written, so loggers and other callbacks always see the values the coming step
-uses. They depend on the clock and each param group's starting values only (a group added
-mid-run starts from its own values at the step it joins), so a resumed run continues
-bit-exactly and every DDP rank computes the same values with no collective.
+``accumulate_grad_batches`` shifts nothing, and a step skipped by the AMP grad scaler, by an
+``optimizer_step`` override or in manual optimization does not advance it: a transition resumes
+where it was, and torch SGD's momentum is computed from the previous step taken, so it stays
+below 1); saved in the checkpoint. Right after each step the values of the next one are
+written, so loggers and other callbacks always see the values the coming step uses. They depend
+on the clock and each param group's starting values only (a group added mid-run starts from its
+own values at the step it joins), so a resumed run continues bit-exactly and every DDP rank
+computes the same values with no collective.
 """
 
 from __future__ import annotations
