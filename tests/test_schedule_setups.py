@@ -393,3 +393,20 @@ def test_optimizer_step_override_that_skips_a_step_is_not_counted(pl: ModuleType
     etas = [0.5 * 0.5 ** min(1.0, max(0.0, (k - 1) / 4)) for k in range(7)]
     assert [lr / 0.5 for lr in rec.key("lr")] == pytest.approx(etas, rel=1e-14)
     assert max(rec.key("momentum")) < 1.0
+
+
+def test_targeted_callbacks_compose_the_same_in_either_order(pl: ModuleType) -> None:
+    def callbacks() -> list[Any]:
+        gradual = GradualSchedule([1], factor=0.3, mode="lr", transition_steps=3, unit="step", warmup_steps=2,
+                                  optimizers=[0])  # fmt: skip
+        return [gradual, MomentumOff(2, 2, "step"), GradualSchedule([3], factor=0.7, transition_steps=5, unit="step")]
+
+    runs = []
+    for order in (callbacks(), callbacks()[::-1]):
+        module = make_module(pl, [spa(1.0, 0.5), spa(2.0, 0.4)], manual=True)
+        _, rec = fit(pl, module, order, max_epochs=2)
+        runs.append((rec.values, [p.detach().clone() for p in module.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    # optimizer 1 is not targeted by the first GradualSchedule: no warm-up, no 0.3 drop
+    assert runs[0][0][1][0][0]["lr"] == 2.0 and runs[0][0][0][0][0]["lr"] == 0.5
