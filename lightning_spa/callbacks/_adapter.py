@@ -224,7 +224,9 @@ class OptimizerClock:
             self._join_new_groups()
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for torch's fused SGD
+        # Set by GradScaler for optimizers that unscale inside their step (torch's fused SGD): reading it
+        # costs one host sync per step, in that setup only (the clock must know whether the step happened).
+        found_inf = getattr(optimizer, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
             return  # the fused kernel skipped the step: the clock does not move
         self.steps += 1
