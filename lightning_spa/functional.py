@@ -154,8 +154,12 @@ def _float_step(
     if coef.fresh:
         bs = [None] * len(ps)  # no buffer, or a stale one (zero scale): m' = g
     elif coef.grad_weight == 0.0:  # eta = 0 on a buffer: x' = x - c s m; g is not even read
-        for (pp, bb), _ in _compat.group_by_device_and_dtype([ps, bs]).values():
-            torch._foreach_add_(pp, bb, alpha=-coef.lr)
+        if impl == "loop" or not set(map(type, ps)) <= _PLAIN:
+            for p, buf in zip(ps, bs, strict=True):
+                p.add_(buf, alpha=-coef.lr)  # type: ignore[arg-type]
+        else:
+            for (pp, bb), _ in _compat.group_by_device_and_dtype([ps, bs]).values():
+                torch._foreach_add_(pp, bb, alpha=-coef.lr)
         return bs
     buckets = None
     if impl is None:  # default dispatch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from lightning_spa import SPA, sgdm_to_spa, spa_to_sgdm
 from lightning_spa.demos.digits import DigitsCNN
+from lightning_spa.optim import SPASpikeWarning
 
 PATHS = [
     pytest.param({"foreach": False}, id="loop"),
@@ -307,5 +309,21 @@ def test_fused_request_on_dtensor_parameters_is_refused_at_construction(tmp_path
         before = param.detach().full_tensor().clone()
         opt.step()
         torch.testing.assert_close(param.detach().full_tensor(), before - 0.1)  # c * eta * g on the first step
+        plain = before.clone().requires_grad_()
+        ref = SPA([plain])
+        ref.param_groups[0]["lr"] = 1.0
+        for eta, c in ((1.0, 0.1), (0.0, 0.1), (0.5, 0.1), (0.5, 1.0), (0.5, 0.3)):  # eta = 0, momentum off and on
+            if eta != 1.0:
+                opt.param_groups[0].update(lr=eta, c=c)
+                param.grad = distribute_tensor(torch.full((4, 3), 0.5), mesh, [Shard(0)])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", SPASpikeWarning)
+                    opt.step()
+            ref.param_groups[0].update(lr=eta, c=c)
+            plain.grad = torch.ones(4, 3) if eta == 1.0 else torch.full((4, 3), 0.5)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SPASpikeWarning)
+                ref.step()
+            torch.testing.assert_close(param.detach().full_tensor(), plain.detach(), rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()
