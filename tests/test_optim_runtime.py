@@ -159,3 +159,23 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize(
+    "impl", [{"foreach": False}, {"foreach": True}, {"fused": True}], ids=["loop", "foreach", "fused"]
+)
+def test_functional_spa_owns_the_step_on_plain_lists(impl):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(4, dtype=torch.float64, generator=gen), torch.randn(2, 2, dtype=torch.float64, generator=gen)]
+    refs = [p.clone().requires_grad_() for p in params]
+    reference = ReferenceSPA(refs, weight_decay=0.1)
+    bufs, etas, cs = [None, None], [None, None], [None, None]
+    for eta, c in ((0.5, 0.2), (0.5, 0.2), (0.0, 0.2), (0.1, 0.5), (0.4, 1.0), (0.4, 0.3)):
+        grads = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in params]
+        spa(params, grads, bufs, etas, cs, **impl, lr=eta, c=c, weight_decay=0.1, maximize=False)
+        for r, g in zip(refs, grads, strict=True):
+            r.grad = g
+        reference.step(eta, c)
+        for p, r in zip(params, refs, strict=True):
+            torch.testing.assert_close(p, r.detach(), rtol=0, atol=1e-13)
+        assert (bufs[0] is None) == (c == 1.0) and (etas[0] is None) == (c == 1.0)
