@@ -140,3 +140,25 @@ def test_resuming_from_a_checkpoint_without_a_clock_warns(tmp_path: Any) -> None
         _, rec = fit(pl, make_module(pl, [spa()]), [GradualSchedule([1], unit="step", transition_steps=4)],
                      ckpt_path=str(tmp_path / "plain.ckpt"), max_epochs=2)  # fmt: skip
     assert rec.key("lr")[0] == 0.5  # step 0 of the schedule
+
+
+@pytest.mark.parametrize("diagnostics_first", [True, False])
+def test_group_added_at_epoch_2_under_gradual_schedule_and_momentum_diagnostics(diagnostics_first: bool) -> None:
+    from test_schedule_setups import head_adder
+
+    from lightning_spa import MomentumDiagnostics
+
+    def body_only(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return SPA(params[:2], lr=0.5, c=0.5)
+
+    schedule = GradualSchedule([3, 10], factor=0.5, transition_steps=4, unit="step")
+    diagnostics = MomentumDiagnostics(every_n_steps=1, per_group=True)
+    callbacks = [diagnostics, schedule] if diagnostics_first else [schedule, diagnostics]
+    logger = Memory()
+    fit(pl, make_module(pl, [body_only]), [*callbacks, head_adder(pl)], loader=data(batches=3), max_epochs=6,
+        logger=logger, log_every_n_steps=1)  # fmt: skip
+    ps = [min(1.0, max(0.0, (k - 2) / 4)) + min(1.0, max(0.0, (k - 9) / 4)) for k in range(18)]
+    # the body from step 0, the head (eta 0.2, c 0.3) from step 6 relative to its own values
+    assert logger.series("spa/eta/0") == pytest.approx([0.5 * 0.5**p for p in ps], rel=1e-12)
+    assert logger.series("spa/eta/1") == pytest.approx([0.2 * 0.5 ** (p - 1) for p in ps[6:]], rel=1e-12)
+    assert logger.series("spa/c/1") == pytest.approx([0.3 * 2 ** (p - 1) for p in ps[6:]], rel=1e-12)
