@@ -20,6 +20,7 @@ Model shapes (no torchvision needed):
 
 - ``resnet18``: the 62 parameter tensors of torchvision's ResNet-18 (11,689,512 floats);
 - ``mlp100``: a 100-layer MLP of width 64 (200 small tensors: Python overhead dominates);
+- ``mlp250``: the same with 250 layers (500 tensors);
 - ``digits``: the small CNN of :mod:`lightning_spa.demos.digits` (10 tensors, 10,026 floats).
 
 Usage::
@@ -86,6 +87,7 @@ def digits_shapes(channels: int = 16) -> list[Shape]:
 MODELS: dict[str, Callable[[], list[Shape]]] = {
     "resnet18": resnet18_shapes,
     "mlp100": mlp_shapes,
+    "mlp250": lambda: mlp_shapes(depth=250),
     "digits": digits_shapes,
 }
 
