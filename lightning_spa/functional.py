@@ -262,7 +262,6 @@ def _tensor_mode(
                 c_t.detach().reshape(()).to(device=p.device, dtype=dtype, non_blocking=True),
             )
         eta, cc = on_device[p.device]
-        dtype = eta.dtype
         g = grad if not maximize else -grad
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)
@@ -275,8 +274,7 @@ def _tensor_mode(
             p.addcmul_(buf, cc * eta, value=-1)
             prev_etas[i], prev_cs[i], changed = eta.clone(), cc.clone(), True
             continue
-        b = torch.as_tensor(prev_etas[i], dtype=dtype, device=p.device)
-        q = torch.as_tensor(prev_cs[i], dtype=dtype, device=p.device)
+        b, q = _history_tensor(prev_etas[i], eta), _history_tensor(prev_cs[i], eta)
         s = (1 - q) * b
         t = torch.maximum(s, eta)
         safe = torch.where(t > 0, t, torch.ones_like(t))
@@ -291,3 +289,14 @@ def _tensor_mode(
         else:  # a float history (or another dtype/device) becomes this mode's tensors
             prev_etas[i], prev_cs[i], changed = t, cc.clone(), True
     return StepInfo(changed, None)
+
+
+def _history_tensor(value: Scalar | None, like: Tensor) -> Tensor:
+    """A history value as a 0-dim tensor like ``like``: itself when it already is one (updated in
+    place), else a copy (a float history, or one ``load_state_dict`` cast to a parameter's dtype)."""
+    if isinstance(value, Tensor):
+        if value.dtype == like.dtype and value.device == like.device:
+            return value
+        value = value.real if value.is_complex() else value
+        return value.detach().reshape(()).to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(value), dtype=like.dtype).to(like.device, non_blocking=True)  # type: ignore[arg-type]
