@@ -135,6 +135,20 @@ def test_torch_sgd_and_spa_decide_at_the_same_step() -> None:
     torch.testing.assert_close(results["sgd"][1], results["spa"][1], rtol=1e-9, atol=1e-9)
 
 
+def test_alongside_momentum_diagnostics(tmp_path: Path) -> None:
+    """MomentumDiagnostics on the same optimizer (its own meter and EMA, from step 0) changes nothing here."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_spa.callbacks.diagnostics import MomentumDiagnostics
+
+    measured = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=12)
+    diagnostics = MomentumDiagnostics(every_n_steps=5, ema_decay=0.95)
+    record = Record()
+    fit(Objective(h=0.0), [diagnostics, measured, record], steps=60, logger=CSVLogger(tmp_path, name="", version=0))
+    assert measured.decided_steps == {0: 25}
+    assert record.values == pytest.approx(expected_c(0.2, 26, 12, range(60)), rel=1e-12)
+
+
 # ----- resume ---------------------------------------------------------------------------------------
 
 
