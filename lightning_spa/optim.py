@@ -140,8 +140,8 @@ def _caller_level() -> int:
 class SPA(Optimizer):
     r"""Stochastic primal averaging: SGD with momentum, written as an average of SGD iterates.
 
-    ``SPA(params, lr=eta, c=c)`` produces exactly the iterates (the same bits) of
-    ``torch.optim.SGD(params, lr=c*eta, momentum=1-c)`` while ``eta`` and ``c`` are constant, and
+    ``SPA(params, lr=eta, c=c)`` produces exactly the iterates (the same bits, on the same kernel
+    path) of ``torch.optim.SGD(params, lr=c*eta, momentum=1-c)`` while ``eta`` and ``c`` are constant, and
     the paper's z-form when they change (see the module docstring): any torch LR scheduler may
     drive ``lr`` (= ``eta``), down to 0 and back. An instant drop of ``eta`` by more than a factor
     ``1 - c`` (e.g. ``MultiStepLR``) is the loss spike of ``THEORY.md`` section 6: SPA warns once
@@ -149,12 +149,14 @@ class SPA(Optimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr: the step size ``eta >= 0`` of the ``z`` sequence: a float, or a one-element tensor
-            (with ``c`` a float or tensor, the step then reads no host value: no CUDA sync, and
-            ``torch.compile(opt.step)`` does not recompile when the values change).
-            ``eta = 1.0, c = 0.1`` is SGD+M ``lr 0.1, momentum 0.9``.
-        c: averaging weight in ``(0, 1]``; ``1 - c`` plays the role of momentum and ``c = 1`` is
-            plain SGD (no buffers).
+        lr: the step size ``eta >= 0`` of the ``z`` sequence, a float or a one-element tensor.
+            ``eta = 1.0, c = 0.1`` is SGD+M ``lr 0.1, momentum 0.9``. With a tensor ``lr`` (or
+            ``c``) the step reads no host value: no CUDA sync, ``torch.compile(opt.step)`` does
+            not recompile when the values change, no spike check; the histories are 0-dim
+            tensors and eager steps run a per-parameter loop (``fused=True`` instead reads the
+            values with ``.item()`` and keeps the fused kernel).
+        c: averaging weight in ``(0, 1]`` (float or one-element tensor); ``1 - c`` plays the
+            role of momentum and ``c = 1`` is plain SGD (no buffers).
         weight_decay: coupled L2 penalty added to the gradient, as in torch SGD.
         maximize: maximize the objective instead of minimizing it.
         foreach: use the multi-tensor kernels. ``None`` (with ``fused=None``) picks the fastest
