@@ -208,6 +208,9 @@ class MomentumMeter:
         self._handles: list[RemovableHandle] = []
         self._requested = False
         self._pending: tuple[Tensor, list[float | None]] | None = None  # the first half of a measurement
+        #: Whether the coming step is to be measured (kept up to date by the step post-hook).
+        self.due = False
+        self._update_due()
 
     # -- clock ----------------------------------------------------------------------------------
 
@@ -222,6 +225,7 @@ class MomentumMeter:
         if self._unsure:
             self._skipped += int(torch.stack([f.reshape(()).float().cpu() for f in self._unsure]).gt(0).sum())
             self._unsure.clear()
+            self._update_due()
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -248,14 +252,18 @@ class MomentumMeter:
     def measure_next_step(self) -> None:
         """Measures the next step the optimizer takes, whatever ``every_n_steps`` says."""
         self._requested = True
+        self.due = True
+
+    def _update_due(self) -> None:
+        n = self.every_n_steps
+        self.due = self._requested or (n is not None and (self._taken - self._skipped + 1) % n == 0)
 
     def before_step(self) -> bool:
         """Call after backward, before ``optimizer.step()``; takes the first half of the measurement
-        if the coming step is due (returns whether it did). Cheap otherwise."""
+        if the coming step is :attr:`due` (returns whether it did). Cheap otherwise."""
         if self._pending is not None:
             self._pending = None  # the step measured last time never ran (AMP scaler, a skipping user)
-        n = self.every_n_steps
-        if not (self._requested or (n is not None and (self._taken - self._skipped + 1) % n == 0)):
+        if not self.due:  # a plain attribute: drivers may test it before calling
             return False
         self._sync_groups()
         optimizer = self.optimizer
@@ -270,7 +278,7 @@ class MomentumMeter:
         if status == "skipped":
             self._skipped += 1
         elif status is None:
-            found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler around a fused-AMP step
+            found_inf = optimizer.__dict__.get("found_inf")  # set by GradScaler around a fused-AMP step
             if found_inf is not None:
                 self._unsure.append(found_inf)
                 if len(self._unsure) > 64:
@@ -278,6 +286,7 @@ class MomentumMeter:
         else:
             self._requested = False
         self._taken += 1
+        self._update_due()
 
     # -- measurement ----------------------------------------------------------------------------
 
@@ -326,3 +335,4 @@ class MomentumMeter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._taken, self._skipped, self._unsure, self._pending = int(state["step"]), 0, [], None
         self.ema.load_state_dict(state["ema"])
+        self._update_due()

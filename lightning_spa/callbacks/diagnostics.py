@@ -12,6 +12,8 @@ import functools
 import math
 from typing import Any
 
+import torch
+
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import Callback, is_tensorboard_logger, rank_zero_warn, unwrap_optimizer
 from lightning_spa.callbacks._select import (
@@ -54,8 +56,8 @@ class MomentumDiagnostics(Callback):
 
     with ``/<group name or index>`` variants when ``per_group=True``, and an ``/opt<i>`` part
     (``i``: the index in ``trainer.optimizers``) when several optimizers are measured. Values go to
-    ``trainer.loggers`` at step ``k`` and to ``trainer.callback_metrics`` (``self.log`` at the end of
-    the batch), so ``EarlyStopping(monitor="spa/ratio")`` and ``ModelCheckpoint`` can use them. For
+    ``trainer.loggers`` at step ``k`` and to ``trainer.callback_metrics`` (as CPU tensors), so
+    ``EarlyStopping(monitor="spa/ratio")`` and ``ModelCheckpoint`` can use them. For
     SGD+M, ``eta = lr / (1 - momentum)`` and ``c = 1 - momentum`` (the constant-schedule mapping
     at the current values). The whole-model ratio divides the summed ``step_sq`` by the summed
     per-group ``grad_sq_scaled``.
@@ -64,12 +66,15 @@ class MomentumDiagnostics(Callback):
     an AMP grad scaler does not count; a GAN's two optimizers each count their own). Step ``k``
     is measured when ``(k + 1) % every_n_steps == 0``, Lightning's ``log_every_n_steps``
     convention, so by default (one optimizer, no skipped step) the measured steps are the
-    trainer's logging steps. The measurement runs in an optimizer step pre-hook registered for
-    that step only: it sees the hyper-parameters the step uses, whatever the callback order.
+    trainer's logging steps. A due step's gradients, parameters and momentum buffers are read in
+    ``on_before_optimizer_step``; the meter's step post-hook (moved ahead of the other post-hooks)
+    finishes the measurement with the hyper-parameters the step used, whatever the callback order
+    and whichever callback wrote them.
 
-    Cost: on the other steps one tiny step post-hook (the clock), well under 10 microseconds; a
+    Cost: on the other steps a dictionary look-up, an attribute test and one tiny step post-hook
+    (the clock): under 10 microseconds of Python (``benchmarks/diagnostics_overhead.py``). A
     measured step takes a few dot products per parameter tensor (no parameter-sized allocation),
-    updates EMAs kept on the device and synchronises once (``benchmarks/diagnostics_overhead.py``).
+    updates EMAs kept on the device and synchronises once.
     ``ema_decay`` is per optimizer step, so a sample taken ``n`` steps after the previous one
     weighs ``1 - ema_decay**n``; the EMAs are bias-corrected (the first value is the first
     sample, whose ratio is ``c (2 - c)`` since the first step has no momentum yet).
@@ -144,7 +149,7 @@ class MomentumDiagnostics(Callback):
         self.meters: dict[int, MomentumMeter] = {}
         self._by_id: dict[int, MomentumMeter] = {}
         self._loaded: dict[str, Any] | None = None
-        self._to_log: dict[str, float] = {}
+        self._trainer: pl.Trainer | None = None
         self._bar_names: set[str] = set()
         self._warned: set[str] = set()
         self._loggers: list[Any] = []
@@ -159,6 +164,7 @@ class MomentumDiagnostics(Callback):
         # Trainer(log_every_n_steps) is stored by Lightning's logger connector (0 under barebones=True).
         n = self.every_n_steps or int(getattr(trainer, "log_every_n_steps", 0) or 50)
         self._loggers = list(trainer.loggers)
+        self._trainer = trainer
         self._detach()
         selected = select_optimizers(trainer, self.optimizers, _OWNER, purpose="measure")
         warn_lr_monitor_momentum(trainer, selected, _OWNER)
@@ -210,16 +216,15 @@ class MomentumDiagnostics(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
+        self._trainer = None
 
     # -- measurement and logging ----------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        meter = self._by_id.get(id(optimizer))
-        if meter is None:  # a LightningOptimizer, or an optimizer not measured
-            meter = self._by_id.get(id(unwrap_optimizer(optimizer)))
-            if meter is None:
-                return
-        meter.before_step()
+        # Runs on every optimizer step: kept to a look-up and an attribute test (no call on most steps).
+        meter = self._by_id.get(id(optimizer)) or self._by_id.get(id(unwrap_optimizer(optimizer)))
+        if meter is not None and meter.due:
+            meter.before_step()
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -232,9 +237,16 @@ class MomentumDiagnostics(Callback):
         if not reading.values or reading.status == "skipped":
             return
         metrics = self._metrics(reading, suffix)
-        self._to_log.update(metrics)
         for logger in self._loggers:
             logger.log_metrics({**metrics, "spa/one": 1.0}, step=reading.step)
+        if self._trainer is not None:
+            # For EarlyStopping / ModelCheckpoint(monitor="spa/ratio") and the progress bar. Written into
+            # the trainer's dicts (reset only at fit start): LightningModule.log from a callback costs
+            # ~1 ms per value, most of a small model's step.
+            self._trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+            if self.prog_bar:
+                bar = self._trainer.progress_bar_metrics
+                bar.update({k: v for k, v in metrics.items() if k in self._bar_names})
 
     def _metrics(self, reading: Reading, suffix: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -251,17 +263,6 @@ class MomentumDiagnostics(Callback):
                 put(row, hyper, f"{suffix}/{name}")
         self._bar_names.update((f"spa/ratio{suffix}", f"spa/cosine{suffix}"))
         return metrics
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._to_log:
-            return
-        metrics, self._to_log = self._to_log, {}
-        for name, value in metrics.items():
-            bar = self.prog_bar and name in self._bar_names
-            # logger=False: the loggers got them at the optimizer's own step; this is for callback_metrics.
-            pl_module.log(name, value, prog_bar=bar, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     # -- checkpointing --------------------------------------------------------------------------
 
