@@ -220,15 +220,18 @@ def test_deterministic_quadratic_small_step_ratio_far_above_one(tmp_path: Path) 
 def test_default_follows_log_every_n_steps_and_sampled_ema(tmp_path: Path) -> None:
     model = NoiseOrQuadratic("sgd", dim=256)
     _, raw = _fit(tmp_path, model, 40, MomentumDiagnostics(every_n_steps=1, ema_decay=0.0), name="raw")
+
+    class Logging(NoiseOrQuadratic):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
     _, s = _fit(
-        tmp_path,
-        NoiseOrQuadratic("sgd", dim=256),
-        40,
-        MomentumDiagnostics(ema_decay=0.9),
-        name="s",
-        log_every_n_steps=10,
+        tmp_path, Logging("sgd", dim=256), 40, MomentumDiagnostics(ema_decay=0.9), name="s", log_every_n_steps=10
     )
     assert sorted(s["spa/step_sq"]) == [9, 19, 29, 39]  # Lightning's logging steps: (k + 1) % 10 == 0
+    assert sorted(s["train_loss"]) == sorted(s["spa/step_sq"])
     # Bias-corrected EMA of the raw samples at 9, 19, 29, 39 with per-step decay 0.9: each weighs 1 - 0.9**10.
     num = den = 0.0
     for k in (9, 19, 29, 39):

@@ -144,3 +144,25 @@ def test_16_mixed_fused_sgd_overflow_step_is_not_counted(tmp_path: Path) -> None
     assert all(math.isfinite(v) for tag in s.values() for v in tag.values())
     noise = torch.randn(64, generator=torch.Generator().manual_seed(3)).double()  # step 2 is batch 3's
     assert s["spa/grad_sq"][2] == pytest.approx(float(noise.square().sum()), rel=1e-5)
+
+
+def test_sparse_embedding_fit_is_measured(tmp_path: Path) -> None:
+    class Sparse(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, 8, sparse=True)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.emb(torch.tensor([batch_idx, batch_idx + 1, 50])).square().sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, logger=pl.loggers.TensorBoardLogger(tmp_path, name="sparse", version=0),
+        callbacks=[MomentumDiagnostics(every_n_steps=1)], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(Sparse(), DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1))
+    s = read_scalars(tmp_path / "sparse" / "version_0")
+    assert sorted(s["spa/ratio"]) == [0, 1, 2, 3] and s["spa/ratio"][0] == pytest.approx(0.1 * 1.9, rel=1e-5)
