@@ -296,6 +296,15 @@ class MomentumMeter:
             self.groups = names
             self.ema.extend(len(names) + 1)
 
+    def _fit_rows(self, samples: Tensor) -> Tensor:
+        """Pads ``samples`` with empty group rows when the EMAs have more (a checkpoint saved after
+        groups were added that this run has not added yet)."""
+        extra = self.ema.values.shape[0] - samples.shape[0]
+        if extra <= 0:
+            return samples
+        pad = torch.zeros(extra, samples.shape[1], device=samples.device, dtype=samples.dtype)
+        return torch.cat([samples[:-1], pad, samples[-1:]])
+
     @torch.no_grad()
     def _finish(self) -> str:
         """The second half, in the step post-hook: hyper-parameters as used, the EMAs, one host sync."""
@@ -312,13 +321,14 @@ class MomentumMeter:
         after = measure_after_step(optimizer, self.device, dtype)
         samples = step_samples(*complete_sums(before, after, self.sharded), hypers, grad_scale)
         accept = None if found_inf is None else found_inf.to(self.device).reshape(()) == 0
-        ok = self.ema.update(samples, step, default_gap=self.every_n_steps or 1, accept=accept)
+        ok = self.ema.update(self._fit_rows(samples), step, default_gap=self.every_n_steps or 1, accept=accept)
         flags = torch.stack([ok] if accept is None else [ok, accept]).to(dtype)
         host = torch.cat([self.ema.corrected().reshape(-1), flags]).tolist()  # the one host-device sync
         table, flag_values = host[: -flags.numel()], host[-flags.numel() :]
         status = "skipped" if len(flag_values) == 2 and not flag_values[1] else "ok" if flag_values[0] else "nonfinite"
         width = len(EMA_NAMES)
         rows = [table[i : i + width] for i in range(0, len(table), width)]
+        rows = [*rows[: len(hypers)], rows[-1]]  # the groups this optimizer has now, then the total
         self._emit(Reading(step, hypers, list(self.groups), rows, status))
         return status
 

@@ -166,3 +166,19 @@ def test_sparse_embedding_fit_is_measured(tmp_path: Path) -> None:
     trainer.fit(Sparse(), DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1))
     s = read_scalars(tmp_path / "sparse" / "version_0")
     assert sorted(s["spa/ratio"]) == [0, 1, 2, 3] and s["spa/ratio"][0] == pytest.approx(0.1 * 1.9, rel=1e-5)
+
+
+def test_meter_state_with_more_groups_than_the_optimizer_loads() -> None:
+    # A checkpoint saved after a group was added, loaded before the run re-adds it: no shape error.
+    w, v = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))
+    two = SPA([{"params": [w]}, {"params": [v]}], lr=1.0, c=0.5)
+    saved = MomentumMeter(two, every_n_steps=1).state_dict()
+    one = SPA([torch.nn.Parameter(torch.ones(4))], lr=1.0, c=0.5)
+    meter = MomentumMeter(one, every_n_steps=1, ema_decay=0.0)
+    meter.load_state_dict(saved)
+    meter.attach()
+    one.param_groups[0]["params"][0].grad = torch.ones(4)
+    meter.before_step()
+    one.step()
+    assert meter.latest is not None and len(meter.latest.values) == 2  # group 0, then the total
+    assert meter.latest.values[-1][4] == pytest.approx(0.5 * 1.5)  # first step: ratio c (2 - c)
