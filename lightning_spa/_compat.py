@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import optimizer as _optimizer
 from torch.optim.sgd import sgd as _public_sgd
 
-__all__ = ["PRIVATE", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
+__all__ = ["PRIVATE", "foreach_types", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
 
 PRIVATE = True
 """Use torch's private helpers when they exist; ``False`` forces the public fallbacks."""
@@ -47,8 +47,13 @@ def kernel_support() -> tuple[Sequence[str], Sequence[str], Sequence[type]]:
     The device lists are computed once per process; the types are torch's live list (which
     ``torch.distributed.tensor`` extends with ``DTensor`` when it is imported).
     """
+    return (*_devices(PRIVATE), foreach_types())
+
+
+def foreach_types() -> Sequence[type]:
+    """The tensor types torch's foreach kernels accept (``DTensor`` too, once imported)."""
     types = _private(_optimizer, "_foreach_supported_types")
-    return (*_devices(PRIVATE), types if types is not None else (Tensor, torch.nn.Parameter))
+    return types if types is not None else (Tensor, torch.nn.Parameter)
 
 
 @functools.lru_cache(maxsize=2)

@@ -17,10 +17,12 @@ Two modes:
 - floats (``lr`` and ``c`` Python numbers, or ``fused=True``): parameters are batched by
   history and each batch runs one kernel: the per-tensor loop, foreach, or torch's fused SGD
   kernel (which also takes ``grad_scale``/``found_inf`` from a ``GradScaler``);
-- tensors (``lr`` or ``c`` a one-element tensor, without ``fused=True``): the histories are
-  0-dim tensors on each parameter's device and the arithmetic has no host value in it: no
-  device synchronisation, and ``torch.compile`` does not recompile when the values change.
-  A per-parameter loop (fused by the compiler; slower than the float mode in eager).
+- tensors (``lr`` or ``c`` a one-element tensor, without ``fused=True``, under ``torch.compile``
+  or with the tensor on an accelerator): the histories are 0-dim tensors on each parameter's
+  device and the arithmetic has no host value in it: no device synchronisation, and
+  ``torch.compile`` does not recompile when the values change. A per-parameter loop (fused by
+  the compiler; in eager, slower than the float mode). A CPU tensor in eager is read as a
+  float (free: no synchronisation) and runs the float mode.
 
 ``c = 1`` leaves no history: the buffers are dropped (set to None) unless ``c`` is a tensor.
 """
@@ -97,7 +99,10 @@ def spa(
     if (grad_scale is not None or found_inf is not None) and not fused:
         raise RuntimeError("`grad_scale` and `found_inf` need `fused=True` (the kernel unscales the gradients).")
     if (isinstance(lr, Tensor) or isinstance(c, Tensor)) and not fused:
-        return _tensor_mode(params, grads, momentum_buffer_list, prev_etas, prev_cs, lr, c, weight_decay, maximize)
+        on_host = all(not isinstance(v, Tensor) or v.device.type == "cpu" for v in (lr, c))
+        if torch.compiler.is_compiling() or not on_host:
+            return _tensor_mode(params, grads, momentum_buffer_list, prev_etas, prev_cs, lr, c, weight_decay, maximize)
+        # eager, values on the host: reading them costs no synchronisation; run the float mode
     eta, c_ = float(lr), float(c)
     impl = "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
     # Batch the parameters by the history of their buffers (a history exists iff a buffer does):
@@ -164,7 +169,7 @@ def _float_step(
     buckets = None
     if impl is None:  # default dispatch
         if torch.compiler.is_compiling():
-            impl = "foreach" if set(map(type, ps)).issubset(_compat.kernel_support()[2]) else "loop"
+            impl = "foreach" if set(map(type, ps)).issubset(_compat.foreach_types()) else "loop"
         else:
             fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
             buckets = _compat.group_by_device_and_dtype([ps, gs, bs])

@@ -150,11 +150,11 @@ class SPA(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: the step size ``eta >= 0`` of the ``z`` sequence, a float or a one-element tensor.
-            ``eta = 1.0, c = 0.1`` is SGD+M ``lr 0.1, momentum 0.9``. With a tensor ``lr`` (or
-            ``c``) the step reads no host value: no CUDA sync, ``torch.compile(opt.step)`` does
-            not recompile when the values change, no spike check; the histories are 0-dim
-            tensors and eager steps run a per-parameter loop (``fused=True`` instead reads the
-            values with ``.item()`` and keeps the fused kernel).
+            ``eta = 1.0, c = 0.1`` is SGD+M ``lr 0.1, momentum 0.9``. A tensor ``lr`` (or ``c``)
+            under ``torch.compile`` or on an accelerator is never read on the host: no sync, no
+            recompilation when the values change, no spike check; the histories are then 0-dim
+            tensors and eager steps run a per-parameter loop. A CPU tensor in eager is read for
+            free and runs the float kernels; ``fused=True`` always reads it with ``.item()``.
         c: averaging weight in ``(0, 1]`` (float or one-element tensor); ``1 - c`` plays the
             role of momentum and ``c = 1`` is plain SGD (no buffers).
         weight_decay: coupled L2 penalty added to the gradient, as in torch SGD.

@@ -70,7 +70,8 @@ def step_momentum(eta: float, prev_eta: float, prev_c: float) -> float:
 
     Exactly ``1 - c_{k-1}`` when ``eta_k == eta_{k-1}``. Returns ``inf`` for ``eta_k = 0`` after
     a step with momentum (the z-form is still defined there, see ``THEORY.md`` section 9, but no
-    SGD+M step reproduces it), and ``0`` when the previous step carried no momentum (``c_{k-1} = 1`` or ``eta_{k-1} = 0``).
+    SGD+M step reproduces it), and ``0`` when the previous step carried no momentum
+    (``c_{k-1} = 1`` or ``eta_{k-1} = 0``).
     """
     scale = (1.0 - float(prev_c)) * float(prev_eta)
     if scale == 0.0:

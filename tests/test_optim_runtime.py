@@ -179,3 +179,33 @@ def test_functional_spa_owns_the_step_on_plain_lists(impl):
         for p, r in zip(params, refs, strict=True):
             torch.testing.assert_close(p, r.detach(), rtol=0, atol=1e-13)
         assert (bufs[0] is None) == (c == 1.0) and (etas[0] is None) == (c == 1.0)
+
+
+@pytest.mark.parametrize("tensor_c", [False, True], ids=["float-c", "tensor-c"])
+def test_tensor_mode_in_eager_matches_the_z_form(tensor_c, monkeypatch):
+    # What an accelerator-resident lr (or a compiled step) runs, forced here on the CPU.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    etas = [0.5, 0.5, 0.05, 0.0, 0.0, 1e-310, 0.3, 0.3, 0.3]
+    cs = [0.2, 0.2, 0.2, 0.2, 0.5, 0.5, 1.0, 0.4, 0.4]
+    x, w, grads = _reference_run(len(etas), etas, cs, seed=3)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lr = torch.tensor(etas[0], dtype=torch.float64)
+    c = torch.tensor(cs[0], dtype=torch.float64) if tensor_c else cs[0]
+    opt, ref = SPA([x, w], lr=lr, c=c, weight_decay=0.05), ReferenceSPA([x_ref, w_ref], weight_decay=0.05)
+    for k, (eta, ck) in enumerate(zip(etas, cs, strict=True)):
+        lr.fill_(eta)
+        if tensor_c:
+            c.fill_(ck)
+        else:
+            opt.param_groups[0]["c"] = ck
+        x.grad, w.grad = grads[k]
+        x_ref.grad, w_ref.grad = grads[k]
+        opt.step()
+        ref.step(eta, ck)
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(opt.z(w), ref.zs[1], rtol=0, atol=1e-12)
+        if ck == 1.0 and not tensor_c:
+            assert len(opt.state) == 0  # c = 1 known on the host: buffers dropped
+        else:
+            assert isinstance(opt.state[x]["prev_eta"], torch.Tensor)
