@@ -204,7 +204,7 @@ class MomentumMeter:
         self.latest: Reading | None = None
         self._taken = 0  # optimizer.step() calls seen by the post-hook
         self._skipped = 0  # of which skipped by an AMP scaler inside the step (known on the host)
-        self._unsure: list[Tensor] = []  # found_inf flags of unmeasured fused-AMP steps, not read yet
+        self._unsure: list[Tensor] = []  # skip flags (or a count) of unmeasured fused-AMP steps, not read yet
         self._handles: list[RemovableHandle] = []
         self._requested = False
         self._pending: tuple[Tensor, list[float | None]] | None = None  # the first half of a measurement
@@ -221,9 +221,19 @@ class MomentumMeter:
         self._reconcile()
         return self._taken - self._skipped
 
-    def _reconcile(self) -> None:
+    def _unsure_count(self) -> Tensor | None:
+        """How many of the unread fused-AMP steps were skipped, as a device tensor (no sync); None if none."""
+        if not self._unsure:
+            return None
+        dtype = self.ema.values.dtype
+        return torch.stack([f.reshape(()).to(self.device, dtype) for f in self._unsure]).gt(0).sum().to(dtype)
+
+    def _reconcile(self, count: float | None = None) -> None:
+        """Folds the unread flags into the host clock (``count``: their sum, already read)."""
         if self._unsure:
-            self._skipped += int(torch.stack([f.reshape(()).float().cpu() for f in self._unsure]).gt(0).sum())
+            if count is None:
+                count = float(self._unsure_count())  # type: ignore[arg-type]
+            self._skipped += int(count)
             self._unsure.clear()
             self._update_due()
 
@@ -280,9 +290,9 @@ class MomentumMeter:
         elif status is None:
             found_inf = optimizer.__dict__.get("found_inf")  # set by GradScaler around a fused-AMP step
             if found_inf is not None:
-                self._unsure.append(found_inf)
-                if len(self._unsure) > 64:
-                    self._reconcile()
+                self._unsure.append(found_inf > 0)
+                if len(self._unsure) > 64:  # fold into one count on the device (no sync)
+                    self._unsure = [self._unsure_count()]  # type: ignore[list-item]
         else:
             self._requested = False
         self._taken += 1
@@ -312,20 +322,26 @@ class MomentumMeter:
         (before, prevs), self._pending = self._pending, None
         optimizer = self.optimizer
         hypers = [group_hyper(optimizer, g, prev) for g, prev in zip(optimizer.param_groups, prevs, strict=True)]
-        step = self.step  # reconciles unread fused-AMP flags (one sync) before the step is labelled
         if not all(has_spa_form(h) for h in hypers):
-            self._emit(Reading(step, hypers, list(self.groups), [], "spike"))
+            self._emit(Reading(self.step, hypers, list(self.groups), [], "spike"))
             return "spike"
+        # The step's index: the host clock less the fused-AMP skips not read yet, read with the rest.
+        unsure = self._unsure_count()
+        step: int | Tensor = self._taken - self._skipped if unsure is None else self._taken - self._skipped - unsure
         grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
         dtype = self.ema.values.dtype
         after = measure_after_step(optimizer, self.device, dtype)
         samples = step_samples(*complete_sums(before, after, self.sharded), hypers, grad_scale)
         accept = None if found_inf is None else found_inf.to(self.device).reshape(()) == 0
         ok = self.ema.update(self._fit_rows(samples), step, default_gap=self.every_n_steps or 1, accept=accept)
-        flags = torch.stack([ok] if accept is None else [ok, accept]).to(dtype)
+        zero = torch.zeros((), device=self.device, dtype=dtype)
+        taken = zero + 1 if accept is None else accept.to(dtype)
+        flags = torch.stack([ok.to(dtype), taken, zero if unsure is None else unsure])
         host = torch.cat([self.ema.corrected().reshape(-1), flags]).tolist()  # the one host-device sync
-        table, flag_values = host[: -flags.numel()], host[-flags.numel() :]
-        status = "skipped" if len(flag_values) == 2 and not flag_values[1] else "ok" if flag_values[0] else "nonfinite"
+        table, (ok_value, taken_value, unsure_value) = host[:-3], host[-3:]
+        self._reconcile(unsure_value)
+        step = self._taken - self._skipped
+        status = "ok" if ok_value else "nonfinite" if taken_value else "skipped"
         width = len(EMA_NAMES)
         rows = [table[i : i + width] for i in range(0, len(table), width)]
         rows = [*rows[: len(hypers)], rows[-1]]  # the groups this optimizer has now, then the total
