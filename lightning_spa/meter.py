@@ -2,8 +2,11 @@ r"""The measuring half of :class:`~lightning_spa.callbacks.MomentumDiagnostics`,
 
 :class:`MomentumMeter` attaches to one SPA or torch SGD optimizer and
 
-- counts the steps it actually takes (its *clock*: ``optimizer.step()`` calls that updated the
-  parameters; a step skipped by an AMP grad scaler, or never called, does not count);
+- counts the steps it actually takes (its *clock*, :attr:`MomentumMeter.step`: ``optimizer.step()``
+  calls seen by its step post-hook; a step skipped by an AMP grad scaler, or never called, does
+  not count. A skip inside a fused-AMP step (``_step_supports_amp_scaling``) is a device flag, read
+  at the next measurement or checkpoint rather than with a sync: until then the measurement
+  schedule runs one step ahead per such skip, while every reading is labelled with its exact step);
 - measures step ``k`` (:mod:`lightning_spa.diagnostics`) when ``(k + 1) % every_n_steps == 0``,
   the convention of Lightning's ``log_every_n_steps``, or the next step after
   :meth:`MomentumMeter.measure_next_step`: the first half after backward
@@ -12,8 +15,9 @@ r"""The measuring half of :class:`~lightning_spa.callbacks.MomentumDiagnostics`,
 - keeps bias-corrected EMAs (:class:`DiagnosticsEMA`) and hands every measurement to its
   listeners as a :class:`Reading` (host floats).
 
-On an unmeasured step it costs a modulo in :meth:`MomentumMeter.before_step` and one tiny step
-post-hook (the clock). Example, in a plain loop (no closure)::
+On an unmeasured step it costs one tiny step post-hook (the clock, which also sets
+:attr:`MomentumMeter.due` for the next step); a driver tests ``due`` before calling
+:meth:`MomentumMeter.before_step`. Example, in a plain loop (no closure)::
 
     meter = MomentumMeter(opt, every_n_steps=10).attach(before_hook=True)
     meter.listeners.append(lambda r: print(r.step, r.ratio))
