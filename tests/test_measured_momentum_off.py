@@ -345,3 +345,14 @@ def test_reproduction_script_smoke(tmp_path: Path) -> None:
     assert len(rows) == 4  # header + three arms
     # MomentumOff(after_epochs=1): the switch starts at step 23 and c reaches 1 one epoch later (step 45)
     assert rows[2].split(" | ")[5:7] == ["23", "45"]
+
+
+def test_sampling_study_smoke(tmp_path: Path) -> None:
+    """A shortened run of examples/reproduce/measured_off_sampling.py: one row per (EMA start, sampling rate)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
+    args = ["--epochs", "4", "--seeds", "1", "--every", "1", "3", "--out", str(tmp_path)]
+    table = importlib.import_module("measured_off_sampling").main(args)
+    assert (tmp_path / "measured_off_sampling.md").read_text() == table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2 * 2

@@ -17,6 +17,7 @@ bytes; the accuracies) and ``measured_off.md``.
 Run (two to three minutes on 2 busy CPU cores)::
 
     python examples/reproduce/measured_off.py --out runs/reproduce --seeds 5
+    python examples/reproduce/measured_off.py --out runs/reproduce --seeds 5 --eta 0.3 --name measured_off_eta0.3
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--eta", type=float, default=1.0, help="SPA step size (c = 0.1)")
+    parser.add_argument("--name", default="measured_off", help="file names of the outputs (NAME.md, NAME.png)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     milestones = [args.epochs // 2, (3 * args.epochs) // 4]
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     header = ["arm", "val accuracy", "per seed", "val loss", "diverged seeds", "switch step (per seed)",
               "c = 1 from (per seed)", "optimizer state, mean KiB", "at the end, KiB"]  # fmt: skip
-    table = write_table(args.out / "measured_off.md", "Momentum off when measured (digits): final validation accuracy",
+    table = write_table(args.out / f"{args.name}.md", "Momentum off when measured (digits): final validation accuracy",
                         header, rows, notes)  # fmt: skip
 
     from lightning_spa.figures import require_matplotlib
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> str:
     ax_ratio.axhline(1.1, color="k", lw=0.8, ls=":", label="threshold 1.1")
     ax_ratio.axvspan(0, STEPS_PER_EPOCH, color="0.9", label="warm-up (not measured)")
     ax_ratio.set_yscale("log")
-    ax_ratio.set_xlim(0, 6 * STEPS_PER_EPOCH)
+    last = max([d for _, _, d in ratios if d is not None], default=0)
+    xmax = max(6 * STEPS_PER_EPOCH, last + 2 * STEPS_PER_EPOCH)
+    ax_ratio.set_xlim(0, xmax)
     ax_ratio.set_xlabel("optimizer step")
     ax_ratio.set_ylabel("smoothed alignment ratio read by the rule")
     ax_ratio.set_title("MeasuredMomentumOff: ratio, decision (dashed)")
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> str:
             ax_mem.plot([v / 1024 for v in b], color=f"C{i}", alpha=0.6, lw=1, label=arm if n == 0 else None)
     ax_mem.set_xlabel("optimizer step")
     ax_mem.set_ylabel("optimizer state (KiB)")
-    ax_mem.set_xlim(0, 6 * STEPS_PER_EPOCH)
+    ax_mem.set_xlim(0, xmax)
     ax_mem.legend(fontsize=8)
     ax_mem.grid(alpha=0.3)
     ax_box.boxplot([results[a]["acc"] for a in ARMS])
@@ -182,11 +186,11 @@ def main(argv: list[str] | None = None) -> str:
         ax_box.scatter([i + 1] * len(results[arm]["acc"]), results[arm]["acc"], color=f"C{i}", zorder=3)
     ax_box.set_ylabel(f"final validation accuracy ({args.seeds} seeds)")
     ax_box.grid(alpha=0.3)
-    fig.suptitle("Digits: momentum off after epoch 1 vs when the alignment ratio says so")
+    fig.suptitle(f"Digits, SPA eta {args.eta:g}: momentum off after epoch 1 vs when the alignment ratio says so")
     fig.tight_layout()
-    fig.savefig(args.out / "measured_off.png", dpi=110)
+    fig.savefig(args.out / f"{args.name}.png", dpi=110)
     print(table)
-    print(f"wrote {args.out / 'measured_off.png'} and {args.out / 'measured_off.md'} in "
+    print(f"wrote {args.out / args.name}.png and .md in "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
     return table
 
