@@ -277,6 +277,14 @@ def test_instant_switch_warns() -> None:
             steps=3)  # fmt: skip
 
 
+def test_decision_in_the_oscillating_regime_warns() -> None:
+    """eta * h = 1.6 on a noisy quadratic: the iterates oscillate and the ratio sits well below 1."""
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+    with pytest.warns(UserWarning, match="the iterates oscillate"):
+        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.2, c=0.2), [callback], steps=30)
+    assert callback.decided_steps == {0: 25}
+
+
 def test_logs_the_decision_and_one_console_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pytorch_lightning.loggers import CSVLogger
 

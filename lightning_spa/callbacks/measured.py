@@ -26,6 +26,11 @@ from lightning_spa.schedule import MomentumRemoval
 
 __all__ = ["MeasuredMomentumOff"]
 
+# A decision taken with the smoothed ratio below this warns: the iterates oscillate (THEORY.md section 4).
+# A heuristic from examples/reproduce/results/measured_off.md (5 digits seeds at SPA eta 1: the one decided at
+# 0.79 diverged once momentum was off; those decided at 0.89-0.96 did not).
+_OSCILLATION = 0.9
+
 
 class _DecidedRemoval:
     """A :class:`~lightning_spa.schedule.MomentumRemoval` whose ``start`` is set when the rule decides.
@@ -97,7 +102,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     Logged through ``trainer.loggers``: ``spa/momentum_off_step`` (the first optimizer step with
     less momentum, logged at the deciding step; ``/opt<i>`` with several optimizers) and, with
     ``log_ratio=True``, the smoothed ratio the rule reads as ``spa/off_ratio`` at each measured
-    step. One console line (rank zero) per decision.
+    step. One console line (rank zero) per decision, and a warning when the ratio at the decision is
+    below 0.9: the iterates oscillate (the step is large for the model) and, without momentum's
+    averaging, the same step may diverge.
 
     Cost: nothing before ``W`` and after the decision (one tiny optimizer post-hook counts steps);
     in between, one measurement per measured step, like ``MomentumDiagnostics(every_n_steps=1)``
@@ -276,6 +283,13 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._removals[index].start = start  # the clock's post-hook writes step k + 1's values next
         for logger in self._loggers:
             logger.log_metrics({f"spa/momentum_off_step{suffix}": float(start)}, step=k)
+        if ratio < _OSCILLATION:
+            rank_zero_warn(
+                f"MeasuredMomentumOff: optimizer {index} decided at step {k} with the smoothed alignment ratio at "
+                f"{ratio:.3g}, below 1: the iterates oscillate, i.e. the step size is large for this model, and "
+                "momentum's averaging was damping it. Without momentum the same step may diverge (on the bundled "
+                "digits at SPA eta 1 one seed in five did, decided at a ratio of 0.79). Consider a smaller eta."
+            )
         rank_zero_info(
             f"MeasuredMomentumOff: optimizer {index}: smoothed alignment ratio {ratio:.3g} <= {self.threshold:g} "
             f"since step {decision.below_since} (warm-up {self.warmup_steps}, patience {self.patience_steps} steps); "
