@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal, Protocol
 
+from lightning_spa.theorem import step_momentum
+
 __all__ = [
     "SPASchedule",
     "StepDecay",
@@ -269,7 +271,7 @@ def equivalent_momentum(schedules: Sequence[SPASchedule], k: int, eta0: float, c
     if k <= joined:
         return 1.0 - c
     eta_prev, c_prev = compose(schedules, k - 1, eta0, c0, joined)
-    return (1.0 - c_prev) * eta_prev / eta
+    return step_momentum(eta, eta_prev, c_prev)
 
 
 @dataclass(frozen=True)
