@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "SPA": "lightning_spa.optim",
+    "SPASpikeWarning": "lightning_spa.optim",
+    "sgd_state_dict_to_spa": "lightning_spa.mapping",
     "GradualSchedule": "lightning_spa.callbacks",
     "MomentumDiagnostics": "lightning_spa.callbacks",
     "MomentumOff": "lightning_spa.callbacks",
@@ -31,6 +33,8 @@ _LAZY = {
 
 __all__ = [
     "SPA",
+    "SPASpikeWarning",
+    "sgd_state_dict_to_spa",
     "GradualSchedule",
     "GroupedSGD",
     "GroupedSPA",
@@ -47,8 +51,14 @@ __all__ = [
 if TYPE_CHECKING:
     from lightning_spa.callbacks import GradualSchedule, MomentumDiagnostics, MomentumOff
     from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
-    from lightning_spa.mapping import sgdm_optimizer_to_spa, sgdm_to_spa, spa_optimizer_to_sgdm, spa_to_sgdm
-    from lightning_spa.optim import SPA
+    from lightning_spa.mapping import (
+        sgd_state_dict_to_spa,
+        sgdm_optimizer_to_spa,
+        sgdm_to_spa,
+        spa_optimizer_to_sgdm,
+        spa_to_sgdm,
+    )
+    from lightning_spa.optim import SPA, SPASpikeWarning
 
 
 def __getattr__(name: str) -> Any:
