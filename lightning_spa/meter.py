@@ -288,19 +288,21 @@ class MomentumMeter:
         return True
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        status = self._finish() if self._pending is not None else None
-        if status == "skipped":
-            self._skipped += 1
-        elif status is None:
+        if self._pending is None:  # an unmeasured step, the common case: a few attribute operations
             found_inf = optimizer.__dict__.get("found_inf")  # set by GradScaler around a fused-AMP step
             if found_inf is not None:
                 self._unsure.append(found_inf > 0)
                 if len(self._unsure) > 64:  # fold into one count on the device (no sync)
                     self._unsure = [self._unsure_count()]  # type: ignore[list-item]
         else:
-            self._requested = False
+            status = self._finish()
+            if status == "skipped":
+                self._skipped += 1
+            else:
+                self._requested = False
         self._taken += 1
-        self._update_due()
+        n = self.every_n_steps  # _update_due, inlined
+        self.due = self._requested or (n is not None and (self._taken - self._skipped + 1) % n == 0)
 
     # -- measurement ----------------------------------------------------------------------------
 

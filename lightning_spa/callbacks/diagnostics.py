@@ -147,7 +147,7 @@ class MomentumDiagnostics(Callback):
         self._state_key = self._generate_state_key(**key)
         #: The meter of each measured optimizer, by index in ``trainer.optimizers`` (set at fit start).
         self.meters: dict[int, MomentumMeter] = {}
-        self._by_id: dict[int, MomentumMeter] = {}
+        self._by_id: dict[int, MomentumMeter | None] = {}  # id of a (wrapped) optimizer -> its meter
         self._loaded: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
         self._bar_names: set[str] = set()
@@ -221,8 +221,11 @@ class MomentumDiagnostics(Callback):
     # -- measurement and logging ----------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # Runs on every optimizer step: kept to a look-up and an attribute test (no call on most steps).
-        meter = self._by_id.get(id(optimizer)) or self._by_id.get(id(unwrap_optimizer(optimizer)))
+        # Runs on every optimizer step: a look-up and an attribute test (no call on most steps).
+        key = id(optimizer)
+        if key not in self._by_id:  # first sight (an unmeasured optimizer, or a LightningOptimizer)
+            self._by_id[key] = self._by_id.get(id(unwrap_optimizer(optimizer)))
+        meter = self._by_id[key]
         if meter is not None and meter.due:
             meter.before_step()
 
