@@ -1,10 +1,11 @@
 """Problems for the MeasuredMomentumOff tests, and a script for the 2-process DDP check.
 
-Usage: python tests/measured_off_problem.py {single,ddp} OUT_DIR
+Usage: python tests/measured_off_problem.py {single,ddp,fsdp} OUT_DIR
 
 ``Objective`` minimises ``0.5 * h * ||W - T||^2 + noise * <W, xi_k>`` over one float64 vector
 ``W`` of ``dim`` entries; ``xi_k`` is a standard normal vector seeded by the optimizer step, so
-every DDP rank gets the same gradient and a resumed run the same noise.
+every DDP rank gets the same gradient and a resumed run the same noise. Under FSDP2 (``fsdp=True``:
+``fully_shard`` through ``ModelParallelStrategy``) ``W`` is a DTensor sharded over the ranks.
 
 - ``h = 0``: pure noise, the gradient does not depend on ``W``: the ratio is 1 in expectation
   (``THEORY.md`` section 4); with ``dim = 4000`` its sampling noise is a few percent.
@@ -28,18 +29,33 @@ from torch.utils.data import DataLoader, TensorDataset
 class Objective(pl.LightningModule):
     def __init__(
         self, dim: int = 4000, h: float = 0.0, noise: float = 1.0, optimizer: str = "spa", eta: float = 0.1,
-        c: float = 0.2, offset: float = 0.0,
+        c: float = 0.2, offset: float = 0.0, fsdp: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.fsdp = fsdp
         self.h, self.noise, self.optimizer_name, self.eta, self.c = h, noise, optimizer, eta, c
         gen = torch.Generator().manual_seed(0)
         self.target = torch.randn(dim, generator=gen, dtype=torch.float64)
         self.w = torch.nn.Parameter(self.target + offset + torch.randn(dim, generator=gen, dtype=torch.float64))
 
+    def configure_model(self) -> None:
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         xi = torch.randn(self.w.shape, generator=torch.Generator().manual_seed(1000 + self.global_step),
                          dtype=torch.float64)  # fmt: skip
-        return 0.5 * self.h * (self.w - self.target).square().sum() + self.noise * (self.w * xi).sum()
+        target = self.target
+        if self.fsdp:  # the module's forward is not used: work on the DTensor shards explicitly
+            from torch.distributed.tensor import distribute_tensor
+
+            target = distribute_tensor(target, self.w.device_mesh, self.w.placements)
+            xi = distribute_tensor(xi, self.w.device_mesh, self.w.placements)
+            loss = 0.5 * self.h * (self.w - target).square().sum() + self.noise * (self.w * xi).sum()
+            return loss.full_tensor()
+        return 0.5 * self.h * (self.w - target).square().sum() + self.noise * (self.w * xi).sum()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         from lightning_spa import SPA
@@ -69,14 +85,22 @@ def main() -> None:
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             cs.append(float(trainer.optimizers[0].param_groups[0]["c"]))
 
+    strategy: Any = {"single": "auto", "ddp": "ddp"}.get(mode)
+    if mode == "fsdp":
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2 if mode == "ddp" else 1, strategy="ddp" if mode == "ddp" else "auto",
+        accelerator="cpu", devices=1 if mode == "single" else 2, strategy=strategy,
         max_steps=150, logger=False, callbacks=[callback, Record()], enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
-    model = Objective(**MIXED)  # type: ignore[arg-type]
+    model = Objective(**MIXED, fsdp=mode == "fsdp")  # type: ignore[arg-type]
     trainer.fit(model, loader(300))
-    result = {"decided": callback.decided_steps[0], "cs": cs, "w_sum": float(model.w.detach().sum())}
+    w = model.w.detach()
+    sharded = type(w).__name__ == "DTensor"
+    full = w.full_tensor() if sharded else w  # type: ignore[attr-defined]
+    result = {"decided": callback.decided_steps[0], "cs": cs, "w_sum": float(full.sum()), "sharded": sharded}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

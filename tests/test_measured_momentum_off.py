@@ -310,12 +310,12 @@ def test_logs_the_decision_and_one_console_line(tmp_path: Path, caplog: pytest.L
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_two_rank_ddp_decides_at_the_same_step_as_one_process(tmp_path: Path) -> None:
+def test_two_rank_ddp_and_fsdp2_decide_at_the_same_step_as_one_process(tmp_path: Path) -> None:
     script = Path(__file__).with_name("measured_off_problem.py")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     results = {}
-    for mode in ("single", "ddp"):
+    for mode in ("single", "ddp", "fsdp"):
         proc = subprocess.Popen(
             [sys.executable, str(script), mode, str(tmp_path / mode)], env=env, cwd=tmp_path,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -328,10 +328,11 @@ def test_two_rank_ddp_decides_at_the_same_step_as_one_process(tmp_path: Path) ->
             pytest.fail(f"{mode} run did not finish within 240 s: a rank hangs")
         assert proc.returncode == 0, stderr[-3000:]
         results[mode] = [json.loads((tmp_path / mode / f"rank{r}.json").read_text())
-                         for r in range(2 if mode == "ddp" else 1)]  # fmt: skip
+                         for r in range(1 if mode == "single" else 2)]  # fmt: skip
     single = results["single"][0]
     assert single["decided"] is not None and 25 < single["decided"] < 150
-    for rank in results["ddp"]:
+    assert all(rank["sharded"] for rank in results["fsdp"])  # W really was a sharded DTensor
+    for rank in results["ddp"] + results["fsdp"]:
         assert rank["decided"] == single["decided"]
         assert rank["cs"] == single["cs"]
         assert rank["w_sum"] == pytest.approx(single["w_sum"], rel=1e-12)
