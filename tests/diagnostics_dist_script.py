@@ -84,7 +84,7 @@ def main() -> None:
         strategy=strategy,  # type: ignore[arg-type]
         max_steps=STEPS,
         logger=TensorBoardLogger(out, name="tb", version=0),
-        callbacks=[MomentumDiagnostics(every_n_steps=1, per_group=True, ema_decay=0.9)],
+        callbacks=[diagnostics := MomentumDiagnostics(every_n_steps=1, per_group=True, ema_decay=0.9)],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -95,6 +95,9 @@ def main() -> None:
         for p in model.parameters()
     ]
     (out / f"params_rank{trainer.global_rank}.json").write_text(json.dumps(shards))
+    # What each rank holds: its optimizer clock and the monitor EarlyStopping/ModelCheckpoint read.
+    rank = {"clock": diagnostics.meters[0].step, "ratio": float(trainer.callback_metrics["spa/ratio"])}
+    (out / f"callback_rank{trainer.global_rank}.json").write_text(json.dumps(rank))
 
 
 if __name__ == "__main__":

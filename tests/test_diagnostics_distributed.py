@@ -62,6 +62,11 @@ def test_ddp_and_fsdp2_log_the_single_process_numbers(tmp_path: Path, optimizer:
     assert len(single["spa/ratio"]) == 30
     for mode in modes:
         _assert_same(single, _run(mode, optimizer, tmp_path / mode))
+    for mode in modes:  # every rank: the same clock, and the monitor value of the single process
+        for rank in (0, 1):
+            held = json.loads((tmp_path / mode / f"callback_rank{rank}.json").read_text())
+            assert held["clock"] == 30
+            assert held["ratio"] == pytest.approx(single["spa/ratio"][29], rel=1e-6)
     for rank in (0, 1):  # the FSDP2 parameters really were sharded
         shards = json.loads((tmp_path / "fsdp" / f"params_rank{rank}.json").read_text())
         assert all(s["type"] == "DTensor" for s in shards)
