@@ -152,25 +152,37 @@ def test_alongside_momentum_diagnostics(tmp_path: Path) -> None:
 # ----- resume ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cut", [18, 30], ids=["before-decision", "inside-transition"])
-def test_decision_survives_a_resume(tmp_path: Path, cut: int) -> None:
+@pytest.mark.parametrize(
+    ("problem", "cut", "same_instance"),
+    [("noise", 18, False), ("noise", 30, False), ("mixed", 60, True), ("mixed", 60, False), ("mixed", 125, False)],
+    ids=["noise-before-decision", "noise-inside-transition", "mixed-before-same-instance", "mixed-before", "mixed-inside-transition"],
+)
+def test_decision_survives_a_resume(tmp_path: Path, problem: str, cut: int, same_instance: bool) -> None:
+    """Noise: the open window is restored (lost, it would reopen at the cut and decide later). Mixed: the EMA is
+    restored too (restarted at the cut, the ratio and the decision would differ)."""
+    kwargs: dict[str, Any] = {"h": 0.0, "dim": 1000} if problem == "noise" else MIXED
+    steps = 60 if problem == "noise" else 150
+
     def make() -> tuple[MeasuredMomentumOff, Record]:
         return MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=12), Record()
 
     callback, record = make()
-    reference = Objective(h=0.0, dim=1000)
-    fit(reference, [callback, record], steps=60)
-    assert callback.decided_steps == {0: 25}
+    reference = Objective(**kwargs)
+    fit(reference, [callback, record], steps=steps)
+    decided = callback.decided_steps[0]
+    assert decided is not None
+    if problem == "noise":
+        assert decided == 25
     first_cb, first_rec = make()
-    first = Objective(h=0.0, dim=1000)
+    first = Objective(**kwargs)
     trainer = fit(first, [first_cb, first_rec], steps=cut)
-    assert first_cb.decided_steps == {0: None if cut <= 25 else 25}
+    assert first_cb.decided_steps == {0: None if cut <= decided else decided}
     path = str(tmp_path / "cut.ckpt")
     trainer.save_checkpoint(path)
-    resumed_cb, resumed_rec = make()
-    resumed = Objective(h=0.0, dim=1000)
-    fit(resumed, [resumed_cb, resumed_rec], steps=60, ckpt=path)
-    assert resumed_cb.decided_steps == {0: 25}
+    resumed_cb, resumed_rec = (first_cb, Record()) if same_instance else make()
+    resumed = Objective(**kwargs)
+    fit(resumed, [resumed_cb, resumed_rec], steps=steps, ckpt=path)
+    assert resumed_cb.decided_steps == {0: decided}
     assert first_rec.values + resumed_rec.values == record.values  # bit-exact, transition included
     assert torch.equal(resumed.w, reference.w)
 

@@ -185,6 +185,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._meters: dict[int, MomentumMeter] = {}
         self._loaded_decisions: dict[int, dict[str, Any]] = {}
         self._loaded_meters: dict[int, dict[str, Any]] = {}
+        self._meter_states: dict[str, Any] = {}  # the EMAs at the end of the last fit, for a checkpoint after it
         self._loggers: list[Any] = []
         self._suffix = False
         self._state_key = self._generate_state_key(
@@ -305,13 +306,18 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        # trainer.save_checkpoint after the fit still saves the EMAs (the meters are gone by then)
+        self._meter_states = self._live_meter_states()
         self._detach_meters()
 
     # ----- checkpoints --------------------------------------------------------------------
+    def _live_meter_states(self) -> dict[str, Any]:
+        return {str(i): m.state_dict() for i, m in self._meters.items() if not self.decisions[i].decided}
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["decisions"] = {str(i): d.state_dict() for i, d in self.decisions.items()}
-        state["meters"] = {str(i): m.state_dict() for i, m in self._meters.items() if not self.decisions[i].decided}
+        state["meters"] = self._live_meter_states() if self._in_fit else self._meter_states
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
