@@ -105,16 +105,25 @@ class MomentumDiagnostics(Callback):
 
     Raises:
         ValueError: ``every_n_steps`` not a positive integer, ``ema_decay`` outside ``[0, 1)``, or
-            ``optimizers`` not None or a list of indices and names.
-        TypeError: ``per_group`` or ``prog_bar`` not a bool.
+            ``optimizers`` not None or a list of indices and names. At fit start, before any step:
+            an index out of range or a name that matches nothing, an explicitly selected torch SGD
+            with Nesterov or dampening, or no supported optimizer at all.
+        TypeError: ``per_group`` or ``prog_bar`` not a bool; at fit start, an explicitly selected
+            optimizer that is neither SPA nor torch SGD.
 
     Example::
 
-        from lightning_spa import SPA
         from lightning_spa.callbacks import MomentumDiagnostics
 
         trainer = pl.Trainer(callbacks=[MomentumDiagnostics()], logger=TensorBoardLogger("runs"))
         trainer.fit(model)   # TensorBoard: CUSTOM SCALARS tab, "spa: alignment ratio"
+
+        # A GAN: measure the SPA generator only; stop when momentum stops helping
+        callbacks = [MomentumDiagnostics(optimizers=["generator"]),
+                     EarlyStopping(monitor="spa/ratio", mode="max", patience=3)]
+
+    Measuring from another callback: :attr:`meters` maps each measured optimizer's index to its
+    :class:`~lightning_spa.meter.MomentumMeter` (clock, EMAs, ``latest`` reading, ``listeners``).
     """
 
     def __init__(
