@@ -155,7 +155,7 @@ def test_alongside_momentum_diagnostics(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("problem", "cut", "same_instance"),
     [("noise", 18, False), ("noise", 30, False), ("mixed", 60, True), ("mixed", 60, False), ("mixed", 125, False)],
-    ids=["noise-before-decision", "noise-inside-transition", "mixed-before-same-instance", "mixed-before", "mixed-inside-transition"],
+    ids=["noise-before", "noise-inside-transition", "mixed-before-same-instance", "mixed-before", "mixed-inside"],
 )
 def test_decision_survives_a_resume(tmp_path: Path, problem: str, cut: int, same_instance: bool) -> None:
     """Noise: the open window is restored (lost, it would reopen at the cut and decide later). Mixed: the EMA is
@@ -302,7 +302,8 @@ def test_logs_the_decision_and_one_console_line(tmp_path: Path, caplog: pytest.L
 
     callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=12, log_ratio=True)
     with caplog.at_level("INFO"):
-        fit(Objective(h=0.0, dim=1000), [callback], steps=40, logger=CSVLogger(tmp_path, name="", version=0))
+        trainer = fit(Objective(h=0.0, dim=1000), [callback], steps=40, logger=CSVLogger(tmp_path, name="", version=0))
+    assert float(trainer.callback_metrics["spa/momentum_off_step"]) == 26.0
     lines = [r.getMessage() for r in caplog.records if "MeasuredMomentumOff" in r.getMessage()]
     assert len(lines) == 1 and "momentum off from optimizer step 26" in lines[0]
     rows = (tmp_path / "version_0" / "metrics.csv").read_text().splitlines()

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any, Literal
 
+import torch
+
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
@@ -100,7 +102,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     a run resumed before the decision keeps measuring; after it, the transition continues exactly.
 
     Logged through ``trainer.loggers``: ``spa/momentum_off_step`` (the first optimizer step with
-    less momentum, logged at the deciding step; ``/opt<i>`` with several optimizers) and, with
+    less momentum, logged at the deciding step; ``/opt<i>`` with several optimizers; also put in
+    ``trainer.callback_metrics``) and, with
     ``log_ratio=True``, the smoothed ratio the rule reads as ``spa/off_ratio`` at each measured
     step. One console line (rank zero) per decision, and a warning when the ratio at the decision is
     below 0.9: the iterates oscillate (the step is large for the model) and, without momentum's
@@ -187,6 +190,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._loaded_meters: dict[int, dict[str, Any]] = {}
         self._meter_states: dict[str, Any] = {}  # the EMAs at the end of the last fit, for a checkpoint after it
         self._loggers: list[Any] = []
+        self._trainer: pl.Trainer | None = None
         self._suffix = False
         self._state_key = self._generate_state_key(
             threshold=self.threshold, warmup=self.warmup, patience=self.patience, unit=self.unit,
@@ -236,6 +240,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # the first schedule callback builds the clocks and calls _check
         self._loggers = list(trainer.loggers)
+        self._trainer = trainer
         self._suffix = len(self._clocks) > 1
         self._detach_meters()
         for index, clock in self._clocks.items():
@@ -282,8 +287,11 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         start = decision.transition_start
         assert start is not None
         self._removals[index].start = start  # the clock's post-hook writes step k + 1's values next
+        metrics = {f"spa/momentum_off_step{suffix}": float(start)}
         for logger in self._loggers:
-            logger.log_metrics({f"spa/momentum_off_step{suffix}": float(start)}, step=k)
+            logger.log_metrics(metrics, step=k)
+        if self._trainer is not None:  # for callbacks that read it (e.g. a ModelCheckpoint filename)
+            self._trainer.callback_metrics.update({key: torch.tensor(v) for key, v in metrics.items()})
         if ratio < _OSCILLATION:
             rank_zero_warn(
                 f"MeasuredMomentumOff: optimizer {index} decided at step {k} with the smoothed alignment ratio at "
@@ -309,6 +317,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         # trainer.save_checkpoint after the fit still saves the EMAs (the meters are gone by then)
         self._meter_states = self._live_meter_states()
         self._detach_meters()
+        self._trainer = None
 
     # ----- checkpoints --------------------------------------------------------------------
     def _live_meter_states(self) -> dict[str, Any]:
