@@ -274,3 +274,25 @@ def test_tensor_lr_and_no_hooks_on_unmeasured_steps(tmp_path: Path) -> None:
     assert s["spa/ratio"][7] == pytest.approx(raw_spa(float(torch.tensor(0.7)), 0.1, 8)["ratio"][7], rel=1e-5)
     opt = trainer.optimizers[0]
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # all removed at fit end
+
+
+def test_a_step_the_module_skips_does_not_count(tmp_path: Path) -> None:
+    import pytorch_lightning
+
+    _, Noise, _ = modules("pytorch_lightning")
+
+    class SkipsBatch2(Noise):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return (self.w * noise(batch_idx)).sum()  # the gradient of batch b is noise(b)
+
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
+            if batch_idx == 2:
+                optimizer_closure()  # backward and on_before_optimizer_step run, the step does not
+            else:
+                optimizer.step(closure=optimizer_closure)
+
+    diagnostics = MomentumDiagnostics(every_n_steps=1, ema_decay=0.0)
+    _, s = fit(pytorch_lightning, tmp_path, SkipsBatch2(), 6, [diagnostics])
+    assert sorted(s["spa/grad_sq"]) == [0, 1, 2, 3, 4] and diagnostics.meters[0].step == 5
+    for k, batch in ((1, 1), (2, 3), (4, 5)):  # step 2 is batch 3's
+        assert s["spa/grad_sq"][k] == pytest.approx(float(noise(batch).double().square().sum()), rel=1e-5)
