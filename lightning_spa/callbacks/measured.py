@@ -88,7 +88,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
       hundreds of steps and hide the phase after them;
     - from ``W``, every ``every_n_steps``-th step is measured (every step by default: with
       heavy-tailed gradient norms a sparse sample misses the rare large ``||g||^2`` that the
-      normaliser needs, and the ratio reads high; see ``examples/reproduce/results/measured_off.md``);
+      normaliser needs, and the ratio reads high: ``examples/reproduce/results/measured_off_sampling.md``);
     - a ratio ``<= threshold`` at step ``s`` opens a window, a ratio above closes it; the decision is
       taken at the first measured step ``k`` with ``k - s >= P``; momentum goes from step ``k + 1``.
       Measured every step, a ratio that stays low decides at ``W + P`` exactly.
