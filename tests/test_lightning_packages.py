@@ -83,8 +83,8 @@ def test_callbacks_fit_log_custom_scalars(package: ModuleType, tmp_path: Path) -
     scalars, charts = _events(logger.log_dir)
     assert "spa/ratio" in scalars and all(v > 0 for v in scalars["spa/ratio"])
     assert any(tag.startswith("^spa/ratio") for tags in charts.values() for tag in tags), charts
-    # step 11 is the 6th step of the transition: eta = 0.5 ** (6 / 8)
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 ** (6 / 8))
+    # after step 11 the groups hold the coming step 12's values, the 7th of the transition: eta = 0.5 ** (7 / 8)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 ** (7 / 8))
 
 
 def test_resume_restores_callback_state(package: ModuleType, tmp_path: Path) -> None:
@@ -100,9 +100,9 @@ def test_resume_restores_callback_state(package: ModuleType, tmp_path: Path) -> 
     resumed.fit(DigitsCNN(optimizer=lambda params: SPA(params, lr=3.0, c=0.5)), DigitsDataModule(), ckpt_path=ckpt)
     assert resumed.global_step == 12
     group = resumed.optimizers[0].param_groups[0]
-    # step 11 is the 6th of 12 transition steps: eta = 0.8 * 0.5**(6/12), c = 0.2 / 0.5**(6/12)
-    assert group["lr"] == pytest.approx(0.8 * 0.5 ** 0.5)
-    assert group["c"] == pytest.approx(0.2 / 0.5 ** 0.5)
+    # the groups hold the coming step 12's values, the 7th of 12 transition steps
+    assert group["lr"] == pytest.approx(0.8 * 0.5 ** (7 / 12))
+    assert group["c"] == pytest.approx(0.2 / 0.5 ** (7 / 12))
 
 
 @pytest.mark.parametrize(
