@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import optimizer as _optimizer
 from torch.optim.sgd import sgd as _public_sgd
 
-__all__ = ["PRIVATE", "foreach_types", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
+__all__ = ["PRIVATE", "foreach_types", "fused_kernel", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
 
 PRIVATE = True
 """Use torch's private helpers when they exist; ``False`` forces the public fallbacks."""
@@ -85,6 +85,12 @@ def group_by_device_and_dtype(lists: list[list[Any]]) -> Buckets:
     return buckets
 
 
+def fused_kernel() -> Any:
+    """torch's fused SGD kernel ``torch._fused_sgd_`` (one ``(device, dtype)`` bucket a call), or
+    None where it is missing or ``PRIVATE`` is off (then use :func:`fused_sgd_`)."""
+    return _private(torch, "_fused_sgd_")
+
+
 def fused_sgd_(
     buckets: Buckets,
     *,
@@ -104,7 +110,7 @@ def fused_sgd_(
     ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` on a first step) and
     ``p -= lr * buf``; ``momentum == 0`` uses no buffer; a non-zero ``found_inf`` skips it all.
     """
-    kernel = _private(torch, "_fused_sgd_")
+    kernel = fused_kernel()
     for (device, _), ((ps, gs, bs), _) in buckets.items():
         if kernel is None:
             _public_sgd(

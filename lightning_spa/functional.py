@@ -29,7 +29,8 @@ Two modes:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,10 +38,26 @@ from torch import Tensor
 from lightning_spa import _compat
 from lightning_spa.theorem import StepCoefficients, spa_step, step_momentum
 
-__all__ = ["StepInfo", "spa"]
+__all__ = ["InfFlag", "StepInfo", "float_step", "spa"]
 
-_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
+"""Tensor types of the fused kernel (not ``DTensor`` and other subclasses)."""
 Scalar = float | Tensor
+
+
+class InfFlag:
+    """``found_inf`` read on the host at most once (one sync), however many param groups ask."""
+
+    __slots__ = ("found_inf", "value")
+
+    def __init__(self, found_inf: Tensor) -> None:
+        self.found_inf = found_inf
+        self.value: bool | None = None
+
+    def __call__(self) -> bool:
+        if self.value is None:
+            self.value = bool(self.found_inf.item())
+        return self.value
 
 
 class StepInfo(NamedTuple):
@@ -73,6 +90,7 @@ def spa(
     c: Scalar,
     weight_decay: float,
     maximize: bool,
+    found_inf_read: Callable[[], bool] | None = None,
 ) -> StepInfo:
     """One SPA step in place on ``params``; updates the three state lists in place.
 
@@ -93,6 +111,8 @@ def spa(
         c: ``c_k`` in ``(0, 1]``, a float or a one-element tensor.
         weight_decay: coupled L2 weight decay (>= 0).
         maximize: ascend instead of descend.
+        found_inf_read: how the host reads ``found_inf`` (default: an :class:`InfFlag`); an
+            optimizer passes one :class:`InfFlag` to all its groups, so a step syncs at most once.
     """
     if not params:
         return StepInfo(False, None)
@@ -120,7 +140,7 @@ def spa(
     keeps = [coef.history == key and (key is None or not coef.fresh) for key, _, coef in plans]
     # The kernel skips an inf step by itself; the host needs found_inf only when the step would
     # change the histories (or start buffers): one read then, none on a constant schedule.
-    if found_inf is not None and not all(keeps) and bool(found_inf.item()):
+    if found_inf is not None and not all(keeps) and (found_inf_read or InfFlag(found_inf))():
         return StepInfo(False, None, skipped=True)
     changed, momentum = False, None
     for (key, idx, coef), keep in zip(plans, keeps, strict=True):
@@ -131,7 +151,7 @@ def spa(
             ps, gs, bs = params, grads, momentum_buffer_list
         else:
             ps, gs, bs = [params[i] for i in idx], [grads[i] for i in idx], [momentum_buffer_list[i] for i in idx]
-        bs = _float_step(ps, gs, bs, coef, impl, weight_decay, maximize, grad_scale, found_inf)
+        bs = float_step(ps, gs, bs, coef, impl, weight_decay, maximize, grad_scale, found_inf)
         if keep:
             continue  # no history before or after, or buffers updated in place: nothing to write
         changed = True
@@ -142,7 +162,7 @@ def spa(
     return StepInfo(changed, momentum)
 
 
-def _float_step(
+def float_step(
     ps: list[Tensor],
     gs: list[Tensor],
     bs: list[Tensor | None],
@@ -152,18 +172,23 @@ def _float_step(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    bucket: tuple[torch.device, torch.dtype] | None = None,
 ) -> list[Tensor | None]:
-    """Runs ``coef`` on one batch with the loop, foreach or fused kernel; returns the buffers."""
+    """Runs ``coef`` on one batch with the loop, foreach or fused kernel; returns the buffers.
+
+    ``impl`` None picks the kernel (default dispatch); ``bucket``, the ``(device, dtype)`` of all of
+    ``ps`` when the caller knows they share one, skips the grouping by device and dtype.
+    """
     if coef.fresh and coef.lr == 0.0:
         return bs  # eta = 0 and no buffer: nothing moves
     if coef.fresh:
         bs = [None] * len(ps)  # no buffer, or a stale one (zero scale): m' = g
     elif coef.grad_weight == 0.0:  # eta = 0 on a buffer: x' = x - c s m; g is not even read
-        if impl == "loop" or not set(map(type, ps)) <= _PLAIN:
+        if impl == "loop" or not set(map(type, ps)) <= PLAIN_TYPES:
             for p, buf in zip(ps, bs, strict=True):
                 p.add_(buf, alpha=-coef.lr)  # type: ignore[arg-type]
         else:
-            for (pp, bb), _ in _compat.group_by_device_and_dtype([ps, bs]).values():
+            for (pp, bb), _ in _group([ps, bs], bucket).values():
                 torch._foreach_add_(pp, bb, alpha=-coef.lr)
         return bs
     buckets = None
@@ -172,8 +197,8 @@ def _float_step(
             impl = "foreach" if set(map(type, ps)).issubset(_compat.foreach_types()) else "loop"
         else:
             fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
-            buckets = _compat.group_by_device_and_dtype([ps, gs, bs])
-            if set(map(type, ps)) <= _PLAIN and all(
+            buckets = _group([ps, gs, bs], bucket)
+            if set(map(type, ps)) <= PLAIN_TYPES and all(
                 d.type in fused_devices and t.is_floating_point for d, t in buckets
             ):  # fmt: skip
                 impl = "fused"
@@ -182,7 +207,7 @@ def _float_step(
             else:
                 impl = "loop"
     if impl == "fused":
-        buckets = buckets or _compat.group_by_device_and_dtype([ps, gs, bs])
+        buckets = buckets or _group([ps, gs, bs], bucket)
         _compat.fused_sgd_(
             buckets,
             momentum=coef.momentum if coef.history is not None or not coef.fresh else 0.0,
@@ -194,10 +219,17 @@ def _float_step(
                 for i, buf in zip(indices, bb, strict=True):
                     bs[i] = buf
     elif impl == "foreach":
-        _foreach_step(buckets or _compat.group_by_device_and_dtype([ps, gs, bs]), bs, coef, weight_decay, maximize)
+        _foreach_step(buckets or _group([ps, gs, bs], bucket), bs, coef, weight_decay, maximize)
     else:
         _loop_step(ps, gs, bs, coef, weight_decay, maximize)
     return bs
+
+
+def _group(lists: list[list[Any]], bucket: tuple[torch.device, torch.dtype] | None) -> _compat.Buckets:
+    """The lists as buckets by device and dtype; one bucket, without grouping, when ``bucket`` is known."""
+    if bucket is None:
+        return _compat.group_by_device_and_dtype(lists)
+    return {bucket: (lists, list(range(len(lists[0]))))}
 
 
 def _loop_step(
@@ -258,14 +290,10 @@ def _tensor_mode(
     changed = False
     on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
     for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
-        if p.device not in on_device:  # once per device: a non-blocking copy, no synchronisation
-            eta_t = lr if isinstance(lr, Tensor) else torch.tensor(lr)
-            dtype = eta_t.dtype if eta_t.is_floating_point() else torch.get_default_dtype()
-            c_t = c if isinstance(c, Tensor) else torch.tensor(c, dtype=dtype)
-            on_device[p.device] = (
-                eta_t.detach().reshape(()).to(device=p.device, dtype=dtype, non_blocking=True),
-                c_t.detach().reshape(()).to(device=p.device, dtype=dtype, non_blocking=True),
-            )
+        if p.device not in on_device:  # once per device, no synchronisation (see _scalar_on)
+            floating = isinstance(lr, Tensor) and lr.is_floating_point()
+            dtype = lr.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
+            on_device[p.device] = (_scalar_on(lr, p.device, dtype), _scalar_on(c, p.device, dtype))
         eta, cc = on_device[p.device]
         g = grad if not maximize else -grad
         if weight_decay != 0.0:
@@ -296,12 +324,25 @@ def _tensor_mode(
     return StepInfo(changed, None)
 
 
+def _scalar_on(value: Scalar, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-dim tensor on ``device`` without a blocking copy.
+
+    A float becomes ``torch.full`` (the value travels as a kernel argument; ``torch.tensor(v,
+    device=cuda)`` would be a blocking host-to-device copy, pytorch/pytorch#120996). A CPU tensor
+    in eager is read on the host (free) and filled the same way; other tensors move device to
+    device, non-blocking (under ``torch.compile``, a traced copy).
+    """
+    if not isinstance(value, Tensor):
+        return torch.full((), float(value), dtype=dtype, device=device)
+    if value.device != device and value.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.full((), (value.real if value.is_complex() else value).item(), dtype=dtype, device=device)
+    value = value.real if value.is_complex() else value
+    return value.detach().reshape(()).to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
+
+
 def _history_tensor(value: Scalar | None, like: Tensor) -> Tensor:
     """A history value as a 0-dim tensor like ``like``: itself when it already is one (updated in
     place), else a copy (a float history, or one ``load_state_dict`` cast to a parameter's dtype)."""
-    if isinstance(value, Tensor):
-        if value.dtype == like.dtype and value.device == like.device:
-            return value
-        value = value.real if value.is_complex() else value
-        return value.detach().reshape(()).to(device=like.device, dtype=like.dtype)
-    return torch.tensor(float(value), dtype=like.dtype).to(like.device, non_blocking=True)  # type: ignore[arg-type]
+    if isinstance(value, Tensor) and value.dtype == like.dtype and value.device == like.device:
+        return value
+    return _scalar_on(value, like.device, like.dtype)  # type: ignore[arg-type]

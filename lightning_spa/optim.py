@@ -42,7 +42,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from lightning_spa.functional import spa
+from lightning_spa._steady import GroupPlan
+from lightning_spa.functional import InfFlag, spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = ["SPA", "SPASpikeWarning", "validate_c", "validate_eta"]
@@ -116,6 +117,17 @@ def _validate_group(group: dict[str, Any], where: str) -> None:
                     f"{list(fused_devices)}, got a {type(p).__name__} of {p.dtype} on {p.device.type} {where} "
                     "(DTensor/FSDP2 parameters have no fused kernel); pass `fused=None` to pick a path."
                 )
+
+
+def _check_fused(fused: Any, default: Any, where: str) -> None:
+    """``fused`` is one choice for the whole optimizer: ``torch.amp.GradScaler`` asks the optimizer
+    (``_step_supports_amp_scaling``), not each group, whether the step unscales the gradients."""
+    if bool(fused) != bool(default):
+        raise ValueError(
+            f"`fused`={fused!r} {where} differs from the optimizer's `fused`={default!r}: SPA takes `fused` for all "
+            "param groups at once (with `fused=True` a GradScaler hands its scale to every group's kernel). Pass "
+            "the same `fused` to every group, or split the groups into two optimizers."
+        )
 
 
 def _step_value(group: dict[str, Any], key: str) -> float | Tensor:
@@ -194,6 +206,7 @@ class SPA(Optimizer):
         defaults = dict(lr=lr, c=c, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
         _validate_group({**defaults, "params": []}, "in the arguments")
         self._spike: dict[str, Any] = {"warned": False, "steps": 0, "last": {}}
+        self._plans: dict[int, GroupPlan] = {}
         super().__init__(params, defaults)
 
     @property
@@ -201,10 +214,16 @@ class SPA(Optimizer):
         return bool(self.defaults.get("fused"))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group (torch's checks, then SPA's: ``lr``, ``c``, ``weight_decay``, ``fused``)."""
+        """Adds a group (torch's checks, then SPA's: ``lr``, ``c``, ``weight_decay``, ``fused``).
+
+        Raises:
+            ValueError: as the constructor, or a ``fused`` other than the optimizer's.
+        """
         super().add_param_group(param_group)
         try:
-            _validate_group(self.param_groups[-1], f"in param group {len(self.param_groups) - 1}")
+            where = f"in param group {len(self.param_groups) - 1}"
+            _validate_group(self.param_groups[-1], where)
+            _check_fused(self.param_groups[-1]["fused"], self.defaults["fused"], where)
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
@@ -233,6 +252,7 @@ class SPA(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_spike", {"warned": False, "steps": 0, "last": {}})
+        self.__dict__.setdefault("_plans", {})
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -248,13 +268,16 @@ class SPA(Optimizer):
         ``prev_eta``/``prev_c`` existed (``prev_scale`` only) loads exactly too.
 
         Raises:
-            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1.
+            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1; a group whose
+                ``fused`` differs from this optimizer's.
         """
         groups = state_dict.get("param_groups", [])
         if groups and all("c" not in g and "momentum" in g for g in groups):
             from lightning_spa.mapping import sgd_state_dict_to_spa
 
             state_dict = sgd_state_dict_to_spa(state_dict, self.param_groups)
+        for i, g in enumerate(state_dict.get("param_groups", [])):
+            _check_fused(g.get("fused"), self.defaults.get("fused"), f"in param group {i} of the loaded state dict")
         super().load_state_dict(state_dict)
         for state in self.state.values():
             if "prev_scale" in state and "prev_eta" not in state:  # the layout before prev_eta/prev_c
@@ -293,39 +316,63 @@ class SPA(Optimizer):
                 loss = closure()
         state_of = self.state
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        inf_read = None if found_inf is None else InfFlag(found_inf)  # one host read per step, at most
         self._spike["steps"] += 1
+        plans, eager = self._plans, not torch.compiler.is_compiling()
         for index, group in enumerate(self.param_groups):
-            eta, c = _step_value(group, "lr"), _step_value(group, "c")
-            # One pass over the parameters, in list comprehensions: most of SPA's Python cost per step.
-            all_grads = list(map(_GRAD, group["params"]))
-            params = [p for p, g in zip(group["params"], all_grads, strict=True) if g is not None]
-            grads: list[Tensor] = [g for g in all_grads if g is not None]
-            if any(map(_IS_SPARSE, grads)):
-                raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
-            if state_of:
-                states = [state_of.get(p) for p in params]
-                bufs: list[Tensor | None] = [s["momentum_buffer"] if s else None for s in states]
-                etas: list[Any] = [s["prev_eta"] if s else None for s in states]
-                cs: list[Any] = [s["prev_c"] if s else None for s in states]
-            else:  # no history anywhere (first step, or momentum off)
-                bufs, etas, cs = [None] * len(params), [None] * len(params), [None] * len(params)
-            info = spa(
-                params, grads, bufs, etas, cs, group["foreach"], group["fused"], grad_scale, found_inf,
-                lr=eta, c=c, weight_decay=group["weight_decay"], maximize=group["maximize"],
-            )  # fmt: skip
-            if info.skipped:
-                continue
-            if info.changed:
-                for p, buf, e, q in zip(params, bufs, etas, cs, strict=True):
-                    if buf is None:
-                        state_of.pop(p, None)
-                    elif isinstance(e, Tensor):  # tensor mode: the scale is derived (momentum_history)
-                        state_of[p] = {"momentum_buffer": buf, "prev_eta": e, "prev_c": q}
-                    else:
-                        state_of[p] = {"momentum_buffer": buf, "prev_eta": e, "prev_c": q, "prev_scale": (1 - q) * e}
-            if not isinstance(eta, Tensor):
-                self._check_spike(index, eta, info.momentum)
+            eta, c = group["lr"], group["c"]
+            if not (type(eta) is float and 0.0 <= eta < math.inf):
+                eta = _step_value(group, "lr")
+            if not (type(c) is float and 0.0 < c <= 1.0):
+                c = _step_value(group, "c")
+            done = None
+            if eager and type(eta) is float and type(c) is float:  # the common case: lightning_spa._steady
+                plan = plans.get(index)
+                if plan is None or not plan.fits(group):
+                    plan = plans[index] = GroupPlan(group)
+                done = plan.step(state_of, eta, c, group, grad_scale, found_inf, inf_read)
+            if done is None:
+                done = self._general_step(group, eta, c, grad_scale, found_inf, inf_read)
+            if not done[0] and not isinstance(eta, Tensor):
+                self._check_spike(index, eta, done[1])
         return loss
+
+    def _general_step(
+        self,
+        group: dict[str, Any],
+        eta: float | Tensor,
+        c: float | Tensor,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        inf_read: InfFlag | None,
+    ) -> tuple[bool, float | None]:
+        """A group's step in every case (parameters without gradients, mixed histories, tensors)."""
+        state_of = self.state
+        all_grads = list(map(_GRAD, group["params"]))
+        params = [p for p, g in zip(group["params"], all_grads, strict=True) if g is not None]
+        grads: list[Tensor] = [g for g in all_grads if g is not None]
+        if any(map(_IS_SPARSE, grads)):
+            raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
+        if state_of:
+            states = [state_of.get(p) for p in params]
+            bufs: list[Tensor | None] = [s["momentum_buffer"] if s else None for s in states]
+            etas: list[Any] = [s["prev_eta"] if s else None for s in states]
+            cs: list[Any] = [s["prev_c"] if s else None for s in states]
+        else:  # no history anywhere (first step, or momentum off)
+            bufs, etas, cs = [None] * len(params), [None] * len(params), [None] * len(params)
+        info = spa(
+            params, grads, bufs, etas, cs, group["foreach"], group["fused"], grad_scale, found_inf,
+            lr=eta, c=c, weight_decay=group["weight_decay"], maximize=group["maximize"], found_inf_read=inf_read,
+        )  # fmt: skip
+        if info.changed and not info.skipped:
+            for p, buf, e, q in zip(params, bufs, etas, cs, strict=True):
+                if buf is None:
+                    state_of.pop(p, None)
+                elif isinstance(e, Tensor):  # tensor mode: the scale is derived (momentum_history)
+                    state_of[p] = {"momentum_buffer": buf, "prev_eta": e, "prev_c": q}
+                else:
+                    state_of[p] = {"momentum_buffer": buf, "prev_eta": e, "prev_c": q, "prev_scale": (1 - q) * e}
+        return info.skipped, info.momentum
 
     def _check_spike(self, index: int, eta: float, momentum: float | None) -> None:
         """Warns once when a step's equivalent momentum is >= 1 and eta fell at this step only.
