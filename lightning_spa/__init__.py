@@ -21,6 +21,8 @@ _LAZY = {
     "GradualSchedule": "lightning_spa.callbacks",
     "MomentumDiagnostics": "lightning_spa.callbacks",
     "MomentumOff": "lightning_spa.callbacks",
+    "MeasuredMomentumOff": "lightning_spa.callbacks",
+    "MomentumOffDecision": "lightning_spa.decision",
     "GroupedSGD": "lightning_spa.factory",
     "GroupedSPA": "lightning_spa.factory",
     "build_optimizer": "lightning_spa.factory",
@@ -40,6 +42,8 @@ __all__ = [
     "GroupedSPA",
     "MomentumDiagnostics",
     "MomentumOff",
+    "MeasuredMomentumOff",
+    "MomentumOffDecision",
     "build_optimizer",
     "sgdm_optimizer_to_spa",
     "sgdm_to_spa",
@@ -49,7 +53,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lightning_spa.callbacks import GradualSchedule, MomentumDiagnostics, MomentumOff
+    from lightning_spa.callbacks import GradualSchedule, MeasuredMomentumOff, MomentumDiagnostics, MomentumOff
+    from lightning_spa.decision import MomentumOffDecision
     from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
     from lightning_spa.mapping import (
         sgd_state_dict_to_spa,

@@ -113,7 +113,8 @@ class DiagnosticsEMA:
         w = torch.where(valid, weight, 0.0).to(self.values.dtype)
         self.values = self.values * (1 - w) + w * torch.where(valid, new, 0.0)
         self.weights = self.weights * (1 - w) + w
-        self._last = torch.where(ok, torch.as_tensor(step, dtype=self._last.dtype, device=self._last.device),
+        # torch.full, not torch.as_tensor(step, device=...): the latter is a blocking host-to-device copy
+        self._last = torch.where(ok, torch.full((), float(step), dtype=self._last.dtype, device=self._last.device),
                                  self._last)  # fmt: skip
         return ok
 

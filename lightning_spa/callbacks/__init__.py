@@ -13,12 +13,14 @@ _LAZY = {
     "GradualSchedule": "lightning_spa.callbacks.schedules",
     "MomentumOff": "lightning_spa.callbacks.schedules",
     "MomentumDiagnostics": "lightning_spa.callbacks.diagnostics",
+    "MeasuredMomentumOff": "lightning_spa.callbacks.measured",
 }
 
-__all__ = ["GradualSchedule", "MomentumDiagnostics", "MomentumOff"]
+__all__ = ["GradualSchedule", "MeasuredMomentumOff", "MomentumDiagnostics", "MomentumOff"]
 
 if TYPE_CHECKING:
     from lightning_spa.callbacks.diagnostics import MomentumDiagnostics
+    from lightning_spa.callbacks.measured import MeasuredMomentumOff
     from lightning_spa.callbacks.schedules import GradualSchedule, MomentumOff
 
 
