@@ -174,7 +174,7 @@ def test_tensor_mode_copies_no_host_value_to_the_device(values, monkeypatch):
         p.grad = torch.zeros_like(p)
     opt.step()  # float mode: float histories, which tensor mode converts
     for name in ("tensor", "as_tensor"):
-        monkeypatch.setattr(torch, name, lambda *a, **k: pytest.fail(f"torch.{name} in a step"))
+        monkeypatch.setattr(torch, name, lambda *a, _n=name, **k: pytest.fail(f"torch.{_n} in a step"))
     group = opt.param_groups[0]
     if values == "device-lr":
         group["lr"] = torch.full((), 0.4, device="meta")
