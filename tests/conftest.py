@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/spa_reference.py and other helpers
+
+# The two distributions users install; tests that take the `package` fixture run under each.
+LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
 CUDA_SKIP_REASON = "no CUDA device (torch.cuda.is_available() is False); `pytest -m cuda` runs these on a GPU"
 
@@ -33,3 +39,42 @@ def digits64() -> tuple[torch.Tensor, torch.Tensor]:
     from lightning_spa.demos.digits import load_digits_tensors
 
     return load_digits_tensors(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small models on a shared 2-core machine: one intra-op thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=LIGHTNING_PACKAGES)
+def package(request: pytest.FixtureRequest) -> ModuleType:
+    """The Lightning package (``pytorch_lightning`` or ``lightning.pytorch``) whose Trainer, loggers and CLI
+    a test uses: a test taking this fixture runs once under each."""
+    return importlib.import_module(request.param)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per Lightning package: how many tests ran under it, and which."""
+    runs: dict[str, dict[str, int]] = {name: {} for name in LIGHTNING_PACKAGES}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if getattr(report, "when", "call") not in ("call", "setup") or "[" not in nodeid:
+                continue
+            if outcome == "passed" and report.when != "call":
+                continue
+            params = nodeid[nodeid.index("[") + 1 : -1].split("-")
+            for name in LIGHTNING_PACKAGES:
+                if name in params:
+                    counts = runs[name]
+                    counts[outcome] = counts.get(outcome, 0) + 1
+    if not any(runs.values()):
+        return
+    terminalreporter.section("Lightning packages")
+    for name, counts in runs.items():
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "no test"
+        terminalreporter.write_line(f"{name}: {summary}")

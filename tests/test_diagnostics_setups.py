@@ -22,21 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, GradualSchedule, MomentumDiagnostics
 
-PACKAGES = ["pytorch_lightning", "lightning.pytorch"]
 DIM = 32
 
 
-@pytest.fixture(params=PACKAGES)
-def package(request: pytest.FixtureRequest) -> ModuleType:
-    return importlib.import_module(request.param)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def noise(k: int, which: int = 0) -> torch.Tensor:

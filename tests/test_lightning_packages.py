@@ -8,13 +8,11 @@ ships, in automatic and dependency-injection mode.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 from lightning_spa import SPA, GradualSchedule, MomentumDiagnostics, MomentumOff
 from lightning_spa.demos import DigitsCNN, DigitsDataModule
@@ -22,21 +20,10 @@ from lightning_spa.demos import DigitsCNN, DigitsDataModule
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-PACKAGES = ["pytorch_lightning", "lightning.pytorch"]
 
 
-@pytest.fixture(params=PACKAGES)
-def package(request: pytest.FixtureRequest) -> ModuleType:
-    """The Lightning package whose Trainer, logger and CLI a test uses."""
-    return importlib.import_module(request.param)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trainer(package: ModuleType, tmp_path: Path, callbacks: list, **kwargs):  # type: ignore[no-untyped-def]

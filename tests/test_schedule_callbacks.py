@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,6 @@ from lightning_spa.demos import DigitsCNN, DigitsDataModule
 CONFIGS = Path(__file__).parent / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The CNN is tiny: one intra-op thread is fastest, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Recorder(pl.Callback):

@@ -40,12 +40,6 @@ class Memory(Logger):
         return [m[key] for _, m in self.metrics if key in m]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_lr_monitor_listed_first_logs_the_theorem_1_values_of_each_torch_sgd_step() -> None:

@@ -10,7 +10,7 @@ models on random data: seconds each.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, GradualSchedule, MomentumOff
 
-PACKAGES = ["pytorch_lightning", "lightning.pytorch"]
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-@pytest.fixture(params=PACKAGES)
-def L(request: pytest.FixtureRequest) -> ModuleType:
-    return importlib.import_module(request.param)
+@pytest.fixture
+def L(package: ModuleType) -> ModuleType:
+    """The Lightning package under test (conftest's ``package``: each test runs under both)."""
+    return package
 
 
 @pytest.fixture
@@ -36,12 +36,6 @@ def pl() -> ModuleType:
     return importlib.import_module("pytorch_lightning")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def data(batches: int = 4, batch_size: int = 8) -> DataLoader:
