@@ -1,11 +1,13 @@
 """The one place lightning_spa touches private torch APIs, each with a public-API fallback.
 
-:mod:`lightning_spa.functional` asks this module three things:
+:mod:`lightning_spa.functional` and :mod:`lightning_spa._steady` ask this module four things:
 
 - :func:`kernel_support`: which parameters may use the fused and the foreach kernels (torch's
   private device lists and ``_foreach_supported_types``, which ``torch.distributed.tensor``
   extends with ``DTensor``; fallback: the device lists of torch 2.4 - 2.13 and plain tensors);
 - :func:`group_by_device_and_dtype`: the C++ grouping torch's own kernels use (fallback: a dict);
+- :func:`fused_kernel`: ``torch._fused_sgd_`` itself, for a caller that already holds one
+  ``(device, dtype)`` bucket (None on the fallback);
 - :func:`fused_sgd_`: torch's fused SGD kernel ``torch._fused_sgd_`` called once per
   ``(device, dtype)`` bucket (fallback: the public functional ``torch.optim.sgd.sgd(fused=True)``,
   a few Python calls slower).

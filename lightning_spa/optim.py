@@ -14,7 +14,10 @@ that carries a scale ``s`` with ``z = x - s m``. While ``eta`` does not fall fas
 ``1 - c`` a step this is torch's SGD+M step with ``alpha_k = c_k eta_k`` and
 ``beta_k = (1 - c_{k-1}) eta_{k-1} / eta_k``; an instant drop (down to ``eta = 0``) keeps ``m``
 and moves the scale instead. The arithmetic is :func:`lightning_spa.functional.spa`; this
-class validates the hyper-parameters and keeps the state. Per parameter with history:
+class validates the hyper-parameters (:mod:`lightning_spa._validation`) and keeps the state; the
+common case, every parameter with a gradient and one shared history, takes the fast path of
+:mod:`lightning_spa._steady` (the same arithmetic, at the Python cost of torch's SGD or less).
+Per parameter with history:
 
 - ``"momentum_buffer"``: ``m``, exactly torch SGD's buffer on a constant schedule;
 - ``"prev_eta"``, ``"prev_c"``: the pair whose ``(1 - prev_c) * prev_eta`` is the scale (after
@@ -34,7 +37,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
-from numbers import Real
 from typing import Any
 
 import torch
@@ -43,6 +45,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from lightning_spa._steady import GroupPlan
+from lightning_spa._validation import check_fused, step_value, validate_c, validate_eta, validate_group
 from lightning_spa.functional import InfFlag, spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
@@ -54,90 +57,6 @@ _GRAD, _IS_SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse"
 
 class SPASpikeWarning(UserWarning):
     """An instant drop of ``eta``: the equivalent SGD+M momentum of a step reached 1 or more."""
-
-
-def _scalar(value: Any, name: str, what: str) -> float | Tensor:
-    """``value`` if it is a real number or a one-element tensor (torch's checks and wording)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element; got shape {tuple(value.shape)} for `{name}` ({what}).")
-        return value
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"`{name}` ({what}) must be a float or a one-element tensor, got {type(value).__name__}.")
-    return float(value)
-
-
-def validate_eta(value: Any, name: str = "lr") -> float | Tensor:
-    """Checks a step size ``eta``: a finite float >= 0, or a one-element tensor (checked by value
-    here, at construction and ``add_param_group``; in the step a tensor is not read, to avoid a sync).
-
-    Raises:
-        TypeError: not a number or tensor (as torch's optimizers).
-        ValueError: negative, NaN or infinite; a tensor with more than one element.
-    """
-    value = _scalar(value, name, "the step size eta")
-    v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 0.0
-    if not 0.0 <= v < math.inf:
-        raise ValueError(f"Invalid learning rate: `{name}`={v}: the step size eta must be finite and >= 0.")
-    return value
-
-
-def validate_c(value: Any, name: str = "c") -> float | Tensor:
-    """Checks an averaging weight ``c`` in ``(0, 1]`` (``c = 1 - momentum``; ``c = 1`` is plain SGD)."""
-    value = _scalar(value, name, "the averaging weight c")
-    v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 1.0
-    if not 0.0 < v <= 1.0:  # also rejects NaN
-        raise ValueError(
-            f"Invalid `{name}`={v}: the averaging weight c must be in (0, 1] (c = 1 - momentum; c = 1 is plain SGD)."
-        )
-    return value
-
-
-def _validate_group(group: dict[str, Any], where: str) -> None:
-    """The one check of a param group (constructor, ``add_param_group``; see :meth:`SPA.step`)."""
-    validate_eta(group["lr"], "lr")
-    validate_c(group["c"], "c")
-    wd = group["weight_decay"]
-    if isinstance(wd, bool) or not isinstance(wd, Real) or not 0.0 <= float(wd) < math.inf:
-        raise ValueError(f"Invalid weight_decay value: `weight_decay`={wd!r} {where}: it must be a finite float >= 0.")
-    if group.get("fused") and group.get("foreach"):
-        raise ValueError(f"`fused=True` and `foreach=True` cannot be used together {where}; choose one.")
-    if group.get("differentiable"):
-        raise ValueError("SPA does not support `differentiable=True`.")
-    if group.get("fused"):
-        from lightning_spa import _compat
-
-        fused_devices = _compat.kernel_support()[0]
-        for p in group["params"]:
-            if not (
-                type(p) in (Tensor, torch.nn.Parameter) and p.device.type in fused_devices and p.is_floating_point()
-            ):
-                raise RuntimeError(
-                    f"`fused=True` needs plain floating-point tensors on a device with torch's fused SGD kernel "
-                    f"{list(fused_devices)}, got a {type(p).__name__} of {p.dtype} on {p.device.type} {where} "
-                    "(DTensor/FSDP2 parameters have no fused kernel); pass `fused=None` to pick a path."
-                )
-
-
-def _check_fused(fused: Any, default: Any, where: str) -> None:
-    """``fused`` is one choice for the whole optimizer: ``torch.amp.GradScaler`` asks the optimizer
-    (``_step_supports_amp_scaling``), not each group, whether the step unscales the gradients."""
-    if bool(fused) != bool(default):
-        raise ValueError(
-            f"`fused`={fused!r} {where} differs from the optimizer's `fused`={default!r}: SPA takes `fused` for all "
-            "param groups at once (with `fused=True` a GradScaler hands its scale to every group's kernel). Pass "
-            "the same `fused` to every group, or split the groups into two optimizers."
-        )
-
-
-def _step_value(group: dict[str, Any], key: str) -> float | Tensor:
-    """The per-step read of ``lr``/``c``: floats checked by value, tensors by size only (no sync)."""
-    value = group[key]
-    if type(value) is float and (0.0 <= value < math.inf if key == "lr" else 0.0 < value <= 1.0):
-        return value
-    if isinstance(value, Tensor):
-        return _scalar(value, key, "the step size eta" if key == "lr" else "the averaging weight c")
-    return validate_eta(value) if key == "lr" else validate_c(value)
 
 
 def _caller_level() -> int:
@@ -175,13 +94,18 @@ class SPA(Optimizer):
             path: the fused kernel where every parameter supports it, else foreach, else the loop.
         fused: use torch's fused SGD kernel. ``True`` also lets ``torch.amp.GradScaler`` pass its
             scale to the kernel (no separate unscale pass; an inf step is skipped on the device, and
-            read on the host only at steps that change eta or c); the default leaves unscaling to
-            the caller, as torch does.
+            read on the host, once per step, only at steps that change eta or c); the default leaves
+            unscaling to the caller, as torch does. One choice for all param groups (the scaler
+            asks the optimizer, not a group). Under Lightning's ``precision="16-mixed"``,
+            ``fused=True`` makes Lightning refuse gradient clipping (``gradient_clip_val``), exactly
+            as for torch's fused SGD: the gradients are still scaled when clipping would run. The
+            default ``fused=None`` (which still picks the fused kernel where it can) keeps clipping
+            working: Lightning unscales first, then clips.
 
     Raises:
         TypeError: ``lr`` or ``c`` not a number or a one-element tensor.
-        ValueError: an out-of-range ``lr``, ``c`` or ``weight_decay``, or ``fused`` and
-            ``foreach`` both requested.
+        ValueError: an out-of-range ``lr``, ``c`` or ``weight_decay``, ``fused`` and ``foreach``
+            both requested, or a param group whose ``fused`` differs from the optimizer's.
         RuntimeError: ``fused=True`` for parameters the fused kernel does not support, or a
             sparse gradient (at the step).
 
@@ -204,7 +128,7 @@ class SPA(Optimizer):
         fused: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, c=c, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
-        _validate_group({**defaults, "params": []}, "in the arguments")
+        validate_group({**defaults, "params": []}, "in the arguments")
         self._spike: dict[str, Any] = {"warned": False, "steps": 0, "last": {}}
         self._plans: dict[int, GroupPlan] = {}
         super().__init__(params, defaults)
@@ -222,8 +146,8 @@ class SPA(Optimizer):
         super().add_param_group(param_group)
         try:
             where = f"in param group {len(self.param_groups) - 1}"
-            _validate_group(self.param_groups[-1], where)
-            _check_fused(self.param_groups[-1]["fused"], self.defaults["fused"], where)
+            validate_group(self.param_groups[-1], where)
+            check_fused(self.param_groups[-1]["fused"], self.defaults["fused"], where)
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
@@ -277,7 +201,7 @@ class SPA(Optimizer):
 
             state_dict = sgd_state_dict_to_spa(state_dict, self.param_groups)
         for i, g in enumerate(state_dict.get("param_groups", [])):
-            _check_fused(g.get("fused"), self.defaults.get("fused"), f"in param group {i} of the loaded state dict")
+            check_fused(g.get("fused"), self.defaults.get("fused"), f"in param group {i} of the loaded state dict")
         super().load_state_dict(state_dict)
         for state in self.state.values():
             if "prev_scale" in state and "prev_eta" not in state:  # the layout before prev_eta/prev_c
@@ -322,9 +246,9 @@ class SPA(Optimizer):
         for index, group in enumerate(self.param_groups):
             eta, c = group["lr"], group["c"]
             if not (type(eta) is float and 0.0 <= eta < math.inf):
-                eta = _step_value(group, "lr")
+                eta = step_value(group, "lr")
             if not (type(c) is float and 0.0 < c <= 1.0):
-                c = _step_value(group, "c")
+                c = step_value(group, "c")
             done = None
             if eager and type(eta) is float and type(c) is float:  # the common case: lightning_spa._steady
                 plan = plans.get(index)

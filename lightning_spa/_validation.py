@@ -1,0 +1,98 @@
+"""Validation of SPA's hyper-parameters, in one place for the constructor, ``add_param_group``,
+``load_state_dict`` and the per-step read (``lr`` = ``eta``, ``c``, ``weight_decay``, ``fused``),
+with torch's own wording where torch has a generic check."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_fused", "step_value", "validate_c", "validate_eta", "validate_group"]
+
+
+def _scalar(value: Any, name: str, what: str) -> float | Tensor:
+    """``value`` if it is a real number or a one-element tensor (torch's checks and wording)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element; got shape {tuple(value.shape)} for `{name}` ({what}).")
+        return value
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"`{name}` ({what}) must be a float or a one-element tensor, got {type(value).__name__}.")
+    return float(value)
+
+
+def validate_eta(value: Any, name: str = "lr") -> float | Tensor:
+    """Checks a step size ``eta``: a finite float >= 0, or a one-element tensor (checked by value
+    here, at construction and ``add_param_group``; in the step a tensor is not read, to avoid a sync).
+
+    Raises:
+        TypeError: not a number or tensor (as torch's optimizers).
+        ValueError: negative, NaN or infinite; a tensor with more than one element.
+    """
+    value = _scalar(value, name, "the step size eta")
+    v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 0.0
+    if not 0.0 <= v < math.inf:
+        raise ValueError(f"Invalid learning rate: `{name}`={v}: the step size eta must be finite and >= 0.")
+    return value
+
+
+def validate_c(value: Any, name: str = "c") -> float | Tensor:
+    """Checks an averaging weight ``c`` in ``(0, 1]`` (``c = 1 - momentum``; ``c = 1`` is plain SGD)."""
+    value = _scalar(value, name, "the averaging weight c")
+    v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 1.0
+    if not 0.0 < v <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"Invalid `{name}`={v}: the averaging weight c must be in (0, 1] (c = 1 - momentum; c = 1 is plain SGD)."
+        )
+    return value
+
+
+def validate_group(group: dict[str, Any], where: str) -> None:
+    """The one check of a param group (constructor, ``add_param_group``; see :meth:`SPA.step`)."""
+    validate_eta(group["lr"], "lr")
+    validate_c(group["c"], "c")
+    wd = group["weight_decay"]
+    if isinstance(wd, bool) or not isinstance(wd, Real) or not 0.0 <= float(wd) < math.inf:
+        raise ValueError(f"Invalid weight_decay value: `weight_decay`={wd!r} {where}: it must be a finite float >= 0.")
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError(f"`fused=True` and `foreach=True` cannot be used together {where}; choose one.")
+    if group.get("differentiable"):
+        raise ValueError("SPA does not support `differentiable=True`.")
+    if group.get("fused"):
+        from lightning_spa import _compat
+
+        fused_devices = _compat.kernel_support()[0]
+        for p in group["params"]:
+            if not (
+                type(p) in (Tensor, torch.nn.Parameter) and p.device.type in fused_devices and p.is_floating_point()
+            ):
+                raise RuntimeError(
+                    f"`fused=True` needs plain floating-point tensors on a device with torch's fused SGD kernel "
+                    f"{list(fused_devices)}, got a {type(p).__name__} of {p.dtype} on {p.device.type} {where} "
+                    "(DTensor/FSDP2 parameters have no fused kernel); pass `fused=None` to pick a path."
+                )
+
+
+def check_fused(fused: Any, default: Any, where: str) -> None:
+    """``fused`` is one choice for the whole optimizer: ``torch.amp.GradScaler`` asks the optimizer
+    (``_step_supports_amp_scaling``), not each group, whether the step unscales the gradients."""
+    if bool(fused) != bool(default):
+        raise ValueError(
+            f"`fused`={fused!r} {where} differs from the optimizer's `fused`={default!r}: SPA takes `fused` for all "
+            "param groups at once (with `fused=True` a GradScaler hands its scale to every group's kernel). Pass "
+            "the same `fused` to every group, or split the groups into two optimizers."
+        )
+
+
+def step_value(group: dict[str, Any], key: str) -> float | Tensor:
+    """The per-step read of ``lr``/``c``: floats checked by value, tensors by size only (no sync)."""
+    value = group[key]
+    if type(value) is float and (0.0 <= value < math.inf if key == "lr" else 0.0 < value <= 1.0):
+        return value
+    if isinstance(value, Tensor):
+        return _scalar(value, key, "the step size eta" if key == "lr" else "the averaging weight c")
+    return validate_eta(value) if key == "lr" else validate_c(value)
