@@ -1,8 +1,8 @@
 """The common case of :meth:`lightning_spa.SPA.step`, at the Python cost of torch's own SGD or less.
 
-A param group whose parameters all have a gradient and one shared float history (the same
-``(prev_eta, prev_c)`` on every buffer, or no buffer anywhere: the steady state of any run that
-does not skip parameters) is one batch of :func:`lightning_spa.functional.spa`. Its step needs:
+A param group whose parameters with a gradient share one float history (the same
+``(prev_eta, prev_c)`` on every buffer, or no buffer anywhere: the steady state of any run whose
+parameters do not come and go) is one batch of :func:`lightning_spa.functional.spa`. Its step needs:
 
 - the kernel path, and whether the parameters form one ``(device, dtype)`` bucket: these depend on
   the parameter list only, so a :class:`GroupPlan` decides them once and is rebuilt when the list,
@@ -14,8 +14,9 @@ does not skip parameters) is one batch of :func:`lightning_spa.functional.spa`. 
 
 With one bucket on the fused path, a steady step (constant ``eta``, ``c < 1``) and a momentum-off
 step (``c = 1``, no buffers) call torch's fused SGD kernel directly, with exactly the arguments the
-general path passes (same bits). Everything else (a parameter without a gradient, mixed
-histories, tensor ``lr``/``c``, ``torch.compile``) takes the general path, which handles all cases.
+general path passes (same bits). Everything else (mixed histories, tensor ``lr``/``c``,
+``torch.compile``, parameters that are not plain tensors) takes the general path, which handles
+all cases.
 The state is read afresh at every step (one dict look-up per parameter, as torch's SGD does), so
 edits of ``optimizer.state`` and ``load_state_dict`` need no invalidation.
 """
@@ -108,10 +109,18 @@ class GroupPlan:
         weight_decay, maximize = group["weight_decay"], group["maximize"]
         grads = list(map(_GRAD, params))
         try:
-            if any(map(_IS_SPARSE, grads)):
-                raise RuntimeError(_SPARSE)
-        except AttributeError:  # a parameter without a gradient
-            return None
+            sparse = any(map(_IS_SPARSE, grads))
+        except AttributeError:  # parameters without a gradient (frozen, unused): step the others
+            if self.impl != "fused" and self.flags == (None, None):
+                return None  # the default dispatch might pick another kernel for the others
+            params = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
+            n = len(params)
+            if not n:
+                return False, None
+            sparse = any(map(_IS_SPARSE, grads))
+        if sparse:
+            raise RuntimeError(_SPARSE)
         states: list[Any] | None = None
         bufs: list[Any] | None = None
         key: tuple[float, float] | None = None

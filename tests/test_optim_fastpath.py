@@ -22,7 +22,7 @@ def _scenario(opt: SPA, params: list[torch.Tensor], extra: torch.Tensor) -> list
     gen = torch.Generator().manual_seed(0)
     snapshots = []
 
-    def step(skip: tuple[int, ...] = ()) -> None:
+    def step(skip: tuple[int, ...] = (4,)) -> None:  # parameter 4 is frozen: never a gradient
         for i, p in enumerate(opt.param_groups[0]["params"]):
             p.grad = None if i in skip else torch.randn(p.shape, generator=gen, dtype=p.dtype)
         if len(opt.param_groups) > 1:
@@ -46,7 +46,7 @@ def _scenario(opt: SPA, params: list[torch.Tensor], extra: torch.Tensor) -> list
     step()
     group["lr"] = 0.3
     step()
-    step(skip=(1,))  # a parameter without a gradient: the general path; mixed histories after it
+    step(skip=(1, 4))  # a parameter without a gradient this step: mixed histories after it (general path)
     step()
     group["c"] = 1.0  # momentum off: buffers dropped; c = 1 steady; back on
     step()
@@ -69,7 +69,8 @@ def _scenario(opt: SPA, params: list[torch.Tensor], extra: torch.Tensor) -> list
 
 def _model(dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in ((4, 3), (3,), (2, 2, 2), ())]
+    shapes = ((4, 3), (3,), (2, 2, 2), (), (2,))
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
     return params, torch.randn(5, generator=gen, dtype=dtype).requires_grad_()
 
 
@@ -99,7 +100,7 @@ def test_fast_path_gives_the_bits_of_the_general_path(path, monkeypatch):
 
 
 def test_fast_path_matches_torch_sgd_bits_and_momentum_off_keeps_no_state():
-    params, _ = _model(torch.float32)
+    params = _model(torch.float32)[0][:4]
     twins = [p.detach().clone().requires_grad_() for p in params]
     spa, sgd = SPA(params, lr=0.5, c=0.2), torch.optim.SGD(twins, lr=0.2 * 0.5, momentum=1 - 0.2, fused=True)
     plain = [p.detach().clone().requires_grad_() for p in params]
