@@ -2,11 +2,14 @@
 
 Each configuration owns a copy of the same parameters and the same random gradients (kept
 fixed between steps, as if ``backward()`` had just run). After warm-up steps, the
-configurations are timed in alternating rounds (A, B, C, ..., A, B, C, ...; the start of
-the order rotates every round) so that a noisy, shared machine slows all of them alike; each
-round times a short block of ``--steps`` consecutive ``step()`` calls per configuration, and
-the table reports the median over rounds of the per-step time, and the ratio SPA default /
-fastest torch SGD both as a ratio of medians and as the median of per-round ratios.
+configurations are timed in alternating rounds (each configuration once a round, in an order
+shuffled every round by a seeded generator) so that a noisy, shared machine slows all of them
+alike and no configuration always runs right after the same one (with a fixed cyclic order, the
+configuration after the schedule-free peer, whose step allocates large temporaries, measured
+about 8% slower on resnet18, whichever it was); each round times a short block of ``--steps``
+consecutive ``step()`` calls per configuration, and the table reports the median over rounds of
+the per-step time, and the ratio SPA default / fastest torch SGD both as a ratio of medians and
+as the median of per-round ratios.
 
 Configurations: SPA default (``foreach=None, fused=None``: the fused kernel where every
 parameter supports it), SPA loop / foreach / fused, and torch SGD loop / foreach / fused,
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -162,8 +166,10 @@ def bench_model(
             opt.step()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for r in range(rounds):
-        order = configs[r % len(configs) :] + configs[: r % len(configs)]
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        order = list(configs)
+        shuffle(order)
         for name in order:
             step = opts[name].step
             _sync(device)
