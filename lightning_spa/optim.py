@@ -259,6 +259,9 @@ class SPA(Optimizer):
                 done = self._general_step(group, eta, c, grad_scale, found_inf, inf_read)
             if not done[0] and not isinstance(eta, Tensor):
                 self._check_spike(index, eta, done[1])
+        if len(plans) > len(self.param_groups):  # groups removed: let go of their tensors
+            for index in [i for i in plans if i >= len(self.param_groups)]:
+                del plans[index]
         return loss
 
     def _general_step(

@@ -14,7 +14,14 @@ from lightning_spa import SPA
 from lightning_spa._steady import GroupPlan
 from lightning_spa.functional import InfFlag
 
-PATHS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
+PATHS = {
+    "default": {},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "loop": {"foreach": False},
+    "fused-wd-maximize": {"fused": True, "weight_decay": 0.01, "maximize": True},
+    "foreach-wd": {"foreach": True, "weight_decay": 0.01},
+}
 
 
 def _scenario(opt: SPA, params: list[torch.Tensor], extra: torch.Tensor) -> list[torch.Tensor]:
@@ -64,6 +71,9 @@ def _scenario(opt: SPA, params: list[torch.Tensor], extra: torch.Tensor) -> list
     opt.load_state_dict(opt.state_dict())  # new groups and state
     step()
     step()
+    opt.param_groups.pop()  # a group removed: its plan is let go
+    step()
+    assert len(opt._plans) <= 1
     return snapshots
 
 
