@@ -233,8 +233,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             rank_zero_warn(
                 f"MeasuredMomentumOff(transition_steps={self.transition_steps}) switches momentum off at once on "
                 f"optimizer {clock.index}: the raw gradient then gets 1/c0 times the learning rate before the "
-                "averaging settles (our Figure 3 reproduction diverged in 1 of 5 seeds this way). Use the default "
-                "transition_steps=None (one epoch) for a gradual switch."
+                "averaging settles (paper Figure 1d). Use the default transition_steps=None (one epoch) for a gradual "
+                "switch."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
