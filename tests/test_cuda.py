@@ -1,9 +1,10 @@
 """The CUDA paths, and the CPU side of the GPU check.
 
 Tests marked ``cuda`` need a CUDA device: ``pytest -m cuda`` selects them, and without CUDA they
-are reported as skipped with the reason (``tests/conftest.py``). They use the helpers of
-``benchmarks/gpu_check.py``, which runs them too. The unmarked tests run everywhere: the GPU check
-without CUDA (one line, exit status 2), its check list, a CPU smoke run, and the marker.
+are reported as skipped with the reason (``tests/conftest.py``). They use the helpers of the
+checks in ``benchmarks/gpu_checks/``; ``benchmarks/gpu_check.py`` runs them too. The unmarked tests
+run everywhere: the GPU check without CUDA (one line, exit status 2), its check list, a CPU smoke
+run, and the marker.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from lightning_spa.theorem import step_spa_to_sgdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
+from gpu_checks._common import PATHS as FLAGS  # noqa: E402
+from gpu_checks._common import SGD_PATHS, Context, Report  # noqa: E402
+from gpu_checks.amp import skipped_step_difference  # noqa: E402
+from gpu_checks.sync import extra_syncs, spa_steps_under_error_mode  # noqa: E402
+from gpu_checks.trajectory import quadratic, schedule  # noqa: E402
 
 cuda = pytest.mark.cuda
-PATHS = list(gpu_check.PATHS)
+PATHS = list(FLAGS)
 
 
 def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -40,21 +45,17 @@ def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[s
 
 
 def _trajectories(path: str, dtype: torch.dtype, steps: int = 60) -> tuple[float, float, float]:
-    """``(max |x_spa - x_sgd|, max |x_spa - x_ref|, max |x|)`` along :func:`gpu_check.schedule`, where SGD
+    """``(max |x_spa - x_sgd|, max |x_spa - x_ref|, max |x|)`` along :func:`gpu_checks.trajectory.schedule`, where SGD
     gets its ``lr``/``momentum`` from Theorem 1 each step and ``ref`` is the literal SPA recursion in
     float64; gradients of a noisy diagonal quadratic, each run at its own iterate."""
     device = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(33,), (8, 5), (4, 4, 3), (1000,)]
-    start = [torch.randn(s, generator=gen) for s in shapes]
-    curv = [torch.rand(s, generator=gen) + 0.1 for s in shapes]
-    noise = [[0.1 * torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+    start, curv, noise = quadratic(steps)
     xs = [torch.nn.Parameter(t.to(device, dtype).clone()) for t in start]
     ys = [torch.nn.Parameter(t.to(device, dtype).clone()) for t in start]
     rs = [torch.nn.Parameter(t.to(device, torch.float64).clone()) for t in start]
-    sched = gpu_check.schedule(steps)
-    spa = SPA(xs, lr=sched[0][0], c=sched[0][1], **gpu_check.PATHS[path])
-    sgd = torch.optim.SGD(ys, lr=0.1, momentum=0.9, **gpu_check.SGD_PATHS[path])
+    sched = schedule(steps)
+    spa = SPA(xs, lr=sched[0][0], c=sched[0][1], **FLAGS[path])
+    sgd = torch.optim.SGD(ys, lr=0.1, momentum=0.9, **SGD_PATHS[path])
     ref = ReferenceSPA(rs)
     prev: tuple[float, float] | None = None
     d_sgd = d_ref = scale = 0.0
@@ -96,7 +97,7 @@ def test_tensor_lr_on_cuda_equals_float_lr(path: str, lr_device: str) -> None:
     start = [torch.randn(s, device=device) for s in ((16, 8), (8,))]
     a = [torch.nn.Parameter(t.clone()) for t in start]
     b = [torch.nn.Parameter(t.clone()) for t in start]
-    flags = gpu_check.PATHS[path]
+    flags = FLAGS[path]
     opt_t = SPA(a, lr=torch.tensor(1.0, device=lr_device), c=0.1, **flags)
     opt_f = SPA(b, lr=1.0, c=0.1, **flags)
     for k in range(6):
@@ -138,8 +139,8 @@ def test_grad_scaler_skipped_inf_step_leaves_no_trace_on_cuda(path: str, skip: i
     """A step the GradScaler skips (inf gradient) changes neither the parameters nor the state: the run
     equals one that never took it. Memory freed before the skipped step is poisoned with NaN, so
     a momentum buffer allocated there but never written (torch fused SGD's first step) shows."""
-    flags = gpu_check.PATHS[path]
-    diff = gpu_check.skipped_step_difference(torch.device("cuda"), lambda ps: SPA(ps, lr=1.0, c=0.1, **flags), skip)
+    flags = FLAGS[path]
+    diff = skipped_step_difference(torch.device("cuda"), lambda ps: SPA(ps, lr=1.0, c=0.1, **flags), skip)
     assert diff <= 1e-6
 
 
@@ -159,11 +160,11 @@ def test_grad_scaler_scale_is_halved_by_a_skipped_spa_fused_step() -> None:
 @cuda
 @pytest.mark.parametrize("path", PATHS)
 def test_spa_step_with_float_lr_makes_no_host_sync(path: str) -> None:
-    gpu_check.spa_steps_under_error_mode(torch.device("cuda"), gpu_check.PATHS[path])  # raises on a sync
+    spa_steps_under_error_mode(torch.device("cuda"), FLAGS[path])  # raises on a sync
 
 
 def _context(tmp_path: Path) -> Any:
-    return gpu_check.Context(torch.device("cuda"), True, gpu_check.Report(), tmp_path)
+    return Context(torch.device("cuda"), True, Report(), tmp_path)
 
 
 FACTORIES = {
@@ -181,9 +182,7 @@ def test_momentum_diagnostics_syncs_on_cuda(tmp_path: Path, optimizer: str, amp:
     from lightning_spa.callbacks import MomentumDiagnostics
 
     ctx, factory = _context(tmp_path), FACTORIES[optimizer]
-    control, _, _ = gpu_check.sync_counts(ctx, [], 12, factory, amp)
-    counts, logged, sources = gpu_check.sync_counts(ctx, [MomentumDiagnostics(every_n_steps=4)], 12, factory, amp)
-    extra = {s: n - control.get(s, 0) for s, n in counts.items()}
+    extra, logged, sources = extra_syncs(ctx, [MomentumDiagnostics(every_n_steps=4)], 12, factory, amp)
     assert logged, "nothing was measured"
     assert all(n == 0 for s, n in extra.items() if s not in logged), (extra, logged, sources)
     assert all(n <= 1 for s, n in extra.items() if s in logged), (extra, logged, sources)
@@ -193,14 +192,12 @@ def test_momentum_diagnostics_syncs_on_cuda(tmp_path: Path, optimizer: str, amp:
 def test_schedule_callbacks_make_no_host_sync_on_cuda(tmp_path: Path) -> None:
     from lightning_spa.callbacks import GradualSchedule, MomentumOff
 
-    ctx = _context(tmp_path)
-    control, _, _ = gpu_check.sync_counts(ctx, [], 24)
     callbacks = [
         GradualSchedule(milestones=[4], factor=0.5, unit="step", transition_steps=8),
         MomentumOff(after_epochs=16, unit="step"),
     ]
-    counts, _, sources = gpu_check.sync_counts(ctx, callbacks, 24)
-    assert all(n - control.get(s, 0) == 0 for s, n in counts.items()), (counts, control, sources)
+    extra, _, sources = extra_syncs(_context(tmp_path), callbacks, 24)
+    assert all(n == 0 for n in extra.values()), (extra, sources)
 
 
 # -- CPU side of the GPU check ----------------------------------------------------------------------
