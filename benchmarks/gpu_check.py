@@ -54,8 +54,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a source checkout: lightning_spa and gpu_checks
+if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parent) not in sys.path:  # the checks, however this file is run or imported
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_checks import amp, memory, pytest_run, speed, sync, trajectory
