@@ -58,23 +58,23 @@ def package(request: pytest.FixtureRequest) -> ModuleType:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """One line per Lightning package: how many tests ran under it, and which."""
+    """Per Lightning package: how many tests ran under it, and which (module::test)."""
     runs: dict[str, dict[str, int]] = {name: {} for name in LIGHTNING_PACKAGES}
+    tests: dict[str, set[str]] = {name: set() for name in LIGHTNING_PACKAGES}
     for outcome in ("passed", "failed", "error", "skipped"):
         for report in terminalreporter.stats.get(outcome, []):
             nodeid = getattr(report, "nodeid", "")
-            if getattr(report, "when", "call") not in ("call", "setup") or "[" not in nodeid:
-                continue
-            if outcome == "passed" and report.when != "call":
+            when = getattr(report, "when", "call")
+            if "[" not in nodeid or when not in ("call", "setup") or (outcome == "passed" and when != "call"):
                 continue
             params = nodeid[nodeid.index("[") + 1 : -1].split("-")
             for name in LIGHTNING_PACKAGES:
                 if name in params:
-                    counts = runs[name]
-                    counts[outcome] = counts.get(outcome, 0) + 1
+                    runs[name][outcome] = runs[name].get(outcome, 0) + 1
+                    tests[name].add(nodeid[: nodeid.index("[")].removeprefix("tests/"))
     if not any(runs.values()):
         return
     terminalreporter.section("Lightning packages")
     for name, counts in runs.items():
         summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "no test"
-        terminalreporter.write_line(f"{name}: {summary}")
+        terminalreporter.write_line(f"{name}: {summary}: {', '.join(sorted(tests[name]))}")
