@@ -127,6 +127,36 @@ def test_fast_path_matches_torch_sgd_bits_and_momentum_off_keeps_no_state():
     assert not spa1.state and spa._plans[0].kernel is not None
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+def test_momentum_off_on_large_cpu_tensors_adds_per_tensor_like_torch_sgd_momentum_0(maximize):
+    """c = 1 on CPU tensors of >= 2**16 elements on average: x <- x - lr * g per tensor (torch SGD's
+    momentum-0 loop, faster there than the fused kernel), bit for bit; smaller tensors keep the fused kernel."""
+    torch.manual_seed(0)
+    big = [torch.randn(300, 300, requires_grad=True), torch.randn(70_000, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in big]
+    spa, sgd = SPA(big, lr=0.3, c=1.0, maximize=maximize), torch.optim.SGD(twins, lr=0.3, maximize=maximize)
+    for _ in range(3):
+        for a, b in zip(big, twins, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        spa.step()
+        sgd.step()
+    assert all(torch.equal(a, b) for a, b in zip(big, twins, strict=True))
+    assert spa._plans[0].add_when_off and not spa.state
+    small = SPA([torch.randn(100, requires_grad=True)], lr=0.3, c=1.0)
+    small.param_groups[0]["params"][0].grad = torch.ones(100)
+    small.step()
+    assert not small._plans[0].add_when_off
+    decayed = SPA([torch.randn(300, 300, requires_grad=True)], lr=0.3, c=1.0, weight_decay=0.1)
+    twin = decayed.param_groups[0]["params"][0].detach().clone().requires_grad_()
+    ref = torch.optim.SGD([twin], lr=0.3, weight_decay=0.1, fused=True)
+    decayed.param_groups[0]["params"][0].grad = torch.ones(300, 300)
+    twin.grad = torch.ones(300, 300)
+    decayed.step()
+    ref.step()  # weight decay keeps the fused kernel
+    assert torch.equal(decayed.param_groups[0]["params"][0], twin)
+
+
 class _CountingInf(torch.Tensor):
     """A ``found_inf`` tensor that counts its host reads."""
 
