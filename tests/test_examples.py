@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -129,15 +130,17 @@ def test_vision_configs_parse_and_step_on_fake_data(tmp_path: Path, config: str,
     assert "val/acc" in cli.trainer.callback_metrics
 
 
-def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], package: ModuleType) -> None:
+    """`make demo` shortened, under each Lightning package (`--lightning` picks lightning.pytorch)."""
     import demo
 
     from lightning_spa.cli import main as spa_cli
 
     pytest.importorskip("matplotlib")
     args = ["--epochs", "2", "--limit-train-batches", "22", "--save-dir", str(tmp_path), "--no-progress-bar"]
-    out = demo.main(args)
+    out = demo.main([*args, "--lightning"] if package.__name__ == "lightning.pytorch" else args)
     text = capsys.readouterr().out
+    assert f"{package.__name__} Trainer" in text
     log_dir = Path(str(out["log_dir"]))
     assert f"tensorboard --logdir {tmp_path / 'demo'}" in text
     assert "final validation accuracy" in text
