@@ -1,0 +1,218 @@
+"""The features in the setups real projects use, one short Lightning fit each.
+
+LR scheduler to 0 with diagnostics, GAN-style manual optimization (two SPA; SPA + Adam), a
+param group added by ``BackboneFinetuning`` plus resume, AMP on CPU with a forced overflow step,
+``torch.compile``, an SGD checkpoint resumed with SPA, and the LightningCLI YAML of the measured
+switch. Tiny models on random data (float64 where trajectories are compared); the ``package``
+fixture runs most of them under ``pytorch_lightning`` and ``lightning.pytorch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spa import SPA, GradualSchedule, MomentumDiagnostics
+from lightning_spa.optim import SPASpikeWarning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from spa_reference import ReferenceSPA  # noqa: E402
+
+
+def loader(batches: int = 4, batch_size: int = 8, dtype: torch.dtype = torch.float64, dim: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * batch_size, dim, generator=g).to(dtype)
+    y = (x.sum(1) + 0.1 * torch.randn(len(x), generator=g).to(dtype)).to(dtype)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(L: ModuleType, tmp_path: Path, callbacks: list, **kwargs: Any) -> Any:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def regression(L: ModuleType, make_optimizer: Any, dtype: torch.dtype = torch.float64) -> Any:
+    """A two-layer regression whose ``configure_optimizers`` is ``make_optimizer(module)``."""
+
+    class Regression(L.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh()).to(dtype)
+            self.head = nn.Linear(8, 1).to(dtype)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x)).squeeze(-1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return make_optimizer(self)
+
+    return Regression()
+
+
+class Recorder:
+    """Collects ``spa/*`` from ``trainer.callback_metrics`` after every batch (a callback mix-in)."""
+
+    @staticmethod
+    def make(L: ModuleType) -> Any:
+        class _Recorder(L.Callback):  # type: ignore[name-defined,misc]
+            def __init__(self) -> None:
+                self.rows: list[dict[str, float]] = []
+                self.lrs: list[list[float]] = []
+
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("spa/")})
+                self.lrs.append([float(o.param_groups[0]["lr"]) for o in trainer.optimizers])
+
+        return _Recorder()
+
+
+def params_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# 1. A torch LR scheduler down to eta 0 (and beyond), with diagnostics --------------------------------
+
+
+def test_cosine_to_zero_with_diagnostics(package: ModuleType, tmp_path: Path) -> None:
+    """CosineAnnealingLR(eta_min=0) on SPA: steps at eta 0 are exact (z form), nothing NaN, no spike warning."""
+    T, steps, eta0, c = 6, 10, 0.5, 0.2
+
+    def configure(m: Any) -> Any:
+        opt = SPA(m.parameters(), lr=eta0, c=c)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=T, eta_min=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    model = regression(package, configure)
+    ref_model = copy.deepcopy(model)
+    recorder = Recorder.make(package)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SPASpikeWarning)
+        trainer(package, tmp_path, [MomentumDiagnostics(every_n_steps=1), recorder], max_steps=steps).fit(
+            model, loader()
+        )
+    assert model.trainer.global_step == steps
+
+    # the reference: the paper's recursion with the closed-form cosine eta_k
+    etas = [eta0 * (1 + math.cos(math.pi * k / T)) / 2 for k in range(steps)]
+    assert etas[T] == 0.0 or abs(etas[T]) < 1e-16
+    ref = ReferenceSPA(list(ref_model.parameters()))
+    batches = list(loader())
+    for k in range(steps):
+        x, y = batches[k % len(batches)]
+        ref_model.zero_grad()
+        F.mse_loss(ref_model(x), y).backward()
+        ref.step(etas[k], c)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
+    assert len(recorder.rows) == steps
+    for row in recorder.rows:
+        assert {"spa/ratio", "spa/eta", "spa/grad_sq"} <= row.keys()
+        assert all(math.isfinite(v) for v in row.values()), row
+    # the logged eta is the one the step used: 0 at step T
+    assert recorder.rows[T]["spa/eta"] == pytest.approx(0.0, abs=1e-15)
+    assert recorder.rows[2]["spa/eta"] == pytest.approx(etas[2], rel=1e-12)
+
+
+# 2. GAN-style manual optimization ---------------------------------------------------------------
+
+
+def gan(L: ModuleType, d_optimizer: str) -> Any:
+    class GAN(L.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.automatic_optimization = False
+            self.generator = nn.Linear(4, 4).double()
+            self.discriminator = nn.Linear(4, 1).double()
+            self.steps = [0, 0]
+            self.seen: list[list[tuple[int, float, float]]] = [[], []]
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            x, _ = batch
+            opt_g, opt_d = self.optimizers()
+            fake = self.generator(torch.randn_like(x))
+            d_loss = F.softplus(-self.discriminator(x)).mean() + F.softplus(self.discriminator(fake.detach())).mean()
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            self.steps[1] += 1
+            if batch_idx % 2 == 0:  # the generator steps every other batch: its own clock
+                g_loss = F.softplus(-self.discriminator(fake)).mean()
+                opt_g.zero_grad()
+                self.manual_backward(g_loss)
+                opt_g.step()
+                self.steps[0] += 1
+            for i, opt in enumerate((opt_g, opt_d)):
+                group = opt.optimizer.param_groups[0]
+                self.seen[i].append((self.steps[i], float(group["lr"]), float(group.get("c", math.nan))))
+
+        def configure_optimizers(self) -> Any:
+            g = SPA([{"params": self.generator.parameters(), "name": "generator"}], lr=0.4, c=0.5)
+            if d_optimizer == "spa":
+                d: torch.optim.Optimizer = SPA(
+                    [{"params": self.discriminator.parameters(), "name": "discriminator"}], lr=0.4, c=0.5
+                )
+            else:
+                d = torch.optim.Adam(self.discriminator.parameters(), lr=1e-3)
+            return [g, d]
+
+    return GAN()
+
+
+def test_gan_two_spa_each_own_clock(package: ModuleType, tmp_path: Path) -> None:
+    """Two SPA, the generator stepping half as often: each follows the schedule on its own clock."""
+    model = gan(package, "spa")
+    schedule = GradualSchedule(milestones=[2], factor=0.5, mode="paper", unit="step", transition_steps=2)
+    diagnostics = MomentumDiagnostics(every_n_steps=1)
+    trainer(package, tmp_path, [schedule, diagnostics], max_epochs=3).fit(model, loader())
+    assert model.steps == [6, 12]
+    # the same (eta, c) at the same count of own steps, whatever the other optimizer did
+    by_count = [dict((k, (lr, c)) for k, lr, c in seen) for seen in model.seen]
+    for k in set(by_count[0]) & set(by_count[1]):
+        assert by_count[0][k] == pytest.approx(by_count[1][k], rel=1e-14)
+    for opt in model.trainer.optimizers:
+        group = opt.param_groups[0]
+        assert group["lr"] == pytest.approx(0.2, rel=1e-12) and group["c"] == 1.0
+    metrics = model.trainer.callback_metrics
+    for i in (0, 1):
+        assert math.isfinite(float(metrics[f"spa/ratio/opt{i}"]))
+        assert float(metrics[f"spa/eta/opt{i}"]) == pytest.approx(0.2, rel=1e-6)  # logged as float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_gan_spa_generator_adam_discriminator(package: ModuleType, tmp_path: Path) -> None:
+    """Generator SPA + discriminator Adam: Adam is skipped with a warning and left alone."""
+    model = gan(package, "adam")
+    schedule = GradualSchedule(milestones=[2], factor=0.5, mode="paper", unit="step", transition_steps=2)
+    diagnostics = MomentumDiagnostics(every_n_steps=1)
+    with pytest.warns(UserWarning, match="Adam"):
+        trainer(package, tmp_path, [schedule, diagnostics], max_epochs=3).fit(model, loader())
+    g, d = model.trainer.optimizers
+    assert g.param_groups[0]["lr"] == pytest.approx(0.2, rel=1e-12) and g.param_groups[0]["c"] == 1.0
+    assert d.param_groups[0]["lr"] == 1e-3 and "c" not in d.param_groups[0]
+    metrics = model.trainer.callback_metrics
+    assert float(metrics["spa/eta"]) == pytest.approx(0.2, rel=1e-6)
+    assert not any("/opt" in k for k in metrics)
