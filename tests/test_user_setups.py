@@ -290,3 +290,69 @@ def test_backbone_finetuning_with_gradual_schedule(tmp_path: Path) -> None:
 
     finetuning = pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
     finetune_fit(pl, tmp_path, 3, finetuning)
+
+
+# 4. AMP on CPU with an overflow step the scaler skips ---------------------------------------------
+
+
+def amp_fit(L: ModuleType, tmp_path: Path, fused: bool | None, inf_at: int | None) -> tuple[Any, Any, Any]:
+    """float16 autocast on CPU with a GradScaler; ``inf_at``: the batch whose gradient is made inf."""
+
+    class Watch(L.Callback):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            self.before: list[list[torch.Tensor]] = []
+            self.after: list[list[torch.Tensor]] = []
+            self.lrs: list[float] = []
+            self.rows: list[dict[str, float]] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            self.before.append(params_of(pl_module))
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            self.after.append(params_of(pl_module))
+            self.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+            self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("spa/")})
+
+    def configure(m: Any) -> Any:
+        return SPA(m.parameters(), lr=0.4, c=0.5, fused=fused)
+
+    model = regression(L, configure, dtype=torch.float32)
+    if inf_at is not None:
+
+        def poison(module: Any = model) -> None:
+            if module.trainer.global_step == inf_at and module.head.weight.grad is not None:
+                module.head.weight.grad[0, 0] = math.inf
+
+        model.on_after_backward = poison  # type: ignore[method-assign]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    plugin = L.plugins.MixedPrecision("16-mixed", "cpu", scaler)
+    watch = Watch()
+    diagnostics = MomentumDiagnostics(every_n_steps=1)
+    schedule = GradualSchedule(milestones=[1], factor=0.5, mode="paper", unit="step", transition_steps=4)
+    t = trainer(L, tmp_path, [schedule, diagnostics, watch], max_epochs=2, plugins=[plugin])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the diagnostics' warning about the skipped step
+        t.fit(model, loader(dtype=torch.float32))
+    return t, watch, scaler
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused"])
+def test_amp_overflow_step_is_skipped(package: ModuleType, tmp_path: Path, fused: bool | None) -> None:
+    """An inf gradient under 16-mixed: weights unchanged, schedule clock and diagnostics do not advance."""
+    skip = 3
+    clean, clean_watch, _ = amp_fit(package, tmp_path / "clean", fused, None)
+    t, watch, scaler = amp_fit(package, tmp_path / "inf", fused, skip)
+    assert clean.global_step == 8
+    assert scaler.get_scale() < 2.0**8  # the scaler saw the overflow and backed off
+    for b in range(8):
+        changed = any(not torch.equal(p, q) for p, q in zip(watch.before[b], watch.after[b], strict=True))
+        assert changed == (b != skip), b
+    assert all(torch.isfinite(p).all() for p in t.lightning_module.parameters())
+    # the clock: the skipped batch leaves the coming step's eta where it was, later batches lag one step
+    assert watch.lrs[:skip] == clean_watch.lrs[:skip]
+    assert watch.lrs[skip] == watch.lrs[skip - 1]
+    assert watch.lrs[skip + 1 :] == clean_watch.lrs[skip:-1]
+    # diagnostics: no reading logged for the skipped step, all logged values finite
+    assert watch.rows[skip] == watch.rows[skip - 1] != watch.rows[skip + 1]
+    assert watch.rows[skip]["spa/step_sq"] != watch.rows[skip - 2]["spa/step_sq"]  # a reading every step taken
+    assert all(math.isfinite(v) for row in watch.rows for v in row.values())
