@@ -116,6 +116,11 @@ class GroupPlan:
         """One step of the group: ``(skipped, equivalent momentum)``, or None: take the general path."""
         if self.impl is None or ((grad_scale is not None or found_inf is not None) and not self.flags[1]):
             return None  # not plain tensors; or AMP scaling for a group that is not fused: the general path refuses
+        if torch.compiler.is_compiling():
+            # Traced on its own: a graph break in a compiled `opt.step` leaves SPA.step running eagerly
+            # (which picked this path) while dynamo compiles this frame, where the plan's fused kernel
+            # has no fake implementation. The general path picks the compiler's kernel (foreach).
+            return None
         params, n = self.params, self.n
         weight_decay, maximize = group["weight_decay"], group["maximize"]
         grads = list(map(_GRAD, params))

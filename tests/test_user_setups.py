@@ -29,7 +29,7 @@ from lightning_spa.optim import SPASpikeWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from spa_reference import ReferenceSPA  # noqa: E402
+from spa_reference import ReferenceSPA
 
 
 def loader(batches: int = 4, batch_size: int = 8, dtype: torch.dtype = torch.float64, dim: int = 4) -> DataLoader:
@@ -356,3 +356,49 @@ def test_amp_overflow_step_is_skipped(package: ModuleType, tmp_path: Path, fused
     assert watch.rows[skip] == watch.rows[skip - 1] != watch.rows[skip + 1]
     assert watch.rows[skip]["spa/step_sq"] != watch.rows[skip - 2]["spa/step_sq"]  # a reading every step taken
     assert all(math.isfinite(v) for row in watch.rows for v in row.values())
+
+
+# 5. torch.compile ------------------------------------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="torch.compile's inductor backend needs a C compiler (no cc/gcc on PATH)",
+)
+
+
+@needs_compiler
+def test_compiled_model_fit_with_spa(tmp_path: Path) -> None:
+    """``torch.compile`` of the LightningModule, SPA + diagnostics: the eager run's weights."""
+    import lightning.pytorch as L
+
+    def configure(m: Any) -> Any:
+        return SPA(m.parameters(), lr=0.4, c=0.5)
+
+    eager = regression(L, configure, dtype=torch.float32)
+    compiled_source = regression(L, configure, dtype=torch.float32)
+    compiled = torch.compile(compiled_source)
+    for model in (eager, compiled):
+        t = trainer(L, tmp_path, [MomentumDiagnostics(every_n_steps=1)], max_steps=4)
+        t.fit(model, loader(dtype=torch.float32))
+    for p, q in zip(compiled_source.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert compiled_source.trainer.global_step == 4
+
+
+@needs_compiler
+def test_compiled_step_plain_loop() -> None:
+    """``torch.compile(opt.step)`` in a plain loop follows the eager SPA (float64)."""
+    torch.manual_seed(0)
+    params = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in ((5, 3), (3,))]
+    eager_params = [p.detach().clone().requires_grad_(True) for p in params]
+    opt, eager = SPA(params, lr=0.3, c=0.2), SPA(eager_params, lr=0.3, c=0.2)
+    step = torch.compile(opt.step)
+    for k in range(4):
+        g = torch.Generator().manual_seed(k)
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        for p, q, gr in zip(params, eager_params, grads, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        step()
+        eager.step()
+    for p, q in zip(params, eager_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
