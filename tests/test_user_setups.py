@@ -402,3 +402,87 @@ def test_compiled_step_plain_loop() -> None:
         eager.step()
     for p, q in zip(params, eager_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+# 6. A torch SGD checkpoint resumed with SPA ---------------------------------------------------------
+
+
+def test_sgd_checkpoint_resumed_with_spa(package: ModuleType, tmp_path: Path) -> None:
+    """An SGD(momentum=0.9) run's checkpoint, resumed with SPA in configure_optimizers: the SGD trajectory."""
+
+    def sgd(m: Any) -> Any:
+        return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+    def spa(m: Any) -> Any:
+        return SPA(m.parameters(), lr=1.0, c=0.5)  # other values: the checkpoint's state decides
+
+    reference = regression(package, sgd)
+    trainer(package, tmp_path / "full", [], max_epochs=4).fit(reference, loader())
+    first = regression(package, sgd)
+    half = trainer(package, tmp_path / "half", [], max_epochs=2)
+    half.fit(first, loader())
+    ckpt = str(tmp_path / "sgd.ckpt")
+    half.save_checkpoint(ckpt)
+
+    resumed = regression(package, spa)
+    t = trainer(package, tmp_path / "resumed", [], max_epochs=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(resumed, loader(), ckpt_path=ckpt)
+    assert isinstance(t.optimizers[0], SPA) and t.global_step == 16
+    assert any("SGD" in str(w.message) for w in caught)  # the conversion says so
+    group = t.optimizers[0].param_groups[0]
+    # Theorem 1 at constant hyper-parameters: eta = lr / (1 - momentum), c = 1 - momentum
+    assert group["lr"] == pytest.approx(0.05 / 0.1, rel=1e-12) and group["c"] == pytest.approx(0.1, rel=1e-12)
+    for p, q in zip(resumed.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+# 7. LightningCLI YAML: MeasuredMomentumOff and MomentumDiagnostics ----------------------------------
+
+CLI_YAML = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 1
+  limit_train_batches: 10
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  enable_checkpointing: false
+  logger: false
+  callbacks:
+    - class_path: lightning_spa.MeasuredMomentumOff
+      init_args: {threshold: 100.0, warmup: 2, patience: 1, unit: step, transition_steps: 3}
+    - class_path: lightning_spa.MomentumDiagnostics
+      init_args: {every_n_steps: 1}
+model:
+  channels: 4
+optimizer:
+  class_path: lightning_spa.SPA
+  init_args: {lr: 0.3, c: 0.5}
+"""
+
+
+def test_cli_yaml_measured_momentum_off(package: ModuleType, tmp_path: Path) -> None:
+    """The measured switch and the diagnostics from YAML under the package's LightningCLI."""
+    import digits_cli
+
+    from lightning_spa import MeasuredMomentumOff
+
+    config = tmp_path / "measured.yaml"
+    config.write_text(CLI_YAML)
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
+    cli = digits_cli.cli_main(args, package=package.__name__)
+    t = cli.trainer
+    assert isinstance(t, package.Trainer) and t.global_step == 10
+    kinds = {type(cb) for cb in t.callbacks}
+    assert MeasuredMomentumOff in kinds and MomentumDiagnostics in kinds
+    # a threshold far above any ratio: decided at step warmup + patience = 3 (every step measured),
+    # momentum goes from the next step; c then reaches 1 over 3 steps while eta stays 0.3
+    assert float(t.callback_metrics["spa/momentum_off_step"]) == 2 + 1 + 1
+    group = t.optimizers[0].param_groups[0]
+    assert group["c"] == 1.0 and group["lr"] == 0.3
+    assert math.isfinite(float(t.callback_metrics["spa/ratio"]))
