@@ -358,6 +358,29 @@ def test_amp_overflow_step_is_skipped(package: ModuleType, tmp_path: Path, fused
     assert all(math.isfinite(v) for row in watch.rows for v in row.values())
 
 
+def test_amp_clipping_default_spa_and_fused_refused(package: ModuleType, tmp_path: Path) -> None:
+    """16-mixed + gradient clipping: default SPA clips (diagnostics see the clipped gradient); fused=True
+    is refused by Lightning, as for torch's fused SGD."""
+    clip = 0.5
+
+    def fit(fused: bool | None) -> Any:
+        model = regression(package, lambda m: SPA(m.parameters(), lr=0.4, c=0.5, fused=fused), dtype=torch.float32)
+        plugin = package.plugins.MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+        t = trainer(
+            package, tmp_path, [MomentumDiagnostics(every_n_steps=1)], max_epochs=2, plugins=[plugin],
+            gradient_clip_val=clip,
+        )  # fmt: skip
+        t.fit(model, loader(dtype=torch.float32))
+        return t
+
+    t = fit(None)
+    assert t.global_step == 8 and all(torch.isfinite(p).all() for p in t.lightning_module.parameters())
+    # every sample of the EMA is eta^2 ||g||^2 <= (0.4 * clip)^2 after clipping to norm `clip`
+    assert 0.0 < float(t.callback_metrics["spa/grad_sq"]) <= (0.4 * clip) ** 2 * (1 + 1e-6)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        fit(True)
+
+
 # 5. torch.compile ------------------------------------------------------------------------------------
 
 needs_compiler = pytest.mark.skipif(
