@@ -526,3 +526,28 @@ def test_compiled_step_fused_true() -> None:
             p.grad = torch.randn_like(p)
         step()
     torch._dynamo.reset()
+
+
+def test_sgd_checkpoint_resumed_with_spa_and_a_new_schedule(package: ModuleType, tmp_path: Path) -> None:
+    """A GradualSchedule added at the resume starts from the checkpoint's values, not configure_optimizers'."""
+
+    def sgd(m: Any) -> Any:
+        return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+    first = regression(package, sgd)
+    half = trainer(package, tmp_path / "half", [], max_epochs=2)
+    half.fit(first, loader())
+    ckpt = str(tmp_path / "sgd.ckpt")
+    half.save_checkpoint(ckpt)
+
+    resumed = regression(package, lambda m: SPA(m.parameters(), lr=1.0, c=0.5))
+    recorder = Recorder.make(package)
+    schedule = GradualSchedule(milestones=[1], factor=0.5, mode="paper", unit="step", transition_steps=8)
+    t = trainer(package, tmp_path / "resumed", [schedule, recorder], max_epochs=5)
+    with pytest.warns(UserWarning, match="holds no schedule clock"):
+        t.fit(resumed, loader(), ckpt_path=ckpt)
+    # the checkpoint's (eta, c) = (0.05 / 0.1, 0.1) by Theorem 1: step 0 of the schedule runs SGD's own step,
+    # then paper mode halves eta and doubles c geometrically over steps 1..8
+    assert recorder.lrs[0] == [pytest.approx(0.5 * 0.5 ** (1 / 8), rel=1e-12)]  # written for step 1
+    group = t.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(0.25, rel=1e-12) and group["c"] == pytest.approx(0.2, rel=1e-12)

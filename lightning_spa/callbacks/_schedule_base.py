@@ -133,8 +133,12 @@ class SPAScheduleCallback(Callback):
                 rank_zero_warn(
                     f"{clock.owner}: the checkpoint {trainer.ckpt_path} holds no schedule clock for optimizer "
                     f"{clock.index} (saved without these callbacks, or with other arguments), so its schedule starts "
-                    "at step 0 again."
+                    "at step 0 again, from the lr and momentum/c the checkpoint restored into the param groups."
                 )
+                # The starting values read at fit start were configure_optimizers' own; the checkpoint's (a torch
+                # SGD state converted by Theorem 1, a decayed lr) replaced them since. write() reads them again
+                # (as groups joining at step 0, with the same safety check).
+                clock.groups = []
             clock.write()
             clock.attach()
 
