@@ -406,6 +406,7 @@ def test_compiled_model_fit_with_spa(tmp_path: Path) -> None:
     for p, q in zip(compiled_source.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert compiled_source.trainer.global_step == 4
+    torch._dynamo.reset()
 
 
 @needs_compiler
@@ -425,6 +426,7 @@ def test_compiled_step_plain_loop() -> None:
         eager.step()
     for p, q in zip(params, eager_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    torch._dynamo.reset()
 
 
 # 6. A torch SGD checkpoint resumed with SPA ---------------------------------------------------------
