@@ -278,18 +278,14 @@ def test_finetuning_group_scheduled_and_resumed(package: ModuleType, tmp_path: P
         assert (a["lr"], a["c"]) == (b["lr"], b["c"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BackboneFinetuning writes the backbone group's lr at the start of every epoch after the one it "
-    "unfroze in (lambda_func(epoch + 1) * its previous lr, before initial_denom_lr): an LR schedule of its own, "
-    "which the schedule callbacks refuse as 'changed between optimizer steps by something else'.",
-)
-def test_backbone_finetuning_with_gradual_schedule(tmp_path: Path) -> None:
+def test_backbone_finetuning_with_gradual_schedule_is_refused_before_training(tmp_path: Path) -> None:
+    """BackboneFinetuning sets the backbone group's lr at every epoch after it unfreezes (its own LR schedule):
+    the schedule callbacks refuse it at fit start, naming it and the fix, instead of failing mid-run."""
     import pytorch_lightning as pl
 
     finetuning = pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
-    finetune_fit(pl, tmp_path, 3, finetuning)
+    with pytest.raises(ValueError, match=r"BackboneFinetuning also sets the backbone group's lr.*BaseFinetuning"):
+        finetune_fit(pl, tmp_path, 3, finetuning)
 
 
 # 4. AMP on CPU with an overflow step the scaler skips ---------------------------------------------

@@ -117,6 +117,20 @@ class SPAScheduleCallback(Callback):
                     "MomentumOff callbacks compose: eta factors multiply, c is the largest; mode='lr' changes eta "
                     "only), target other optimizers with `optimizers=`, or drop the callback and keep the scheduler."
                 )
+        # BackboneFinetuning rewrites the lr of the group it adds to the first optimizer at every epoch after it
+        # unfreezes (an LR schedule of its own): refuse now rather than with a foreign-write error mid-run.
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        finetuning = next(
+            (cb for cb in callbacks if "BackboneFinetuning" in {c.__name__ for c in type(cb).__mro__}), None
+        )
+        if finetuning is not None and 0 in clocks:
+            raise ValueError(
+                f"{clocks[0].owner} writes the learning rate of every step of optimizer 0, but "
+                f"{type(finetuning).__name__} also sets the backbone group's lr at every epoch after it unfreezes. "
+                "Use a BaseFinetuning subclass whose finetune_function only calls unfreeze_and_add_param_group "
+                "(the schedule callbacks then schedule the new group from its own starting lr), or target other "
+                "optimizers with `optimizers=`."
+            )
         for peer in peers:
             for clock in peer._clocks.values():
                 peer._check(clock)
