@@ -7,38 +7,20 @@ rank fails the test instead of blocking the suite.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from multiprocess import run_script
 from test_diagnostics import read_scalars
 
 SCRIPT = Path(__file__).with_name("diagnostics_dist_script.py")
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 240
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
 def _run(mode: str, optimizer: str, out: Path) -> dict[str, dict[int, float]]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("LOCAL_RANK", None)
-    # A new session, so that a hanging run is killed with every rank it launched.
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), mode, optimizer, str(out)],
-        env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{mode} run did not finish within {TIMEOUT_S} s: a rank hangs")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_script([str(SCRIPT), mode, optimizer, str(out)], cwd=out.parent, what=f"the {mode} run")
     return read_scalars(out / "tb" / "version_0")
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from measured_off_problem import MIXED, Objective, loader
+from multiprocess import run_script
 
 from lightning_spa.callbacks.measured import MeasuredMomentumOff
 from lightning_spa.callbacks.schedules import GradualSchedule
@@ -319,21 +317,10 @@ def test_logs_the_decision_and_one_console_line(tmp_path: Path, caplog: pytest.L
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_two_rank_ddp_and_fsdp2_decide_at_the_same_step_as_one_process(tmp_path: Path) -> None:
     script = Path(__file__).with_name("measured_off_problem.py")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
     results = {}
     for mode in ("single", "ddp", "fsdp"):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), mode, str(tmp_path / mode)], env=env, cwd=tmp_path,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
-        try:
-            _, stderr = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            pytest.fail(f"{mode} run did not finish within 240 s: a rank hangs")
-        assert proc.returncode == 0, stderr[-3000:]
+        run_script([str(script), mode, str(tmp_path / mode)], cwd=tmp_path, what=f"the {mode} run",
+                   extra_env={"OMP_NUM_THREADS": "1"})  # fmt: skip
         results[mode] = [json.loads((tmp_path / mode / f"rank{r}.json").read_text())
                          for r in range(1 if mode == "single" else 2)]  # fmt: skip
     single = results["single"][0]
