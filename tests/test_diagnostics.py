@@ -193,6 +193,18 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def read_layout_charts(run_dir: Path) -> dict[str, list[str]]:
+    """The TensorBoard custom-scalars layout of a run: ``{chart title: its multiline tags}``."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tensor_util.make_ndarray(acc.Tensors("custom_scalars__config__")[0].tensor_proto).item())
+    return {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+
+
 @pytest.mark.parametrize("optimizer", ["spa", "sgd"])
 def test_pure_noise_gives_ratio_one_and_cosine_zero(tmp_path: Path, optimizer: str) -> None:
     _, s = _fit(tmp_path, NoiseOrQuadratic(optimizer), 400, MomentumDiagnostics(every_n_steps=1))
@@ -310,16 +322,9 @@ def test_resume_continues_without_jump(tmp_path: Path) -> None:
 
 
 def test_tensorboard_layout_and_prog_bar(tmp_path: Path) -> None:
-    from tensorboard.plugins.custom_scalar import layout_pb2
-    from tensorboard.util import tensor_util
-
     trainer, _ = _fit(tmp_path, NoiseOrQuadratic(dim=8), 3, MomentumDiagnostics(every_n_steps=1, prog_bar=True))
     assert "spa/ratio" in trainer.progress_bar_metrics
-    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0})
-    acc.Reload()
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(tensor_util.make_ndarray(acc.Tensors("custom_scalars__config__")[0].tensor_proto).item())
-    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    charts = read_layout_charts(tmp_path / "run" / "version_0")
     assert [r"^spa/step_sq(/.*)?$", r"^spa/grad_sq_scaled(/.*)?$"] in charts.values()
     assert [r"^spa/ratio(/.*)?$", r"^spa/one$"] in charts.values()
 

@@ -17,16 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_diagnostics import read_layout_charts, read_scalars
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, GradualSchedule, MomentumDiagnostics
 
 DIM = 32
-
-
-
-
 
 
 def noise(k: int, which: int = 0) -> torch.Tensor:
@@ -99,9 +95,7 @@ def fit(package: ModuleType, tmp_path: Path, model: Any, batches: int, callbacks
         enable_model_summary=False, enable_checkpointing=False, **kwargs,
     )  # fmt: skip
     trainer.fit(model, DataLoader(TensorDataset(torch.zeros(batches, 1)), batch_size=1), ckpt_path=ckpt_path)
-    acc = EventAccumulator(str(tmp_path / name / "version_0"))
-    acc.Reload()
-    return trainer, {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return trainer, read_scalars(tmp_path / name / "version_0")
 
 
 def test_gan_two_spa_optimizers_each_on_its_own_clock(package: ModuleType, tmp_path: Path) -> None:
@@ -238,17 +232,10 @@ def test_resume_with_the_same_instance_keeps_the_checkpoint_state(package: Modul
 
 
 def test_tensorboard_layout_with_either_package(package: ModuleType, tmp_path: Path) -> None:
-    from tensorboard.plugins.custom_scalar import layout_pb2
-    from tensorboard.util import tensor_util
-
     _, Noise, _ = modules(package.__name__)
     trainer, s = fit(package, tmp_path, Noise(), 3, [MomentumDiagnostics(every_n_steps=1, prog_bar=True)])
     assert "spa/ratio" in trainer.progress_bar_metrics and s["spa/one"][2] == 1.0
-    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0})
-    acc.Reload()
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(tensor_util.make_ndarray(acc.Tensors("custom_scalars__config__")[0].tensor_proto).item())
-    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    charts = read_layout_charts(tmp_path / "run" / "version_0")
     assert [r"^spa/ratio(/.*)?$", r"^spa/one$"] in charts.values()
 
 
