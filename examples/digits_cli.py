@@ -35,13 +35,13 @@ init argument when you change the class, or use a separate config file.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 
+from lightning_spa._lightning import lightning_cli, main_args
 from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
 
 __all__ = ["DigitsModel", "cli_main"]
@@ -70,10 +70,7 @@ def cli_main(
 
     ``package`` picks whose ``LightningCLI`` (and so whose Trainer) runs the app.
     """
-    if package not in ("pytorch_lightning", "lightning.pytorch"):
-        raise ValueError(f"`package` must be 'pytorch_lightning' or 'lightning.pytorch', got {package!r}.")
-    lightning_cli = importlib.import_module(f"{package}.cli").LightningCLI
-    return lightning_cli(
+    return lightning_cli(package)(
         DigitsModel,
         DigitsDataModule,
         args=args,  # type: ignore[arg-type]
@@ -84,8 +81,5 @@ def cli_main(
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv[:1] == ["--lightning"]:
-        cli_main(argv[1:], package="lightning.pytorch")
-    else:
-        cli_main(argv)
+    cli_args, cli_package = main_args(sys.argv[1:])
+    cli_main(cli_args, package=cli_package)  # type: ignore[arg-type]

@@ -16,7 +16,6 @@ were not run; they need GPUs.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_spa import GroupedSPA
 from lightning_spa import _lightning as pl  # classes of both Lightning packages
+from lightning_spa._lightning import lightning_cli, main_args
 
 OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
@@ -224,9 +224,7 @@ def cli_main(
     ``package`` picks whose ``LightningCLI`` (and Trainer) runs the app; ``--lightning`` as the
     first command-line argument picks ``lightning.pytorch``.
     """
-    if package not in ("pytorch_lightning", "lightning.pytorch"):
-        raise ValueError(f"`package` must be 'pytorch_lightning' or 'lightning.pytorch', got {package!r}.")
-    return importlib.import_module(f"{package}.cli").LightningCLI(
+    return lightning_cli(package)(
         ImageClassifier,
         args=args,  # type: ignore[arg-type]
         run=run,
@@ -236,8 +234,5 @@ def cli_main(
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv[:1] == ["--lightning"]:
-        cli_main(argv[1:], package="lightning.pytorch")
-    else:
-        cli_main(argv)
+    cli_args, cli_package = main_args(sys.argv[1:])
+    cli_main(cli_args, package=cli_package)  # type: ignore[arg-type]

@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 from torch.optim import Optimizer
 
 __all__ = [
+    "PACKAGE_NAMES",
     "PACKAGES",
     "Callback",
     "LightningDataModule",
     "LightningModule",
     "Trainer",
     "is_tensorboard_logger",
+    "lightning_cli",
+    "main_args",
     "rank_zero_info",
     "rank_zero_warn",
     "unwrap_optimizer",
@@ -44,11 +47,11 @@ def _installed(name: str) -> Any | None:
         return None
 
 
-# (module name, module) of each installed package, pytorch_lightning first (our declared dependency).
+# The two distributions' import names, pytorch_lightning first (our declared dependency).
+PACKAGE_NAMES = ("pytorch_lightning", "lightning.pytorch")
+# (module name, module) of each installed package.
 PACKAGES: tuple[tuple[str, Any], ...] = tuple(
-    (name, module)
-    for name, module in ((n, _installed(n)) for n in ("pytorch_lightning", "lightning.pytorch"))
-    if module is not None
+    (name, module) for name, module in ((n, _installed(n)) for n in PACKAGE_NAMES) if module is not None
 )
 if not PACKAGES:  # pragma: no cover - pytorch-lightning is a dependency
     raise ImportError("lightning_spa's callbacks need `pytorch-lightning` or `lightning`: pip install lightning-spa")
@@ -69,7 +72,7 @@ def _package_of(obj: Any) -> str | None:
     if trainer is None:
         return None
     module = type(trainer).__module__
-    return "lightning.pytorch" if module.startswith("lightning.pytorch") else "pytorch_lightning"
+    return PACKAGE_NAMES[1] if module.startswith(PACKAGE_NAMES[1]) else PACKAGE_NAMES[0]
 
 
 class _PerPackage:
@@ -143,3 +146,21 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
 def is_tensorboard_logger(logger: Any) -> bool:
     """Whether ``logger`` is either package's ``TensorBoardLogger`` (or a subclass)."""
     return isinstance(logger, _TENSORBOARD_LOGGERS)
+
+
+def lightning_cli(package: str) -> Any:
+    """The ``LightningCLI`` class of ``package`` (``"pytorch_lightning"`` or ``"lightning.pytorch"``).
+
+    Raises:
+        ValueError: another ``package``.
+    """
+    if package not in PACKAGE_NAMES:
+        raise ValueError(f"`package` must be one of {PACKAGE_NAMES}, got {package!r}.")
+    return importlib.import_module(f"{package}.cli").LightningCLI
+
+
+def main_args(argv: list[str]) -> tuple[list[str], str]:
+    """``(arguments, package)`` of an app's command line: a leading ``--lightning`` picks ``lightning.pytorch``."""
+    if argv[:1] == ["--lightning"]:
+        return argv[1:], PACKAGE_NAMES[1]
+    return argv, PACKAGE_NAMES[0]

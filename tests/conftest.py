@@ -11,8 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/spa_reference.py and other helpers
 
-# The two distributions users install; tests that take the `package` fixture run under each.
-LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+from lightning_spa._lightning import PACKAGE_NAMES as LIGHTNING_PACKAGES  # tests taking `package` run under each
 
 CUDA_SKIP_REASON = "no CUDA device (torch.cuda.is_available() is False); `pytest -m cuda` runs these on a GPU"
 

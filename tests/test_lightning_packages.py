@@ -113,3 +113,14 @@ def test_cli_yaml_fits(package: ModuleType, tmp_path: Path, config: str, optimiz
     names = {type(cb).__name__ for cb in trainer.callbacks}
     assert {"GradualSchedule", "MomentumDiagnostics"} <= names or {"GradualSchedule"} <= names
     assert type(trainer.optimizers[0]).__name__ == optimizer
+
+
+def test_cli_package_choice() -> None:
+    """The apps' `package=` and leading `--lightning` flag; another package name is refused, named."""
+    from lightning_spa._lightning import lightning_cli, main_args
+
+    assert main_args(["--lightning", "fit"]) == (["fit"], "lightning.pytorch")
+    assert main_args(["fit", "--lightning"]) == (["fit", "--lightning"], "pytorch_lightning")
+    assert lightning_cli("lightning.pytorch") is importlib.import_module("lightning.pytorch.cli").LightningCLI
+    with pytest.raises(ValueError, match="`package` must be one of"):
+        lightning_cli("lightning")
