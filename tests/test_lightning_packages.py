@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from test_diagnostics import read_layout_charts, read_scalars
 
 from lightning_spa import SPA, GradualSchedule, MomentumDiagnostics, MomentumOff
 from lightning_spa.demos import DigitsCNN, DigitsDataModule
@@ -36,23 +37,6 @@ def _trainer(package: ModuleType, tmp_path: Path, callbacks: list, **kwargs):  #
     return package.Trainer(callbacks=callbacks, **defaults)
 
 
-def _events(log_dir: str) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
-    """Scalars ``{tag: values}`` and the custom-scalars layout ``{chart title: tags}`` of a run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.custom_scalar import layout_pb2
-    from tensorboard.util import tensor_util
-
-    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    layout = layout_pb2.Layout()
-    if "custom_scalars__config__" in acc.Tags()["tensors"]:
-        proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
-        layout.ParseFromString(tensor_util.make_ndarray(proto).item())
-    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
-    return scalars, charts
-
-
 def test_classes_belong_to_both_packages(package: ModuleType) -> None:
     for cls in (GradualSchedule, MomentumOff, MomentumDiagnostics):
         assert issubclass(cls, package.Callback)
@@ -67,8 +51,8 @@ def test_callbacks_fit_log_custom_scalars(package: ModuleType, tmp_path: Path) -
     trainer = _trainer(package, tmp_path, [schedule, MomentumDiagnostics(every_n_steps=1)], logger=logger)
     trainer.fit(DigitsCNN(), DigitsDataModule())
     assert trainer.global_step == 12
-    scalars, charts = _events(logger.log_dir)
-    assert "spa/ratio" in scalars and all(v > 0 for v in scalars["spa/ratio"])
+    scalars, charts = read_scalars(logger.log_dir), read_layout_charts(logger.log_dir)
+    assert "spa/ratio" in scalars and all(v > 0 for v in scalars["spa/ratio"].values())
     assert any(tag.startswith("^spa/ratio") for tags in charts.values() for tag in tags), charts
     # after step 11 the groups hold the coming step 12's values, the 7th of the transition: eta = 0.5 ** (7 / 8)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 ** (7 / 8))
