@@ -8,8 +8,9 @@ mapping never import Lightning; the callbacks import it when first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_spa._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -66,14 +67,4 @@ if TYPE_CHECKING:
     from lightning_spa.optim import SPA, SPASpikeWarning
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_spa' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -6,8 +6,9 @@ style imports of the pure helpers stay cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_spa._lazy import lazy_names
 
 _LAZY = {
     "GradualSchedule": "lightning_spa.callbacks.schedules",
@@ -24,14 +25,4 @@ if TYPE_CHECKING:
     from lightning_spa.callbacks.schedules import GradualSchedule, MomentumOff
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_spa.callbacks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
