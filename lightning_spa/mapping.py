@@ -339,7 +339,7 @@ def sgdm_optimizer_to_spa(sgd: Any, eta: float | Sequence[float] | None = None) 
             beta, group_eta = float(group["momentum"]), spa_group["lr"]
             if beta == 0.0:
                 continue
-            prev_c = constant_sgdm_to_spa(0.0, beta)[1]  # history (eta, 1 - beta): scale beta * eta to round-off
+            prev_c = 1.0 - beta  # history (eta, 1 - beta): scale beta * eta to round-off (any beta, with `eta`)
             for p in group["params"]:
                 buf = sgd.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:

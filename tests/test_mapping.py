@@ -204,6 +204,16 @@ def test_state_conversion_refuses_nesterov():
         sgdm_optimizer_to_spa(sgd)
 
 
+def test_state_conversion_with_eta_takes_momentum_one():
+    # momentum >= 1 has no constant SPA form, but with `eta` given the buffers convert (z = x - beta * eta * m).
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=1.0)
+    _steps(model, sgd, 0, 3)
+    spa = sgdm_optimizer_to_spa(sgd, eta=2.0)
+    p = next(model.parameters())
+    torch.testing.assert_close(spa.z(p), p - 1.0 * 2.0 * sgd.state[p]["momentum_buffer"])
+
+
 def test_multisteplr_drifts_by_default_and_bounded_stays_finite():
     # CIFAR-10 recipe in SGD form: lr 0.1, momentum 0.9, 10x drops at epochs 150 and 225 (391 steps each).
     m = 150 * 391
