@@ -56,6 +56,13 @@ __all__ = ["EMA_NAMES", "DiagnosticsEMA", "MomentumMeter", "Reading"]
 EMA_NAMES = ("step_sq", "grad_sq", "grad_sq_scaled", "cosine", "ratio")
 
 
+def _insert_empty_rows(table: Tensor, extra: int) -> Tensor:
+    """``table`` with ``extra`` zero rows inserted before its last row (the whole optimizer's): the rows
+    of param groups added mid-run."""
+    pad = torch.zeros(extra, table.shape[1], device=table.device, dtype=table.dtype)
+    return torch.cat([table[:-1], pad, table[-1:]])
+
+
 class DiagnosticsEMA:
     """Bias-corrected exponential moving averages of ``step_sq``, ``grad_sq``, ``grad_sq_scaled`` and
     ``cosine`` for ``n_rows`` series (param groups, then the whole optimizer), kept on one device.
@@ -89,9 +96,8 @@ class DiagnosticsEMA:
         """Grows to ``n_rows`` series: new param groups get empty rows, inserted before the last row."""
         extra = n_rows - self.values.shape[0]
         if extra > 0:
-            pad = torch.zeros(extra, 4, device=self.values.device, dtype=self.values.dtype)
-            self.values = torch.cat([self.values[:-1], pad, self.values[-1:]])
-            self.weights = torch.cat([self.weights[:-1], pad, self.weights[-1:]])
+            self.values = _insert_empty_rows(self.values, extra)
+            self.weights = _insert_empty_rows(self.weights, extra)
 
     def update(self, samples: Tensor, step: int | Tensor, default_gap: int = 1, accept: Tensor | None = None) -> Tensor:
         """Folds one step's :func:`~lightning_spa.diagnostics.step_samples` in; returns the 0-dim bool ``ok``.
@@ -317,10 +323,7 @@ class MomentumMeter:
         """Pads ``samples`` with empty group rows when the EMAs have more (a checkpoint saved after
         groups were added that this run has not added yet)."""
         extra = self.ema.values.shape[0] - samples.shape[0]
-        if extra <= 0:
-            return samples
-        pad = torch.zeros(extra, samples.shape[1], device=samples.device, dtype=samples.dtype)
-        return torch.cat([samples[:-1], pad, samples[-1:]])
+        return _insert_empty_rows(samples, extra) if extra > 0 else samples
 
     @torch.no_grad()
     def _finish(self) -> str:
