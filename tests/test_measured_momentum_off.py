@@ -359,3 +359,38 @@ def test_sampling_study_smoke(tmp_path: Path) -> None:
     table = importlib.import_module("measured_off_sampling").main(args)
     assert (tmp_path / "measured_off_sampling.md").read_text() == table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 2 * 2
+
+
+class _JoinAndSkip(Objective):
+    """Pure noise; a second parameter joins as a param group at batch 5, and batch 3's optimizer step is skipped."""
+
+    def __init__(self) -> None:
+        super().__init__(h=0.0)
+        self.v = torch.nn.Parameter(torch.zeros(500, dtype=torch.float64), requires_grad=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        xi = torch.randn(self.v.shape, generator=torch.Generator().manual_seed(7 + batch_idx), dtype=torch.float64)
+        return super().training_step(batch, batch_idx) + (self.v * xi).sum()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 5:
+            self.v.requires_grad_(True)
+            self.trainer.optimizers[0].add_param_group({"params": [self.v]})
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        optimizer_closure()
+        if batch_idx != 3:  # batch 3: no step is taken, so no clock tick
+            optimizer.step()
+
+
+def test_decision_counts_steps_taken_and_covers_a_group_that_joined() -> None:
+    """A skipped step does not count towards warm-up + patience, and a param group that joined before the
+    decision goes to c = 1 with the others."""
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=12)
+    record = Record()
+    model = _JoinAndSkip()
+    trainer = fit(model, [callback, record], steps=60)  # 60 batches, one of them without a step
+    assert trainer.global_step == 60  # Lightning counts the skipped step; the clocks do not
+    assert callback.decided_steps == {0: 25}  # optimizer steps taken, not batches
+    assert record.values == pytest.approx(expected_c(0.2, 26, 12, range(59)), rel=1e-12)
+    assert [group["c"] for group in trainer.optimizers[0].param_groups] == [1.0, 1.0]
