@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_spa import _compat
-from lightning_spa.functional import PLAIN_TYPES, float_step
+from lightning_spa.functional import PLAIN_TYPES, default_kernel, float_step, kernel_choice
 from lightning_spa.theorem import StepCoefficients, spa_step, step_momentum
 
 __all__ = ["GroupPlan"]
@@ -68,19 +68,8 @@ class GroupPlan:
             return
         buckets = {(p.device, p.dtype) for p in params}
         self.bucket = next(iter(buckets)) if len(buckets) == 1 else None
-        foreach, fused = self.flags
-        if fused:
-            self.impl = "fused"
-        elif foreach:
-            self.impl = "foreach"
-        elif foreach is not None or fused is not None:
-            self.impl = "loop"
-        else:  # the default dispatch of functional.float_step, decided once
-            fused_devices, foreach_devices, _ = _compat.kernel_support()
-            if all(d.type in fused_devices and t.is_floating_point for d, t in buckets):
-                self.impl = "fused"
-            else:
-                self.impl = "foreach" if all(d.type in foreach_devices for d, _ in buckets) else "loop"
+        # the kernel the flags ask for, else the default dispatch of functional.float_step, decided once
+        self.impl = kernel_choice(*self.flags) or default_kernel(set(map(type, params)), buckets)
         if self.impl == "fused" and self.bucket is not None:
             self.kernel = _compat.fused_kernel()
         # Momentum off (c = 1) on large CPU tensors: torch's fused SGD kernel at momentum 0 is slower there

@@ -29,7 +29,7 @@ Two modes:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor
 from lightning_spa import _compat
 from lightning_spa.theorem import StepCoefficients, spa_step, step_momentum
 
-__all__ = ["InfFlag", "StepInfo", "float_step", "spa"]
+__all__ = ["InfFlag", "StepInfo", "default_kernel", "float_step", "kernel_choice", "spa"]
 
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 """Tensor types of the fused kernel (not ``DTensor`` and other subclasses)."""
@@ -124,7 +124,7 @@ def spa(
             return _tensor_mode(params, grads, momentum_buffer_list, prev_etas, prev_cs, lr, c, weight_decay, maximize)
         # eager, values on the host: reading them costs no synchronisation; run the float mode
     eta, c_ = float(lr), float(c)
-    impl = "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
+    impl = kernel_choice(foreach, fused)
     # Batch the parameters by the history of their buffers (a history exists iff a buffer does):
     # one batch unless some parameters skipped steps or joined later.
     e0, q0 = prev_etas[0], prev_cs[0]
@@ -196,16 +196,8 @@ def float_step(
         if torch.compiler.is_compiling():
             impl = "foreach" if set(map(type, ps)).issubset(_compat.foreach_types()) else "loop"
         else:
-            fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
             buckets = _group([ps, gs, bs], bucket)
-            if set(map(type, ps)) <= PLAIN_TYPES and all(
-                d.type in fused_devices and t.is_floating_point for d, t in buckets
-            ):  # fmt: skip
-                impl = "fused"
-            elif set(map(type, ps)).issubset(foreach_types) and all(d.type in foreach_devices for d, _ in buckets):
-                impl = "foreach"
-            else:
-                impl = "loop"
+            impl = default_kernel(set(map(type, ps)), buckets)
     if impl == "fused":
         buckets = buckets or _group([ps, gs, bs], bucket)
         _compat.fused_sgd_(
@@ -223,6 +215,24 @@ def float_step(
     else:
         _loop_step(ps, gs, bs, coef, weight_decay, maximize)
     return bs
+
+
+def kernel_choice(foreach: bool | None, fused: bool | None) -> str | None:
+    """The kernel ``foreach``/``fused`` ask for; None (both None) means :func:`default_kernel`."""
+    return "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
+
+
+def default_kernel(types: set[type], buckets: Collection[tuple[torch.device, torch.dtype]]) -> str:
+    """The default dispatch (eager): fused where every parameter supports it, else foreach, else the loop.
+
+    ``types`` are the parameters' tensor types, ``buckets`` their ``(device, dtype)`` pairs.
+    """
+    fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
+    if types <= PLAIN_TYPES and all(d.type in fused_devices and t.is_floating_point for d, t in buckets):
+        return "fused"
+    if types.issubset(foreach_types) and all(d.type in foreach_devices for d, _ in buckets):
+        return "foreach"
+    return "loop"
 
 
 def _group(lists: list[list[Any]], bucket: tuple[torch.device, torch.dtype] | None) -> _compat.Buckets:
