@@ -21,6 +21,7 @@ from lightning_spa.callbacks._select import (
     OptimizerSelection,
     Selected,
     check_selection,
+    is_instance_by_name,
     select_optimizers,
     warn_lr_monitor_momentum,
 )
@@ -120,9 +121,7 @@ class SPAScheduleCallback(Callback):
         # BackboneFinetuning rewrites the lr of the group it adds to the first optimizer at every epoch after it
         # unfreezes (an LR schedule of its own): refuse now rather than with a foreign-write error mid-run.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        finetuning = next(
-            (cb for cb in callbacks if "BackboneFinetuning" in {c.__name__ for c in type(cb).__mro__}), None
-        )
+        finetuning = next((cb for cb in callbacks if is_instance_by_name(cb, "BackboneFinetuning")), None)
         if finetuning is not None and 0 in clocks:
             raise ValueError(
                 f"{clocks[0].owner} writes the learning rate of every step of optimizer 0, but "

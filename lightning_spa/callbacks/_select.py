@@ -50,6 +50,7 @@ __all__ = [
     "check_selection",
     "group_unsupported_reason",
     "index_of",
+    "is_instance_by_name",
     "optimizer_kind",
     "select_optimizers",
     "unsupported_reason",
@@ -232,10 +233,13 @@ def index_of(trainer: pl.Trainer, optimizer: Any) -> int | None:
 _WARNED_LR_MONITOR: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def is_instance_by_name(obj: Any, class_name: str) -> bool:
+    """Whether ``obj`` is an instance of a class named ``class_name`` (or a subclass): matches either package's."""
+    return any(cls.__name__ == class_name for cls in type(obj).__mro__)
+
+
 def _is_lr_monitor_logging_momentum(callback: Any) -> bool:
-    # Either package's LearningRateMonitor (or a subclass); by class name, so both packages match.
-    names = {cls.__name__ for cls in type(callback).__mro__}
-    return "LearningRateMonitor" in names and bool(getattr(callback, "log_momentum", False))
+    return is_instance_by_name(callback, "LearningRateMonitor") and bool(getattr(callback, "log_momentum", False))
 
 
 def warn_lr_monitor_momentum(trainer: pl.Trainer, selected: Sequence[Selected], owner: str) -> None:
@@ -253,7 +257,7 @@ def warn_lr_monitor_momentum(trainer: pl.Trainer, selected: Sequence[Selected], 
         return
     _WARNED_LR_MONITOR.add(trainer)
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
-    present = any("MomentumDiagnostics" in {c.__name__ for c in type(cb).__mro__} for cb in callbacks)
+    present = any(is_instance_by_name(cb, "MomentumDiagnostics") for cb in callbacks)
     diagnostics = "MomentumDiagnostics (in your callbacks)" if present else "Add MomentumDiagnostics: it"
     rank_zero_warn(
         f"{owner}: LearningRateMonitor(log_momentum=True) logs momentum 0 for lightning_spa.SPA, whose param groups "
