@@ -32,7 +32,6 @@ whose buffers are dropped (momentum off costs nothing; turning it back on restar
 from __future__ import annotations
 
 import math
-import operator
 import os
 import sys
 import warnings
@@ -44,15 +43,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from lightning_spa._steady import GroupPlan
+from lightning_spa._steady import _GRAD, _IS_SPARSE, _SPARSE, GroupPlan
 from lightning_spa._validation import check_fused, step_value, validate_c, validate_eta, validate_group
 from lightning_spa.functional import InfFlag, spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = ["SPA", "SPASpikeWarning", "validate_c", "validate_eta"]
-
-
-_GRAD, _IS_SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
 
 class SPASpikeWarning(UserWarning):
@@ -279,7 +275,7 @@ class SPA(Optimizer):
         params = [p for p, g in zip(group["params"], all_grads, strict=True) if g is not None]
         grads: list[Tensor] = [g for g in all_grads if g is not None]
         if any(map(_IS_SPARSE, grads)):
-            raise RuntimeError("SPA does not support sparse gradients; use a dense embedding or SparseAdam.")
+            raise RuntimeError(_SPARSE)
         if state_of:
             states = [state_of.get(p) for p in params]
             bufs: list[Tensor | None] = [s["momentum_buffer"] if s else None for s in states]
