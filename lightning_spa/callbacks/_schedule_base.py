@@ -72,6 +72,11 @@ class SPAScheduleCallback(Callback):
     def _build(self, steps_per_epoch: int) -> SPASchedule:
         raise NotImplementedError
 
+    def _schedule_for(self, index: int) -> SPASchedule:
+        """This callback's schedule on optimizer ``index``: the one built at fit start, shared by all of them."""
+        assert self.schedule is not None
+        return self.schedule
+
     def _check(self, clock: OptimizerClock) -> None:
         """Checks of this callback's schedule on ``clock``'s composition (optional)."""
 
@@ -99,7 +104,7 @@ class SPAScheduleCallback(Callback):
         for index in sorted({s.index for peer in peers for s in peer._selected}):
             members = [peer for peer in peers if any(s.index == index for s in peer._selected)]
             chosen = next(s for s in members[0]._selected if s.index == index)
-            schedules = [peer.schedule for peer in members if peer.schedule is not None]
+            schedules = [peer._schedule_for(index) for peer in members if peer.schedule is not None]
             names = " + ".join(dict.fromkeys(peer._name for peer in members))
             clock = OptimizerClock(chosen.optimizer, chosen.kind, index, schedules, names, rank_zero_warn)
             clock.total_steps = self._total_steps

@@ -213,22 +213,25 @@ class MeasuredMomentumOff(SPAScheduleCallback):
                 "MeasuredMomentumOff: the training dataloader has no length, so epochs cannot be converted to "
                 "optimizer steps; use unit='step' and give transition_steps."
             )
-        self.decisions, self._removals = {}, {}  # a new fit: _check fills them per optimizer
+        self.decisions, self._removals = {}, {}  # a new fit: _schedule_for and _check fill them per optimizer
         self.warmup_steps = to_steps(self.warmup, self.unit, steps_per_epoch)
         self.patience_steps = to_steps(self.patience, self.unit, steps_per_epoch)
         length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
         return _DecidedRemoval(length)
 
-    def _check(self, clock: OptimizerClock) -> None:
-        # One removal and one decision per optimizer: swap the shared placeholder in this clock for its own.
+    def _schedule_for(self, index: int) -> _DecidedRemoval:
+        # One removal per optimizer (its start is set by that optimizer's own decision), built from the template.
         assert isinstance(self.schedule, _DecidedRemoval)
-        removal = _DecidedRemoval(self.schedule.transition_steps)
-        clock.schedules = [removal if s is self.schedule else s for s in clock.schedules]
+        self._removals[index] = _DecidedRemoval(self.schedule.transition_steps)
+        return self._removals[index]
+
+    def _check(self, clock: OptimizerClock) -> None:
+        removal = self._removals[clock.index]
         decision = MomentumOffDecision(self.threshold, self.warmup_steps, self.patience_steps)
         if clock.index in self._loaded_decisions:
             decision.load_state_dict(self._loaded_decisions.pop(clock.index))
         removal.start = decision.transition_start
-        self._removals[clock.index], self.decisions[clock.index] = removal, decision
+        self.decisions[clock.index] = decision
         if removal.transition_steps <= 1 and min((g.c0 for g in clock.groups), default=1.0) < 1.0:
             rank_zero_warn(
                 f"MeasuredMomentumOff(transition_steps={self.transition_steps}) switches momentum off at once on "
