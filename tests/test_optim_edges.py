@@ -9,19 +9,13 @@ import warnings
 import pytest
 import torch
 from spa_reference import ReferenceSPA
+from test_optim import PATHS, _digits_model
 from torch import nn
 from torch.optim import lr_scheduler
 
 from lightning_spa import SPA, spa_optimizer_to_sgdm
-from lightning_spa.demos.digits import DigitsCNN
 from lightning_spa.optim import SPASpikeWarning
 
-PATHS = [
-    pytest.param({"foreach": False}, id="loop"),
-    pytest.param({"foreach": True}, id="foreach"),
-    pytest.param({"fused": True}, id="fused"),
-    pytest.param({}, id="default"),
-]
 SCALES = torch.linspace(0.1, 2.0, 30, dtype=torch.float64)
 
 
@@ -138,11 +132,6 @@ def test_spike_warning_fires_once_for_multistep_lr():
 )
 def test_no_spike_warning_for_smooth_schedules(make):
     assert _spike_warnings(make) == []
-
-
-def _digits_model(seed=0):
-    torch.manual_seed(seed)
-    return DigitsCNN(channels=4).net.double()
 
 
 def _batches(n, seed):
