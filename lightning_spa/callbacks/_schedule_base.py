@@ -27,7 +27,7 @@ from lightning_spa.callbacks._select import (
 )
 from lightning_spa.schedule import SPASchedule
 
-__all__ = ["SPAScheduleCallback", "check_unit", "to_steps"]
+__all__ = ["SPAScheduleCallback", "check_length", "check_unit", "to_steps"]
 
 
 def check_unit(unit: str) -> None:
@@ -37,6 +37,15 @@ def check_unit(unit: str) -> None:
 
 def to_steps(value: float, unit: str, steps_per_epoch: int) -> int:
     return int(value) if unit == "step" else round(float(value) * steps_per_epoch)
+
+
+def check_length(steps_per_epoch: int, unit: str, transition_steps: int | None, owner: str) -> None:
+    """Epochs (``unit='epoch'``, or ``transition_steps=None``: one epoch) need a dataloader with a length."""
+    if steps_per_epoch == 0 and (unit == "epoch" or transition_steps is None):
+        raise ValueError(
+            f"{owner}: the training dataloader has no length, so epochs cannot be converted to optimizer steps; "
+            "use unit='step' and give transition_steps."
+        )
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:

@@ -20,7 +20,7 @@ import torch
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
-from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_unit, to_steps
+from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
 from lightning_spa.decision import DEFAULT_THRESHOLD, MomentumOffDecision
 from lightning_spa.meter import MomentumMeter, Reading
@@ -208,11 +208,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     # ----- setup --------------------------------------------------------------------------
     def _build(self, steps_per_epoch: int) -> _DecidedRemoval:
-        if steps_per_epoch == 0 and (self.unit == "epoch" or self.transition_steps is None):
-            raise ValueError(
-                "MeasuredMomentumOff: the training dataloader has no length, so epochs cannot be converted to "
-                "optimizer steps; use unit='step' and give transition_steps."
-            )
+        check_length(steps_per_epoch, self.unit, self.transition_steps, "MeasuredMomentumOff")
         self.decisions, self._removals = {}, {}  # a new fit: _schedule_for and _check fill them per optimizer
         self.warmup_steps = to_steps(self.warmup, self.unit, steps_per_epoch)
         self.patience_steps = to_steps(self.patience, self.unit, steps_per_epoch)

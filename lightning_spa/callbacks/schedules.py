@@ -35,7 +35,7 @@ from typing import Literal
 
 from lightning_spa._lightning import rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
-from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_unit, to_steps
+from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection
 from lightning_spa.schedule import (
     MomentumRemoval,
@@ -162,11 +162,7 @@ class GradualSchedule(SPAScheduleCallback):
         return self._state_key  # Lightning reads it several times a step: computed once
 
     def _build(self, steps_per_epoch: int) -> StepDecay:
-        if steps_per_epoch == 0 and (self.unit == "epoch" or self.transition_steps is None):
-            raise ValueError(
-                "GradualSchedule: the training dataloader has no length, so epochs cannot be converted to optimizer "
-                "steps; use unit='step' and give transition_steps."
-            )
+        check_length(steps_per_epoch, self.unit, self.transition_steps, "GradualSchedule")
         steps = [to_steps(m, self.unit, steps_per_epoch) for m in self.milestones]
         if any(b <= a for a, b in pairwise(steps)):
             raise ValueError(
@@ -304,11 +300,7 @@ class MomentumOff(SPAScheduleCallback):
         return self._state_key  # Lightning reads it several times a step: computed once
 
     def _build(self, steps_per_epoch: int) -> MomentumRemoval:
-        if steps_per_epoch == 0 and (self.unit == "epoch" or self.transition_steps is None):
-            raise ValueError(
-                "MomentumOff: the training dataloader has no length, so epochs cannot be converted to optimizer "
-                "steps; use unit='step' and give transition_steps."
-            )
+        check_length(steps_per_epoch, self.unit, self.transition_steps, "MomentumOff")
         length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
         return MomentumRemoval(to_steps(self.after_epochs, self.unit, steps_per_epoch), length)
 
