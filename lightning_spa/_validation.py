@@ -33,10 +33,13 @@ def validate_eta(value: Any, name: str = "lr") -> float | Tensor:
         TypeError: not a number or tensor (as torch's optimizers).
         ValueError: negative, NaN or infinite; a tensor with more than one element.
     """
+    given = value
     value = _scalar(value, name, "the step size eta")
     v = float(value) if not isinstance(value, Tensor) or not value.is_meta else 0.0
-    if not 0.0 <= v < math.inf:
-        raise ValueError(f"Invalid learning rate: `{name}`={v}: the step size eta must be finite and >= 0.")
+    if not 0.0 <= v < math.inf:  # torch's wording first, then SPA's hint
+        raise ValueError(
+            f"Invalid learning rate: {given}: `{name}` must be finite and >= 0 (SPA's `lr` is the step size eta)."
+        )
     return value
 
 
@@ -57,7 +60,7 @@ def validate_group(group: dict[str, Any], where: str) -> None:
     validate_c(group["c"], "c")
     wd = group["weight_decay"]
     if isinstance(wd, bool) or not isinstance(wd, Real) or not 0.0 <= float(wd) < math.inf:
-        raise ValueError(f"Invalid weight_decay value: `weight_decay`={wd!r} {where}: it must be a finite float >= 0.")
+        raise ValueError(f"Invalid weight_decay value: {wd} {where}: `weight_decay` must be a finite float >= 0.")
     if group.get("fused") and group.get("foreach"):
         raise ValueError(f"`fused=True` and `foreach=True` cannot be used together {where}; choose one.")
     if group.get("differentiable"):

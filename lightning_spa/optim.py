@@ -165,7 +165,7 @@ class SPA(Optimizer):
                 "`dampening` != 0 has no SPA form: SPA is plain SGD momentum (nesterov=False, dampening=0)."
             )
         if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"Invalid momentum value: `momentum`={momentum}: SPA needs 0 <= momentum < 1.")
+            raise ValueError(f"Invalid momentum value: {momentum}: SPA needs 0 <= `momentum` < 1.")
         eta, c = constant_sgdm_to_spa(float(validate_eta(lr, "lr")), momentum)
         return cls(params, lr=eta, c=c, **kwargs)
 

@@ -22,15 +22,17 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, PolynomialL
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 pytest.importorskip("expecttest")
-from torch.testing._internal.common_optimizers import (
-    ErrorOptimizerInput,
-    OptimizerErrorEnum,
-    OptimizerInfo,
-    OptimizerInput,
-    _get_optim_inputs_including_global_cliquey_kwargs,
-    get_error_inputs_for_all_optims,
-    optim_db,
-)
+with warnings.catch_warnings():  # torch's test utilities warn (ImportWarning) when hypothesis is not installed
+    warnings.simplefilter("ignore", ImportWarning)
+    from torch.testing._internal.common_optimizers import (
+        ErrorOptimizerInput,
+        OptimizerErrorEnum,
+        OptimizerInfo,
+        OptimizerInput,
+        _get_optim_inputs_including_global_cliquey_kwargs,
+        get_error_inputs_for_all_optims,
+        optim_db,
+    )
 
 from lightning_spa import SPA
 from lightning_spa.optim import SPASpikeWarning
@@ -59,11 +61,11 @@ def optim_error_inputs_func_spa(device, dtype):
 
     return [
         *get_error_inputs_for_all_optims(device, dtype),
-        error({"lr": -0.5}, "negative lr", ValueError, "Invalid learning rate"),
+        error({"lr": -0.5}, "negative lr", ValueError, r"^Invalid learning rate: -0\.5: "),  # torch's wording first
         error({"lr": "0.1"}, "lr not a number", TypeError, "`lr`"),
         error({"c": 0.0}, "c = 0", ValueError, r"`c`=0.0.*\(0, 1\]"),
         error({"c": 1.5}, "c > 1", ValueError, r"`c`=1.5"),
-        error({"weight_decay": -0.5}, "negative weight_decay", ValueError, "Invalid weight_decay value"),
+        error({"weight_decay": -0.5}, "negative weight_decay", ValueError, r"^Invalid weight_decay value: -0\.5 "),
         error({"fused": True, "foreach": True}, "fused and foreach", ValueError, "cannot be used together"),
         error({"differentiable": True}, "differentiable", TypeError, "differentiable"),
     ]
@@ -117,6 +119,21 @@ def test_errors(error_input):
     else:
         with pytest.raises(error_input.error_type, match=error_input.error_regex):
             SPA(params, **optim_input.kwargs)
+
+
+@pytest.mark.parametrize(
+    "error_input", _SGD_INFO.optim_error_inputs_func(DEVICE, DTYPE), ids=lambda e: e.optimizer_error_input.desc
+)
+def test_torch_sgd_error_inputs_raise_torch_errors_through_from_sgdm(error_input):
+    """torch SGD's own error inputs (momentum -0.5 among them), given in SGD's terms to ``SPA.from_sgdm``."""
+    optim_input = error_input.optimizer_error_input
+    params = optim_input.params if optim_input.params is not None else [Parameter(torch.randn(2, dtype=DTYPE))]
+    if issubclass(error_input.error_type, Warning):
+        with pytest.warns(error_input.error_type, match=error_input.error_regex):
+            SPA.from_sgdm(params, **optim_input.kwargs)
+    else:
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            SPA.from_sgdm(params, **optim_input.kwargs)
 
 
 def _problem(seed=0):
