@@ -124,8 +124,9 @@ def _named(params: ParamSource) -> tuple[list[tuple[str | None, torch.Tensor]], 
 def _is_no_decay(name: str | None, p: torch.Tensor, modules: Mapping[str, nn.Module], patterns: Sequence[str]) -> bool:
     for pattern in patterns:
         if pattern == "bias":
-            if (name is not None and name.rsplit(".", 1)[-1] == "bias") or (name is None and p.ndim <= 1):
-                return True
+            leaf = None if name is None else name.rsplit(".", 1)[-1]
+            if (leaf is not None and (leaf == "bias" or leaf.endswith("_bias"))) or (name is None and p.ndim <= 1):
+                return True  # `bias`, and `*_bias` such as nn.MultiheadAttention's `in_proj_bias`
         elif pattern == "norm":
             if name is None or not modules:  # module types unknown: every 1-D parameter
                 if p.ndim <= 1:
@@ -166,7 +167,8 @@ def spa_param_groups(
         weight_decay: coupled L2 weight decay of the decayed groups (>= 0).
         no_decay: which parameters get ``weight_decay=0``: ``"bias"`` (parameters named
             ``bias``), ``"norm"`` (weights of BatchNorm/LayerNorm/GroupNorm/... layers), or a
-            glob on the full parameter name (``"*.pos_embed"``). Without the module (plain
+            glob on the full parameter name (``"*.pos_embed"``). ``"bias"`` also covers names ending
+            in ``_bias`` (``nn.MultiheadAttention.in_proj_bias``). Without the module (plain
             tensors, or ``named_parameters()`` for ``"norm"``) they fall back to "every 1-D
             parameter".
         lr_multipliers: ``{prefix or glob: multiplier}``; a parameter whose name equals, starts

@@ -87,6 +87,29 @@ def test_param_groups_no_decay_and_multipliers() -> None:
     assert len(groups) == 4  # (x1, decay), (x1, none), (x10, decay), (x10, none)
 
 
+class Attention(nn.Module):
+    """A transformer block's parameters: attention (``in_proj_bias``), norms, linear biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("cls", [GroupedSPA, GroupedSGD])
+@pytest.mark.parametrize("source", ["module", "named_parameters"])
+def test_attention_biases_are_not_decayed(cls: type, source: str) -> None:
+    net = Attention()
+    params = net if source == "module" else net.named_parameters()
+    opt = cls(params, eta=1.0, c=0.1, weight_decay=0.05)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    decayed = {n for n, p in net.named_parameters() if decay[id(p)] == 0.05}
+    assert decayed == {"attn.in_proj_weight", "attn.out_proj.weight", "mlp.weight"}
+    # in_proj_bias, out_proj.bias, mlp.bias and the LayerNorm's weight and bias: no decay
+    assert len(decay) == len(list(net.parameters()))
+
+
 def test_param_groups_plain_tensors_and_globs() -> None:
     net = Net()
     groups = spa_param_groups(net.parameters(), weight_decay=0.1)  # no names: every 1-D tensor is exempt
