@@ -1,6 +1,6 @@
 """The one place lightning_spa touches private torch APIs, each with a public-API fallback.
 
-:mod:`lightning_spa.functional` and :mod:`lightning_spa._steady` ask this module four things:
+:mod:`lightning_spa.functional` and :mod:`lightning_spa._steady` ask this module five things:
 
 - :func:`kernel_support`: which parameters may use the fused and the foreach kernels (torch's
   private device lists and ``_foreach_supported_types``, which ``torch.distributed.tensor``
@@ -8,6 +8,8 @@
 - :func:`group_by_device_and_dtype`: the C++ grouping torch's own kernels use (fallback: a dict);
 - :func:`fused_kernel`: ``torch._fused_sgd_`` itself, for a caller that already holds one
   ``(device, dtype)`` bucket (None on the fallback);
+- :func:`fused_cpu_broken_dtypes`: which low-precision dtypes torch's fused CPU kernel fails to
+  update (measured once through the public ``sgd(fused=True)``; pytorch/pytorch#191763);
 - :func:`fused_sgd_`: torch's fused SGD kernel ``torch._fused_sgd_`` called once per
   ``(device, dtype)`` bucket (fallback: the public functional ``torch.optim.sgd.sgd(fused=True)``,
   a few Python calls slower).
@@ -28,7 +30,15 @@ from torch import Tensor
 from torch.optim import optimizer as _optimizer
 from torch.optim.sgd import sgd as _public_sgd
 
-__all__ = ["PRIVATE", "foreach_types", "fused_kernel", "fused_sgd_", "group_by_device_and_dtype", "kernel_support"]
+__all__ = [
+    "PRIVATE",
+    "foreach_types",
+    "fused_cpu_broken_dtypes",
+    "fused_kernel",
+    "fused_sgd_",
+    "group_by_device_and_dtype",
+    "kernel_support",
+]
 
 PRIVATE = True
 """Use torch's private helpers when they exist; ``False`` forces the public fallbacks."""
@@ -85,6 +95,29 @@ def group_by_device_and_dtype(lists: list[list[Any]]) -> Buckets:
             sub.append(full[i])
         indices.append(i)
     return buckets
+
+
+@functools.lru_cache(maxsize=1)
+def fused_cpu_broken_dtypes() -> frozenset[torch.dtype]:
+    """The low-precision dtypes whose parameters torch's fused CPU SGD kernel does not update.
+
+    In torch <= 2.13 the kernel's vectorised loop for bfloat16/float16 updates the momentum
+    buffer (reading it as float32) but never stores the new parameters: only the last
+    ``numel % vector width`` elements of each chunk move (pytorch/pytorch#191763, fixed by
+    pytorch/pytorch#192545). Measured once per process: one momentum-free step of ``lr = 1`` on
+    256 zeros with gradient 1, through torch's public ``sgd(fused=True)``; a dtype whose result is
+    not all ``-1`` is broken.
+    """
+    broken = set()
+    for dtype in (torch.bfloat16, torch.float16):
+        p, g = torch.zeros(256, dtype=dtype), torch.ones(256, dtype=dtype)
+        _public_sgd(
+            [p], [g], [None], fused=True, weight_decay=0.0, momentum=0.0, lr=1.0, dampening=0.0,
+            nesterov=False, maximize=False,
+        )  # fmt: skip
+        if not bool((p == -1).all()):
+            broken.add(dtype)
+    return frozenset(broken)
 
 
 def fused_kernel() -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_fused", "step_value", "validate_c", "validate_eta", "validate_group"]
+__all__ = ["check_fused", "fused_low_precision", "step_value", "validate_c", "validate_eta", "validate_group"]
 
 
 def _scalar(value: Any, name: str, what: str) -> float | Tensor:
@@ -78,6 +78,28 @@ def validate_group(group: dict[str, Any], where: str) -> None:
                     f"{list(fused_devices)}, got a {type(p).__name__} of {p.dtype} on {p.device.type} {where} "
                     "(DTensor/FSDP2 parameters have no fused kernel); pass `fused=None` to pick a path."
                 )
+
+
+def fused_low_precision(group: dict[str, Any], where: str) -> str | None:
+    """The warning for ``fused=True`` on CPU parameters that torch's fused kernel does not update, or None.
+
+    torch <= 2.13's fused CPU SGD kernel leaves bfloat16/float16 parameters unchanged (all but the
+    last ``numel % vector width`` elements; :func:`lightning_spa._compat.fused_cpu_broken_dtypes`
+    measures it): such a run does not train. ``fused=None`` (the default) takes torch SGD's loop there.
+    """
+    if not group.get("fused"):
+        return None
+    from lightning_spa import _compat
+
+    dtypes = {p.dtype for p in group["params"] if p.device.type == "cpu"} & _compat.fused_cpu_broken_dtypes()
+    if not dtypes:
+        return None
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    return (
+        f"`fused=True` {where} with {names} parameters on the CPU: this torch's fused CPU SGD kernel does not update "
+        "parameters of that dtype (pytorch/pytorch#191763, fixed after torch 2.13), so they would not train. "
+        "Pass `fused=None` (the default: torch SGD's loop for these dtypes) or keep the parameters in float32."
+    )
 
 
 def check_fused(fused: Any, default: Any, where: str) -> None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from lightning_spa import _compat
 from lightning_spa.theorem import StepCoefficients, spa_step, step_momentum
 
-__all__ = ["InfFlag", "StepInfo", "default_kernel", "float_step", "kernel_choice", "spa"]
+__all__ = ["LOW_PRECISION", "InfFlag", "StepInfo", "default_kernel", "float_step", "kernel_choice", "spa"]
 
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 """Tensor types of the fused kernel (not ``DTensor`` and other subclasses)."""
@@ -222,13 +222,24 @@ def kernel_choice(foreach: bool | None, fused: bool | None) -> str | None:
     return "fused" if fused else "foreach" if foreach else None if foreach is None and fused is None else "loop"
 
 
+LOW_PRECISION = frozenset({torch.bfloat16, torch.float16})
+"""Dtypes for which the default dispatch leaves torch's fused CPU kernel out (see :func:`default_kernel`)."""
+
+
 def default_kernel(types: set[type], buckets: Collection[tuple[torch.device, torch.dtype]]) -> str:
     """The default dispatch (eager): fused where every parameter supports it, else foreach, else the loop.
 
     ``types`` are the parameters' tensor types, ``buckets`` their ``(device, dtype)`` pairs.
+    bfloat16/float16 on the CPU never default to fused: torch's fused CPU kernel leaves the
+    parameters of those dtypes unchanged in torch <= 2.13 (pytorch/pytorch#191763; see
+    :func:`lightning_spa._compat.fused_cpu_broken_dtypes`), and torch SGD's default is the loop
+    there, so SPA's default takes the loop too (the same bits as torch SGD's default).
     """
     fused_devices, foreach_devices, foreach_types = _compat.kernel_support()
-    if types <= PLAIN_TYPES and all(d.type in fused_devices and t.is_floating_point for d, t in buckets):
+    if types <= PLAIN_TYPES and all(
+        d.type in fused_devices and t.is_floating_point and not (d.type == "cpu" and t in LOW_PRECISION)
+        for d, t in buckets
+    ):
         return "fused"
     if types.issubset(foreach_types) and all(d.type in foreach_devices for d, _ in buckets):
         return "foreach"

@@ -44,7 +44,14 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from lightning_spa._steady import _GRAD, _IS_SPARSE, _SPARSE, GroupPlan
-from lightning_spa._validation import check_fused, step_value, validate_c, validate_eta, validate_group
+from lightning_spa._validation import (
+    check_fused,
+    fused_low_precision,
+    step_value,
+    validate_c,
+    validate_eta,
+    validate_group,
+)
 from lightning_spa.functional import InfFlag, spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
@@ -96,7 +103,10 @@ class SPA(Optimizer):
             ``fused=True`` makes Lightning refuse gradient clipping (``gradient_clip_val``), exactly
             as for torch's fused SGD: the gradients are still scaled when clipping would run. The
             default ``fused=None`` (which still picks the fused kernel where it can) keeps clipping
-            working: Lightning unscales first, then clips.
+            working: Lightning unscales first, then clips. bfloat16/float16 parameters on the CPU
+            never default to fused (torch SGD's default, the loop, runs there): torch <= 2.13's
+            fused CPU kernel does not update them (pytorch/pytorch#191763); ``fused=True`` there
+            warns.
 
     Raises:
         TypeError: ``lr`` or ``c`` not a number or a one-element tensor.
@@ -147,6 +157,9 @@ class SPA(Optimizer):
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+        message = fused_low_precision(self.param_groups[-1], where)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=_caller_level())
 
     @classmethod
     def from_sgdm(cls, params: ParamsT, lr: float = 0.1, momentum: float = 0.9, **kwargs: Any) -> SPA:
