@@ -1,5 +1,6 @@
 """Validation of SPA's hyper-parameters, in one place for the constructor, ``add_param_group``,
-``load_state_dict`` and the per-step read (``lr`` = ``eta``, ``c``, ``weight_decay``, ``fused``),
+``load_state_dict`` and the per-step read (``lr`` = ``eta``, ``c``, ``weight_decay``, ``fused``; a
+``GradScaler`` scale that reaches a group without ``fused``),
 with torch's own wording where torch has a generic check."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_fused", "fused_low_precision", "step_value", "validate_c", "validate_eta", "validate_group"]
+__all__ = ["check_scaled_groups", "fused_low_precision", "step_value", "validate_c", "validate_eta", "validate_group"]
 
 
 def _scalar(value: Any, name: str, what: str) -> float | Tensor:
@@ -102,15 +103,25 @@ def fused_low_precision(group: dict[str, Any], where: str) -> str | None:
     )
 
 
-def check_fused(fused: Any, default: Any, where: str) -> None:
-    """``fused`` is one choice for the whole optimizer: ``torch.amp.GradScaler`` asks the optimizer
-    (``_step_supports_amp_scaling``), not each group, whether the step unscales the gradients."""
-    if bool(fused) != bool(default):
-        raise ValueError(
-            f"`fused`={fused!r} {where} differs from the optimizer's `fused`={default!r}: SPA takes `fused` for all "
-            "param groups at once (with `fused=True` a GradScaler hands its scale to every group's kernel). Pass "
-            "the same `fused` to every group, or split the groups into two optimizers."
-        )
+def check_scaled_groups(groups: list[dict[str, Any]]) -> None:
+    """Refuses a ``GradScaler`` scale that reaches a param group without ``fused=True``.
+
+    ``torch.amp.GradScaler`` asks the optimizer, not a group, whether the step unscales the
+    gradients (``_step_supports_amp_scaling``, SPA's ``fused`` argument, as torch SGD's). Then it
+    hands ``grad_scale``/``found_inf`` to the step instead of unscaling: only the fused kernel can
+    take them. Called at a step that received them, before any group moves.
+
+    Raises:
+        RuntimeError: a group with gradients whose ``fused`` is not True.
+    """
+    for i, group in enumerate(groups):
+        if not group.get("fused") and any(p.grad is not None for p in group["params"]):
+            raise RuntimeError(
+                f"A GradScaler passed its scale to SPA, built with `fused=True` (so the scaler leaves unscaling to "
+                f"the fused kernel), but param group {i} has `fused`={group.get('fused')!r}: its kernel cannot "
+                "unscale the gradients. Set `fused=True` on every group, or build SPA with `fused=None` (the scaler "
+                "then unscales all gradients before the step), or split the groups into two optimizers."
+            )
 
 
 def step_value(group: dict[str, Any], key: str) -> float | Tensor:

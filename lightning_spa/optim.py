@@ -45,7 +45,7 @@ from torch.optim.optimizer import ParamsT
 
 from lightning_spa._steady import _GRAD, _IS_SPARSE, _SPARSE, GroupPlan
 from lightning_spa._validation import (
-    check_fused,
+    check_scaled_groups,
     fused_low_precision,
     step_value,
     validate_c,
@@ -56,6 +56,9 @@ from lightning_spa.functional import InfFlag, spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = ["SPA", "SPASpikeWarning", "validate_c", "validate_eta"]
+
+
+_FLAGS = ("maximize", "foreach", "fused")  # group keys a state dict of an older format may lack
 
 
 class SPASpikeWarning(UserWarning):
@@ -98,8 +101,10 @@ class SPA(Optimizer):
         fused: use torch's fused SGD kernel. ``True`` also lets ``torch.amp.GradScaler`` pass its
             scale to the kernel (no separate unscale pass; an inf step is skipped on the device, and
             read on the host, once per step, only at steps that change eta or c); the default leaves
-            unscaling to the caller, as torch does. One choice for all param groups (the scaler
-            asks the optimizer, not a group). Under Lightning's ``precision="16-mixed"``,
+            unscaling to the caller, as torch does. A param group may set its own ``fused``, as in
+            torch SGD; the scaler asks the optimizer (this argument), not a group, so with
+            ``fused=True`` here a scale that reaches a group without ``fused`` is refused at the
+            step. Under Lightning's ``precision="16-mixed"``,
             ``fused=True`` makes Lightning refuse gradient clipping (``gradient_clip_val``), exactly
             as for torch's fused SGD: the gradients are still scaled when clipping would run. The
             default ``fused=None`` (which still picks the fused kernel where it can) keeps clipping
@@ -110,10 +115,10 @@ class SPA(Optimizer):
 
     Raises:
         TypeError: ``lr`` or ``c`` not a number or a one-element tensor.
-        ValueError: an out-of-range ``lr``, ``c`` or ``weight_decay``, ``fused`` and ``foreach``
-            both requested, or a param group whose ``fused`` differs from the optimizer's.
-        RuntimeError: ``fused=True`` for parameters the fused kernel does not support, or a
-            sparse gradient (at the step).
+        ValueError: an out-of-range ``lr``, ``c`` or ``weight_decay``, or ``fused`` and ``foreach``
+            both requested.
+        RuntimeError: ``fused=True`` for parameters the fused kernel does not support; at the step,
+            a sparse gradient, or a ``GradScaler`` scale reaching a group without ``fused=True``.
 
     Example::
 
@@ -147,13 +152,12 @@ class SPA(Optimizer):
         """Adds a group (torch's checks, then SPA's: ``lr``, ``c``, ``weight_decay``, ``fused``).
 
         Raises:
-            ValueError: as the constructor, or a ``fused`` other than the optimizer's.
+            ValueError: as the constructor.
         """
         super().add_param_group(param_group)
+        where = f"in param group {len(self.param_groups) - 1}"
         try:
-            where = f"in param group {len(self.param_groups) - 1}"
             validate_group(self.param_groups[-1], where)
-            check_fused(self.param_groups[-1]["fused"], self.defaults["fused"], where)
         except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
@@ -186,10 +190,9 @@ class SPA(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_spike", {"warned": False, "steps": 0, "last": {}})
         self.__dict__.setdefault("_plans", {})
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
+        for group in self.param_groups:  # groups saved before a flag existed: the optimizer's own flags
+            for key, default in (("maximize", False), ("foreach", None), ("fused", None)):
+                group.setdefault(key, self.defaults.get(key, default))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads an SPA state dict, or a ``torch.optim.SGD`` (momentum) one converted by Theorem 1.
@@ -198,19 +201,23 @@ class SPA(Optimizer):
         continues the SGD run exactly (to round-off), with a warning that says so:
         ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``, the buffers kept
         (:func:`lightning_spa.mapping.sgd_state_dict_to_spa`). A state dict saved before
-        ``prev_eta``/``prev_c`` existed (``prev_scale`` only) loads exactly too.
+        ``prev_eta``/``prev_c`` existed (``prev_scale`` only) loads exactly too, and so do groups
+        saved without ``maximize``/``foreach``/``fused`` (an older format): this optimizer's
+        matching group fills them in.
 
         Raises:
-            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1; a group whose
-                ``fused`` differs from this optimizer's.
+            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1.
         """
         groups = state_dict.get("param_groups", [])
         if groups and all("c" not in g and "momentum" in g for g in groups):
             from lightning_spa.mapping import sgd_state_dict_to_spa
 
             state_dict = sgd_state_dict_to_spa(state_dict, self.param_groups)
-        for i, g in enumerate(state_dict.get("param_groups", [])):
-            check_fused(g.get("fused"), self.defaults.get("fused"), f"in param group {i} of the loaded state dict")
+        groups = state_dict.get("param_groups", [])
+        if len(groups) == len(self.param_groups) and any(k not in g for g in groups for k in _FLAGS):
+            own_flags = [{k: own[k] for k in _FLAGS if k in own} for own in self.param_groups]
+            filled = [{**flags, **g} for g, flags in zip(groups, own_flags, strict=True)]
+            state_dict = {**state_dict, "param_groups": filled}
         super().load_state_dict(state_dict)
         for state in self.state.values():
             if "prev_scale" in state and "prev_eta" not in state:  # the layout before prev_eta/prev_c
@@ -250,6 +257,8 @@ class SPA(Optimizer):
         state_of = self.state
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         inf_read = None if found_inf is None else InfFlag(found_inf)  # one host read per step, at most
+        if grad_scale is not None or found_inf is not None:
+            check_scaled_groups(self.param_groups)  # before any group moves
         self._spike["steps"] += 1
         plans, eager = self._plans, not torch.compiler.is_compiling()
         for index, group in enumerate(self.param_groups):

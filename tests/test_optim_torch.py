@@ -307,3 +307,144 @@ def test_complex_params_match_their_real_view(kwargs):
         opt_r.step()
     for p, q in zip(z, r, strict=True):
         torch.testing.assert_close(torch.view_as_real(p.detach()), q.detach(), rtol=1e-14, atol=1e-14)
+
+
+# Per-group `fused` (torch SGD accepts `[dict(params=..., fused=True), dict(params=...)]`): each config with the
+# first two awkward parameters in a group of its own kernel flag and the others in a group of the optimizer's.
+PER_GROUP = [
+    pytest.param({}, {"fused": True}, id="default & group fused"),
+    pytest.param({"fused": True}, {"fused": False}, id="fused & group loop"),
+    pytest.param({"fused": True}, {"fused": None}, id="fused & group default"),
+    pytest.param({"foreach": True}, {"fused": True, "foreach": False}, id="foreach & group fused"),
+    pytest.param({"lr": torch.tensor(0.3, dtype=DTYPE)}, {"fused": True}, id="tensor lr & group fused"),
+]
+
+
+def _grouped(params, kwargs, group_flags):
+    return SPA([{"params": params[:2], **group_flags}, {"params": params[2:]}], **copy.deepcopy(kwargs))
+
+
+@pytest.mark.parametrize(("kwargs", "group_flags"), PER_GROUP)
+def test_per_group_fused_matches_forloop_and_goes_right_direction(kwargs, group_flags):
+    params = _awkward_params()
+    opt = _grouped(params, {**kwargs, "c": 0.25}, group_flags)
+    assert opt.param_groups[0]["fused"] == group_flags.get("fused")
+    ref_params = [Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in params]
+    ref = SPA(ref_params, lr=0.3, c=0.25, foreach=False, fused=False)
+    gen = torch.Generator().manual_seed(5)
+    for k in range(6):
+        for group in (*opt.param_groups, *ref.param_groups):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(0.3 * [1.0, 1.0, 0.1, 0.0, 0.5, 0.5][k])
+            else:
+                group["lr"] = 0.3 * [1.0, 1.0, 0.1, 0.0, 0.5, 0.5][k]
+        for p, q in zip(params, ref_params, strict=True):
+            grad = None if not p.requires_grad else torch.randn(p.shape, dtype=DTYPE, generator=gen)
+            p.grad, q.grad = grad, None if grad is None else grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-14)
+    _goes_right_direction_grouped(kwargs, group_flags)
+
+
+def _goes_right_direction_grouped(kwargs, group_flags):
+    weight, bias, inputs = _problem()
+    opt = SPA([{"params": [weight], **group_flags}, {"params": [bias]}], **copy.deepcopy(kwargs))
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight.mv(inputs) + bias).pow(2).sum()
+        loss.backward()
+        return loss
+
+    initial = closure().item()
+    for _ in range(10):
+        opt.step(closure)
+    assert closure().item() < initial
+
+
+def _scaled_run(opt, params, scaler, steps=4):
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum((p * torch.randn(p.shape, dtype=DTYPE, generator=gen)).sum() for p in params)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def test_grad_scaler_with_per_group_fused():
+    """The scaler asks the optimizer (its ``fused``), not a group; its scale must not reach an unfused group."""
+    # SPA(fused=None) with one fused group: the scaler unscales all gradients first; the run matches the loop.
+    params = [Parameter(torch.ones(20, dtype=DTYPE)), Parameter(torch.ones(3, dtype=DTYPE))]
+    ref_params = [Parameter(p.detach().clone()) for p in params]
+    opt = SPA([{"params": params[:1], "fused": True}, {"params": params[1:]}], lr=0.5, c=0.5)
+    ref = SPA(ref_params, lr=0.5, c=0.5, fused=True)  # every group fused: the scale goes into the kernel
+    _scaled_run(opt, params, torch.amp.GradScaler("cpu", init_scale=1024.0))
+    _scaled_run(ref, ref_params, torch.amp.GradScaler("cpu", init_scale=1024.0))
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-14)
+        assert not torch.equal(p, torch.ones_like(p))
+    # SPA(fused=True) with an unfused group: refused at the step, before any group moves.
+    params = [Parameter(torch.ones(20, dtype=DTYPE)), Parameter(torch.ones(3, dtype=DTYPE))]
+    opt = SPA([{"params": params[:1]}, {"params": params[1:], "fused": False}], lr=0.5, c=0.5, fused=True)
+    with pytest.raises(RuntimeError, match="param group 1 has `fused`=False"):
+        _scaled_run(opt, params, torch.amp.GradScaler("cpu", init_scale=1024.0), steps=1)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params) and not opt.state
+    # ... unless the unfused group has no gradient: the scale does not reach it.
+    opt = SPA([{"params": params[:1]}, {"params": [Parameter(torch.ones(3, dtype=DTYPE))], "fused": False}],
+              lr=0.5, c=0.5, fused=True)  # fmt: skip
+    _scaled_run(opt, params[:1], torch.amp.GradScaler("cpu", init_scale=1024.0), steps=1)
+    assert not torch.equal(params[0], torch.ones_like(params[0]))
+
+
+NEW_FLAGS = ("maximize", "foreach", "fused", "differentiable", "capturable")  # torch's test_can_load_older_state_dict
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS)
+def test_can_load_older_state_dict(kwargs):
+    """torch's ``test_can_load_older_state_dict``: groups saved before the flags existed load, and step."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2)).to(DTYPE)
+    inputs = torch.rand(1, 4, 16, 16, dtype=DTYPE)
+    opt = SPA(model.parameters(), **copy.deepcopy(kwargs))
+
+    def fwd_bwd():
+        opt.zero_grad()
+        model(inputs).sum().backward()
+
+    for _ in range(3):
+        fwd_bwd()
+        opt.step()
+    flags = [{k: g[k] for k in NEW_FLAGS if k in g} for g in opt.param_groups]
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        for flag in NEW_FLAGS:
+            group.pop(flag, None)
+    opt.load_state_dict(old)
+    assert [{k: g[k] for k in NEW_FLAGS if k in g} for g in opt.param_groups] == flags  # the optimizer's own flags
+    fwd_bwd()
+    opt.step()
+
+
+def test_older_state_dict_into_a_fresh_fused_optimizer():
+    weight, bias, inputs = _problem()
+    saved = SPA([weight, bias], lr=0.2, c=0.5)
+    (weight.mv(inputs) + bias).pow(2).sum().backward()
+    saved.step()
+    old = saved.state_dict()
+    for flag in NEW_FLAGS:
+        old["param_groups"][0].pop(flag, None)
+    opt = SPA([weight, bias], fused=True)
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["maximize"] is False
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["c"]) == (0.2, 0.5)  # the saved hyper-parameters
+    opt.step()
+    # pickling an optimizer saved before the flags existed fills them the same way (__setstate__)
+    state = opt.__getstate__()
+    for flag in NEW_FLAGS:
+        state["param_groups"][0].pop(flag, None)
+    twin = SPA.__new__(SPA)
+    twin.__setstate__(state)
+    assert twin.param_groups[0]["fused"] is True
