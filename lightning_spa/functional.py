@@ -19,7 +19,8 @@ Two modes:
   kernel (which also takes ``grad_scale``/``found_inf`` from a ``GradScaler``);
 - tensors (``lr`` or ``c`` a one-element tensor, without ``fused=True``, under ``torch.compile``
   or with the tensor on an accelerator): the histories are 0-dim tensors on each parameter's
-  device and the arithmetic has no host value in it: no device synchronisation, and
+  device, in the parameters' precision (at least float32: :func:`scalar_dtype`), and the
+  arithmetic has no host value in it: no device synchronisation, and
   ``torch.compile`` does not recompile when the values change. A per-parameter loop (fused by
   the compiler; in eager, slower than the float mode). A CPU tensor in eager is read as a
   float (free: no synchronisation) and runs the float mode.
@@ -38,7 +39,16 @@ from torch import Tensor
 from lightning_spa import _compat
 from lightning_spa.theorem import StepCoefficients, spa_step, step_momentum
 
-__all__ = ["LOW_PRECISION", "InfFlag", "StepInfo", "default_kernel", "float_step", "kernel_choice", "spa"]
+__all__ = [
+    "LOW_PRECISION",
+    "InfFlag",
+    "StepInfo",
+    "default_kernel",
+    "float_step",
+    "kernel_choice",
+    "scalar_dtype",
+    "spa",
+]
 
 PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter})
 """Tensor types of the fused kernel (not ``DTensor`` and other subclasses)."""
@@ -309,13 +319,13 @@ def _tensor_mode(
     """The step with tensor scalars: no host value, no branch on a value (see the module docstring)."""
     plain_sgd = not isinstance(c, Tensor) and float(c) == 1.0  # c = 1 known on the host: no buffers
     changed = False
-    on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+    scalars: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
     for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
-        if p.device not in on_device:  # once per device, no synchronisation (see _scalar_on)
-            floating = isinstance(lr, Tensor) and lr.is_floating_point()
-            dtype = lr.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
-            on_device[p.device] = (_scalar_on(lr, p.device, dtype), _scalar_on(c, p.device, dtype))
-        eta, cc = on_device[p.device]
+        key = (p.device, p.dtype)
+        if key not in scalars:  # once per device and dtype, no synchronisation (see _scalar_on)
+            dtype = scalar_dtype(p.dtype, lr, c)
+            scalars[key] = (_scalar_on(lr, p.device, dtype), _scalar_on(c, p.device, dtype))
+        eta, cc = scalars[key]
         g = grad if not maximize else -grad
         if weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)
@@ -345,6 +355,30 @@ def _tensor_mode(
     return StepInfo(changed, None)
 
 
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def scalar_dtype(param_dtype: torch.dtype, *values: Scalar) -> torch.dtype:
+    """The dtype of tensor mode's scalars (``eta``, ``c`` and the histories) for parameters of ``param_dtype``.
+
+    The parameters' precision, at least float32 (bfloat16/float16 parameters compute in float32, so
+    their histories stay exact: 0.7 is not rounded to bfloat16's 0.699), and at least that of a
+    floating tensor ``lr``/``c``; a Python float is taken in the parameters' precision (float64 for
+    float64 parameters, never the default dtype). Complex parameters use their real dtype.
+    """
+    # Plain dtype look-ups only: this runs traced by torch.compile, where Tensor.is_complex() and
+    # dtype.to_real() made the compiled step compute wrong iterates (torch 2.13, backend "eager";
+    # tests/test_optim_dtypes.py::test_compiled_step_with_float_lr_and_float64_tensor_c_keeps_float64).
+    dtype = _REAL.get(param_dtype, param_dtype)
+    dtype = torch.promote_types(dtype if dtype.is_floating_point else torch.get_default_dtype(), torch.float32)
+    for value in values:
+        if isinstance(value, Tensor):
+            value_dtype = _REAL.get(value.dtype, value.dtype)
+            if value_dtype.is_floating_point:
+                dtype = torch.promote_types(dtype, value_dtype)
+    return dtype
+
+
 def _scalar_on(value: Scalar, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``value`` as a 0-dim tensor on ``device`` without a blocking copy.
 
@@ -363,7 +397,7 @@ def _scalar_on(value: Scalar, device: torch.device, dtype: torch.dtype) -> Tenso
 
 def _history_tensor(value: Scalar | None, like: Tensor) -> Tensor:
     """A history value as a 0-dim tensor like ``like``: itself when it already is one (updated in
-    place), else a copy (a float history, or one ``load_state_dict`` cast to a parameter's dtype)."""
+    place), else a copy (a float history, or one of another dtype or device)."""
     if isinstance(value, Tensor) and value.dtype == like.dtype and value.device == like.device:
         return value
     return _scalar_on(value, like.device, like.dtype)  # type: ignore[arg-type]

@@ -200,7 +200,9 @@ class SPA(Optimizer):
         An SGD state dict (groups with ``momentum`` and no ``c``) becomes the SPA state that
         continues the SGD run exactly (to round-off), with a warning that says so:
         ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``, the buffers kept
-        (:func:`lightning_spa.mapping.sgd_state_dict_to_spa`). A state dict saved before
+        (:func:`lightning_spa.mapping.sgd_state_dict_to_spa`). Tensor-mode histories keep their
+        dtype (torch would cast them to the parameter's, e.g. bfloat16), so a resumed run continues
+        exactly. A state dict saved before
         ``prev_eta``/``prev_c`` existed (``prev_scale`` only) loads exactly too, and so do groups
         saved without ``maximize``/``foreach``/``fused`` (an older format): this optimizer's
         matching group fills them in.
@@ -219,11 +221,29 @@ class SPA(Optimizer):
             filled = [{**flags, **g} for g, flags in zip(groups, own_flags, strict=True)]
             state_dict = {**state_dict, "param_groups": filled}
         super().load_state_dict(state_dict)
+        self._restore_exact_histories(state_dict)
         for state in self.state.values():
             if "prev_scale" in state and "prev_eta" not in state:  # the layout before prev_eta/prev_c
                 state["prev_eta"], state["prev_c"] = state["prev_scale"], 0.0
             if "momentum_buffer" in state and not float((1 - state["prev_c"]) * state["prev_eta"]):
                 state.clear()  # a stale buffer (zero scale) means z = x
+
+    def _restore_exact_histories(self, state_dict: dict[str, Any]) -> None:
+        """Tensor-mode histories as saved: torch's ``load_state_dict`` casts every state tensor but
+        ``step`` to its parameter's dtype (``Optimizer._process_value_according_to_param_policy``,
+        a static method called by class, so not overridable), which would round ``prev_eta`` 0.7 of
+        a bfloat16 parameter to 0.699. ``prev_eta``/``prev_c`` are scalars of the recursion, not
+        tensors of the parameter's shape: they keep their dtype (moved to the parameter's device)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params, strict=True):  # torch checked the group sizes
+            saved = state_dict["state"].get(i)
+            if not saved or p not in self.state:
+                continue
+            for key in ("prev_eta", "prev_c"):
+                value = saved.get(key)
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
 
     def momentum_history(self, p: Tensor) -> tuple[Tensor, float | Tensor] | None:
         """``(m, s)`` of parameter ``p`` with ``z = x - s m``, or None when ``z = x`` (no history)."""
