@@ -68,8 +68,17 @@ def foreach_types() -> Sequence[type]:
     return types if types is not None else (Tensor, torch.nn.Parameter)
 
 
-@functools.lru_cache(maxsize=2)
+_DEVICES: dict[bool, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
 def _devices(private: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # A dict, not functools.lru_cache: torch.compile traces this and warns about an lru_cache wrapper.
+    if private not in _DEVICES:
+        _DEVICES[private] = _find_devices(private)
+    return _DEVICES[private]
+
+
+def _find_devices(private: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     fused = getattr(_optimizer, "_get_fused_kernels_supported_devices", None) if private else None
     foreach = getattr(_optimizer, "_get_foreach_kernels_supported_devices", None) if private else None
     privateuse1 = torch._C._get_privateuse1_backend_name()

@@ -185,6 +185,7 @@ def test_both_forms_work_with_the_callbacks(form: str, tmp_path) -> None:
         trainer = pl.Trainer(
             accelerator="cpu",
             max_steps=30,
+            log_every_n_steps=1,
             precision="64-true",
             logger=TensorBoardLogger(tmp_path, name=form, version=0),
             callbacks=[GradualSchedule([6], unit="step", transition_steps=22), MomentumDiagnostics(every_n_steps=1)],

@@ -49,11 +49,11 @@ def _fit(form: str, max_steps: int, tmp_path, ckpt_path=None) -> _Regression:
 
 
 def test_sgd_checkpoint_resumed_with_spa_continues_the_sgd_run(tmp_path):
-    _fit("sgd", 4, tmp_path)
-    ckpt = tmp_path / "sgd-4.ckpt"
-    sgd_run = _fit("sgd", 10, tmp_path, ckpt_path=ckpt)
+    _fit("sgd", 8, tmp_path)  # one epoch of 8 batches: a checkpoint at the epoch's end resumes cleanly
+    ckpt = tmp_path / "sgd-8.ckpt"
+    sgd_run = _fit("sgd", 14, tmp_path, ckpt_path=ckpt)
     with pytest.warns(UserWarning, match="converted by Theorem 1"):
-        spa_run = _fit("spa", 10, tmp_path, ckpt_path=ckpt)
+        spa_run = _fit("spa", 14, tmp_path, ckpt_path=ckpt)
     for p, q in zip(sgd_run.parameters(), spa_run.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     moved = [not torch.equal(p, q) for p, q in zip(sgd_run.parameters(), _Regression("sgd").parameters(), strict=True)]

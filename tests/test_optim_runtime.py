@@ -3,6 +3,7 @@ scalar step of the rescaling view (``lightning_spa.theorem.spa_step``)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from spa_reference import ReferenceSPA
 
 from lightning_spa import SPA, _compat
 from lightning_spa.functional import spa
+from lightning_spa.optim import SPASpikeWarning
 from lightning_spa.theorem import spa_step, step_momentum
 
 
@@ -98,6 +100,12 @@ def test_grad_scaler_unscales_inside_the_fused_kernel_and_skips_inf_steps(inf_at
     opt, ref = SPA([x], lr=0.5, c=0.2, fused=True), SPA([x_ref], lr=0.5, c=0.2, fused=True)
     assert opt._step_supports_amp_scaling and not SPA([x_ref])._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    changing = len(set(etas)) > 1  # 0.5 -> 0.4 at c = 0.2: an instant drop (equivalent momentum 1), warned
+    with pytest.warns(SPASpikeWarning) if changing else contextlib.nullcontext():
+        _scaled_steps(opt, ref, x, x_ref, scaler, inf_at, etas)
+
+
+def _scaled_steps(opt, ref, x, x_ref, scaler, inf_at, etas):
     for k, eta in enumerate(etas):
         g = torch.randn(6)
         if k == inf_at:
