@@ -119,8 +119,9 @@ def check_scaled_groups(groups: list[dict[str, Any]]) -> None:
             raise RuntimeError(
                 f"A GradScaler passed its scale to SPA, built with `fused=True` (so the scaler leaves unscaling to "
                 f"the fused kernel), but param group {i} has `fused`={group.get('fused')!r}: its kernel cannot "
-                "unscale the gradients. Set `fused=True` on every group, or build SPA with `fused=None` (the scaler "
-                "then unscales all gradients before the step), or split the groups into two optimizers."
+                "unscale the gradients (a group's `fused` is its own, or the one of a loaded state dict, as in torch "
+                "SGD). Set `fused=True` on every group, or build SPA with `fused=None` (the scaler then unscales all "
+                "gradients before the step), or split the groups into two optimizers."
             )
 
 
