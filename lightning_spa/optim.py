@@ -202,10 +202,9 @@ class SPA(Optimizer):
         ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``, the buffers kept
         (:func:`lightning_spa.mapping.sgd_state_dict_to_spa`). Tensor-mode histories keep their
         dtype (torch would cast them to the parameter's, e.g. bfloat16), so a resumed run continues
-        exactly. A state dict saved before
-        ``prev_eta``/``prev_c`` existed (``prev_scale`` only) loads exactly too, and so do groups
-        saved without ``maximize``/``foreach``/``fused`` (an older format): this optimizer's
-        matching group fills them in.
+        exactly. A state dict saved before ``prev_eta``/``prev_c`` existed (``prev_scale`` only)
+        loads exactly too, and so do groups saved without ``maximize``/``foreach``/``fused`` (an
+        older format): this optimizer's matching group fills them in.
 
         Raises:
             ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1.
