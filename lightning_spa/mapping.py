@@ -237,25 +237,25 @@ def keras_to_spa(lr: Schedule, momentum: Schedule) -> tuple[Any, Any]:
     Keras (and TensorFlow, and older MXNet) keep the learning rate inside the velocity:
     ``v <- mu_k v - lr_k g_k;  x <- x + v``. SPA's steps obey
     ``x_{k+1} - x_k = (c_k (1 - c_{k-1}) / c_{k-1}) (x_k - x_{k-1}) - c_k eta_k g_k``
-    (``THEORY.md`` section 9), so the two give identical iterates when::
+    (``THEORY.md`` section 9), so the two give identical iterates when
+    ``mu_k = c_k (1 - c_{k-1}) / c_{k-1}`` and ``lr_k = c_k eta_k``. Solved backwards (where it is
+    stable, as :func:`sgdm_to_spa`'s bounded solution)::
 
-        c_k = mu_k c_{k-1} / (1 - c_{k-1})  (c_0 = 1 - mu_0)        eta_k = lr_k / c_k
+        c_{n-1} = 1 - mu_{n-1}      c_{k-1} = c_k / (mu_k + c_k)      eta_k = lr_k / c_k
 
-    With a constant momentum this is ``c = 1 - mu`` and ``eta_k = lr_k / (1 - mu)`` whatever the
-    learning-rate schedule: a Keras recipe runs in PyTorch as ``SPA(lr=lr_k / (1 - mu), c=1 - mu)``,
-    while ``torch.optim.SGD`` with the same ``lr_k`` takes another path (its buffer keeps past
-    gradients at their own learning rate); :func:`keras_to_sgdm` gives the torch SGD schedule
-    that reproduces the Keras run. ``mu_0`` has no effect (the velocity starts at 0) and only
-    sets ``c_0`` (``1 - mu_1`` when ``mu_0 = 0``); after a momentum-0 step ``c`` restarts alike.
+    which is always in ``(0, 1]``: every Keras schedule has an SPA form. With a constant momentum
+    this is ``c = 1 - mu`` and ``eta_k = lr_k / (1 - mu)`` whatever the learning-rate schedule: a
+    Keras recipe runs in PyTorch as ``SPA(lr=lr_k / (1 - mu), c=1 - mu)``, while
+    ``torch.optim.SGD`` with the same ``lr_k`` takes another path (its buffer keeps past gradients
+    at their own learning rate); :func:`keras_to_sgdm` gives the torch SGD schedule that
+    reproduces the Keras run. ``mu_0`` has no effect (the velocity starts at 0); a momentum 0
+    at step ``k`` gives ``c_{k-1} = 1``.
 
     Args:
         lr: Keras learning rate(s) ``lr_k >= 0`` (0 gives ``eta = 0``, which SPA runs exactly).
         momentum: Keras momentum(s) ``0 <= mu_k < 1``.
 
     Raises:
-        NoSPAEquivalentError: a momentum that rises too fast (``c_k`` would exceed 1), or a
-            momentum 0 (``k >= 1``) after a step with ``c < 1`` / a momentum after ``c = 1``; the
-            error names the step.
         ValueError: values out of range, or lengths differ.
     """
     lrs, mus, scalar = _as_lists(lr, momentum, ("lr", "momentum"))
@@ -264,26 +264,10 @@ def keras_to_spa(lr: Schedule, momentum: Schedule) -> tuple[Any, Any]:
             raise ValueError(f"`lr` at step {k} is {a}: it must be finite and >= 0.")
         if not 0.0 <= m < 1.0:
             raise ValueError(f"`momentum` at step {k} is {m}: Keras' momentum must be in [0, 1).")
-    cs = [1.0 - (mus[0] if mus[0] > 0.0 or len(mus) == 1 else mus[1])]  # mu_0 has no effect
-    for k in range(1, len(lrs)):
-        prev = cs[-1]
-        if prev == 1.0:  # the velocity was reset to -lr g: no momentum can carry it in SPA's form
-            if mus[k] != 0.0:
-                raise NoSPAEquivalentError(
-                    k, f"momentum {mus[k]:.6g} after a step with momentum 0 (c = 1 there, z = x: no velocity is kept)"
-                )
-            cs.append(1.0 - mus[k + 1] if k + 1 < len(lrs) else 1.0)
-            continue
-        ck = mus[k] * prev / (1.0 - prev)
-        if not 0.0 < ck <= 1.0 + 1e-12:
-            reason = (
-                "momentum 0 needs c = 1 at the step before"
-                if ck == 0.0
-                else f"c = mu_k c_(k-1) / (1 - c_(k-1)) = {ck:.6g} is above 1 (the momentum rises faster than SPA's "
-                "averaging can follow)"
-            )
-            raise NoSPAEquivalentError(k, reason)
-        cs.append(min(1.0, ck))
+    cs = [1.0 - mus[-1]]
+    for k in range(len(lrs) - 1, 0, -1):
+        cs.append(cs[-1] / (mus[k] + cs[-1]))
+    cs.reverse()
     etas = [a / ck for a, ck in zip(lrs, cs, strict=True)]
     return (etas[0], cs[0]) if scalar else (etas, cs)
 
@@ -304,7 +288,6 @@ def keras_to_sgdm(lr: Schedule, momentum: Schedule) -> tuple[Any, Any]:
     learning rate is constant, rescaled at every change.
 
     Raises:
-        NoSPAEquivalentError: as :func:`keras_to_spa`.
         ValueError: as :func:`keras_to_spa`, or ``lr = 0`` at a step (torch's momentum would be infinite;
             :class:`~lightning_spa.SPA` runs it with :func:`keras_to_spa`).
     """
