@@ -212,7 +212,7 @@ def _first_failure(alphas: list[float], segment: list[float], s: int, restart: b
     for k, eta in enumerate(segment, start=s):
         if not (0.0 < eta < math.inf):
             if alphas[k] == 0.0:
-                return k, "lr is 0 there: c = lr/eta would be 0, outside (0, 1] (SPA needs lr > 0 where momentum follows)"
+                return k, "lr is 0 there: c = lr/eta would be 0, outside (0, 1] (SPA needs lr > 0 before momentum)"
             return k, f"eta would be {eta} (it drifts by 1/momentum a step)"
         ck = alphas[k] / eta
         if not 0.0 < ck <= 1.0 + 1e-12:

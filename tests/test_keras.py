@@ -36,7 +36,9 @@ def _keras_lr() -> list[float]:
 def _problem() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(10, 10, dtype=torch.float64, generator=gen)
-    return a @ a.T / 10 + 0.05 * torch.eye(10, dtype=torch.float64), torch.randn(N, 10, dtype=torch.float64, generator=gen)
+    return a @ a.T / 10 + 0.05 * torch.eye(10, dtype=torch.float64), torch.randn(
+        N, 10, dtype=torch.float64, generator=gen
+    )
 
 
 def _keras_path(lr: list[float], mu: list[float]) -> torch.Tensor:
@@ -83,7 +85,9 @@ def test_spa_and_converted_torch_sgd_reproduce_keras(momentum: str) -> None:
         assert [type(w.message) for w in caught] == [SPASpikeWarning] and "step 41" in str(caught[0].message)
     sgd_lr, sgd_momentum = keras_to_sgdm(lr, mu)
     assert sgd_lr == pytest.approx(lr, rel=1e-15)
-    assert sgd_momentum[1:] == pytest.approx([m * a / b for m, a, b in zip(mu[1:], lr, lr[1:])], rel=1e-12)
+    assert sgd_momentum[1:] == pytest.approx(
+        [m * a / b for m, a, b in zip(mu[1:], lr, lr[1:], strict=False)], rel=1e-12
+    )
     sgd = _torch_path(torch.optim.SGD, sgd_lr, sgd_momentum, "momentum")
     scale = keras.abs().max().item()
     assert (spa - keras).abs().max().item() <= 1e-13 * scale

@@ -74,7 +74,7 @@ def test_schedules_with_an_spa_form_convert_at_the_defaults_and_match_sgd(name: 
 
 
 def test_the_natural_start_is_kept_where_it_works() -> None:
-    eta, c = sgdm_to_spa([0.1] * 10 + [0.01] * 10, 0.9)  # Figure 1a: constant, then drifting
+    eta, _ = sgdm_to_spa([0.1] * 10 + [0.01] * 10, 0.9)  # Figure 1a: constant, then drifting
     assert eta[:10] == pytest.approx([1.0] * 10) and eta[11] == pytest.approx(1.1)
 
 

@@ -23,7 +23,10 @@ def _model(seed: int = 0) -> nn.Module:
 
 def _grad_step(model: nn.Module, opt: torch.optim.Optimizer, k: int) -> None:
     gen = torch.Generator().manual_seed(100 + k)
-    x, y = torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randn(16, 2, generator=gen, dtype=torch.float64)
+    x, y = (
+        torch.randn(16, 5, generator=gen, dtype=torch.float64),
+        torch.randn(16, 2, generator=gen, dtype=torch.float64),
+    )
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
@@ -171,7 +174,10 @@ def test_documented_momentum_zero_recipe_follows_spa_and_the_old_advice_does_not
         _grad_step(model, spa, k)
     _assert_same(model, _torch_sgd_run("documented"))
     for wrong in ("old advice: drop the buffer", "torch as is"):
-        gap = max((p - q).abs().max().item() for p, q in zip(model.parameters(), _torch_sgd_run(wrong).parameters()))
+        gap = max(
+            (p - q).abs().max().item()
+            for p, q in zip(model.parameters(), _torch_sgd_run(wrong).parameters(), strict=True)
+        )
         assert gap > 1e-4, wrong
     doc = lightning_spa.mapping.__doc__ or ""
     assert "delete the buffers" in doc and "any momentum" in doc and "must drop the buffer" not in doc
