@@ -159,7 +159,9 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
 
     Raises:
         NoSPAEquivalentError: (a ``ValueError``) naming the first step with no SPA equivalent:
-            with the default or ``"bounded"`` only ``lr = 0`` at a step (``c`` would be 0); with a
+            with the default or ``"bounded"`` only ``lr = 0`` at a step with momentum before or
+            after it (``c`` would be 0; SPA's ``eta = 0`` moves nothing, SGD's step still fills its
+            buffer); with a
             float ``eta0`` also ``c`` leaving ``(0, 1]`` or ``eta`` overflowing from that start.
         ValueError: negative or non-finite inputs, lengths differ, or an unknown ``eta0``.
     """
@@ -200,7 +202,7 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
         if failure is not None:  # only lr = 0 (c = 0) is left: no eta0 helps
             raise NoSPAEquivalentError(*failure)
         etas.extend(segment)
-    cs = [min(1.0, a / e) for a, e in zip(alphas, etas, strict=True)]
+    cs = [min(1.0, a / e) if e else 1.0 for a, e in zip(alphas, etas, strict=True)]
     return (etas[0], cs[0]) if scalar else (etas, cs)
 
 
@@ -210,6 +212,8 @@ def _first_failure(alphas: list[float], segment: list[float], s: int, restart: b
     ``restart``: a momentum-0 step follows the segment, which needs ``c = 1`` on its last step.
     """
     for k, eta in enumerate(segment, start=s):
+        if eta == 0.0 and alphas[k] == 0.0 and len(segment) == 1:
+            continue  # lr 0 between momentum-0 steps: SPA's eta = 0 step (c = 1), which moves nothing
         if not (0.0 < eta < math.inf):
             if alphas[k] == 0.0:
                 return k, "lr is 0 there: c = lr/eta would be 0, outside (0, 1] (SPA needs lr > 0 before momentum)"
@@ -218,8 +222,9 @@ def _first_failure(alphas: list[float], segment: list[float], s: int, restart: b
         if not 0.0 < ck <= 1.0 + 1e-12:
             return k, f"c = lr/eta = {alphas[k]:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1]"
     last = s + len(segment) - 1
-    if restart and abs(alphas[last] / segment[-1] - 1.0) > 1e-9:
-        return last + 1, f"momentum 0 needs c = 1 at step {last}, where c was {alphas[last] / segment[-1]:.6g}"
+    c_last = alphas[last] / segment[-1] if segment[-1] else 1.0
+    if restart and abs(c_last - 1.0) > 1e-9:
+        return last + 1, f"momentum 0 needs c = 1 at step {last}, where c was {c_last:.6g}"
     return None
 
 

@@ -78,7 +78,12 @@ def test_the_natural_start_is_kept_where_it_works() -> None:
     assert eta[:10] == pytest.approx([1.0] * 10) and eta[11] == pytest.approx(1.1)
 
 
-def test_only_a_zero_lr_has_no_spa_form() -> None:
-    with pytest.raises(NoSPAEquivalentError, match="outside") as err:
+def test_only_a_zero_lr_next_to_momentum_has_no_spa_form() -> None:
+    with pytest.raises(NoSPAEquivalentError, match="outside") as err:  # SGD's lr-0 step fills its buffer
         sgdm_to_spa([0.1, 0.0, 0.1, 0.1], 0.9)
     assert err.value.step == 1
+    with pytest.raises(NoSPAEquivalentError) as err:  # a warm-up from lr 0 at momentum 0.9: g_0 enters the buffer
+        sgdm_to_spa([0.0, 0.05, 0.1], 0.9)
+    assert err.value.step == 0
+    eta, c = sgdm_to_spa([0.0, 0.1, 0.1], [0.0, 0.0, 0.0])  # plain SGD through lr 0: eta 0 moves nothing too
+    assert eta == pytest.approx([0.0, 0.1, 0.1]) and c == [1.0, 1.0, 1.0]
