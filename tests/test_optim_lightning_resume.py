@@ -49,7 +49,7 @@ def _module(package: ModuleType, form: str, scheduler: str | None) -> Any:
     return Regression()
 
 
-def _loader() -> DataLoader:
+def _loader() -> DataLoader:  # 8 steps an epoch: checkpoints at step 8 end an epoch (no mid-epoch resume warning)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 6, dtype=torch.float64, generator=gen)
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True).sin()), batch_size=8)
@@ -68,11 +68,11 @@ def _fit(package: ModuleType, form: str, max_steps: int, tmp_path: Path, ckpt_pa
 
 
 def test_sgd_checkpoint_resumed_with_spa_continues_the_sgd_run(package: ModuleType, tmp_path: Path) -> None:
-    _fit(package, "sgd", 4, tmp_path)
-    ckpt = tmp_path / "sgd-4.ckpt"
-    sgd_run = _fit(package, "sgd", 10, tmp_path, ckpt_path=ckpt)
+    _fit(package, "sgd", 8, tmp_path)
+    ckpt = tmp_path / "sgd-8.ckpt"
+    sgd_run = _fit(package, "sgd", 14, tmp_path, ckpt_path=ckpt)
     with pytest.warns(UserWarning, match="converted by Theorem 1"):
-        spa_run = _fit(package, "spa", 10, tmp_path, ckpt_path=ckpt)
+        spa_run = _fit(package, "spa", 14, tmp_path, ckpt_path=ckpt)
     for p, q in zip(sgd_run.parameters(), spa_run.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     fresh = _module(package, "sgd", None).parameters()
@@ -84,12 +84,12 @@ def test_sgd_and_scheduler_checkpoint_resumed_with_spa_and_scheduler_is_refused_
     package: ModuleType, tmp_path: Path, scheduler: str
 ) -> None:
     """Before: the scheduler's SGD-unit base_lrs set eta 10x low from its next step on, silently."""
-    _fit(package, "sgd", 4, tmp_path, scheduler=scheduler)
-    ckpt = tmp_path / "sgd-4.ckpt"
+    _fit(package, "sgd", 8, tmp_path, scheduler=scheduler)
+    ckpt = tmp_path / "sgd-8.ckpt"
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     model = _module(package, "spa", scheduler)
     trainer = package.Trainer(
-        max_steps=10, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=14, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
     with pytest.raises(ValueError, match="LR scheduler") as err:
@@ -105,10 +105,10 @@ def test_sgd_and_scheduler_checkpoint_resumed_with_spa_alone_continues_exactly(
     package: ModuleType, tmp_path: Path, scheduler: str
 ) -> None:
     """The way on that the refusal names: SPA without a scheduler continues SGD without one."""
-    _fit(package, "sgd", 4, tmp_path, scheduler=scheduler)
-    ckpt = tmp_path / "sgd-4.ckpt"
-    sgd_run = _fit(package, "sgd", 10, tmp_path, ckpt_path=ckpt)  # no scheduler: lr stays where it was
+    _fit(package, "sgd", 8, tmp_path, scheduler=scheduler)
+    ckpt = tmp_path / "sgd-8.ckpt"
+    sgd_run = _fit(package, "sgd", 14, tmp_path, ckpt_path=ckpt)  # no scheduler: lr stays where it was
     with pytest.warns(UserWarning, match="converted by Theorem 1"):
-        spa_run = _fit(package, "spa", 10, tmp_path, ckpt_path=ckpt)
+        spa_run = _fit(package, "spa", 14, tmp_path, ckpt_path=ckpt)
     for p, q in zip(sgd_run.parameters(), spa_run.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
