@@ -330,7 +330,7 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
             + f"; {total} steps"
         )
         if keras:
-            return convert_keras(alpha, beta, desc)
+            return convert_keras(alpha, beta, desc, milestones, args.factor)
         return convert_sgdm(alpha, beta, desc, milestones, args.factor, eta0="bounded" if args.bounded else None)
 
     if args.momentum_after:

@@ -368,7 +368,13 @@ def convert_sgdm(
     return report
 
 
-def convert_keras(lr: Sequence[float], momentum: Sequence[float], description: str = "") -> ConversionReport:
+def convert_keras(
+    lr: Sequence[float],
+    momentum: Sequence[float],
+    description: str = "",
+    milestones: Sequence[int] = (),
+    factor: float = 0.1,
+) -> ConversionReport:
     """Maps a per-step Keras/TensorFlow SGD schedule to SPA and to torch SGD; flags momentum ``>= 1``.
 
     Keras' ``v <- mu v - lr g;  x <- x + v`` is SPA with ``eta_k = lr_k / c_k``, ``c`` from
@@ -376,6 +382,9 @@ def convert_keras(lr: Sequence[float], momentum: Sequence[float], description: s
     SGD with ``lr_k`` and momentum ``mu_k lr_{k-1} / lr_k`` (:func:`~lightning_spa.mapping.keras_to_sgdm`).
     An instant ``lr`` drop in Keras is an instant ``eta`` drop in SPA: torch's momentum exceeds 1
     there and is flagged, as for an SPA schedule (the loss spike of ``THEORY.md`` section 6).
+    With ``milestones`` (where ``lr`` is multiplied by ``factor < 1``) at a constant momentum,
+    the report suggests the shortest geometric ``lr`` transition that keeps torch's momentum
+    below 1 (SPA's ``lr`` mode: ``c = 1 - mu`` stays, ``eta`` moves).
 
     Raises:
         ValueError: a momentum outside ``[0, 1)`` or an ``lr`` <= 0.
@@ -390,7 +399,19 @@ def convert_keras(lr: Sequence[float], momentum: Sequence[float], description: s
         raise ValueError("Keras `lr` must be > 0 at every step for a torch SGD form (SPA runs lr 0 as eta 0).")
     eta, c = keras_to_spa(lr, momentum)
     alpha, beta = spa_to_sgdm(eta, c)
-    return ConversionReport(
+    report = ConversionReport(
         "keras", description, alpha, beta, eta, c, momentum_ge_1=_flags(beta), keras=(lr, momentum)
     )
+    if milestones and 0.0 < factor < 1.0 and len(set(momentum)) == 1:
+        eta0, c0 = constant_sgdm_to_spa(lr[0], momentum[0])  # Keras at constant mu: c = 1 - mu, eta = lr / c
+        t = smallest_safe_transition_steps(StepDecay(tuple(milestones), factor, "lr", 1), [], [(eta0, c0)])
+        if t is not None:
+            report.suggestion = {
+                "transition_steps": t,
+                "text": (
+                    f"move Keras' lr geometrically over {t} steps (x{factor ** (1.0 / t):.6g} a step) at each "
+                    "milestone (`--transition geometric`): the shortest transition whose torch momentum stays below 1"
+                ),
+            }
+    return report
 

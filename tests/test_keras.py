@@ -7,6 +7,7 @@ Reimplemented here in float64; SPA with ``keras_to_spa``'s schedule and torch SG
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from lightning_spa import SPA, SPASpikeWarning, keras_to_sgdm, keras_to_spa
-from lightning_spa.cli import EXIT_OK, main
+from lightning_spa.cli import EXIT_FLAGGED, EXIT_OK, main
 
 N = 80
 
@@ -116,3 +117,15 @@ def test_convert_from_keras_prints_the_spa_and_torch_forms(capsys: pytest.Captur
     spa_rows = out.split("SPA form (eta, c):")[1].split("\n\n")[0]
     assert "eta 1 " in spa_rows and "eta 0.1 " in spa_rows and "c 0.1" in spa_rows  # eta = lr / (1 - mu), c = 1 - mu
     assert "momentum 9" in out  # torch's momentum at the drop: 0.9 * lr_prev / lr
+
+
+def test_convert_from_keras_suggests_the_shortest_safe_lr_transition(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["convert", "--from", "keras", "--lr", "0.1", "--momentum", "0.9", "--milestones", "30"]
+    argv += ["--total-steps", "90"]
+    assert main([*argv, "--json"]) == EXIT_FLAGGED
+    t = json.loads(capsys.readouterr().out)["suggestion"]["transition_steps"]
+    # torch's momentum in a geometric lr transition over T steps is 0.9 * 10**(1/T): the smallest T with it < 1
+    assert t == math.floor(math.log(10) / -math.log(0.9)) + 1 == 22
+    for steps, code in ((t, EXIT_OK), (t - 1, EXIT_FLAGGED)):
+        assert main([*argv, "--transition", "geometric", "--transition-steps", str(steps), "--check"]) == code
+    capsys.readouterr()
