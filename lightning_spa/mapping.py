@@ -160,9 +160,9 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
     Raises:
         NoSPAEquivalentError: (a ``ValueError``) naming the first step with no SPA equivalent:
             with the default or ``"bounded"`` only ``lr = 0`` at a step with momentum before or
-            after it (``c`` would be 0; SPA's ``eta = 0`` moves nothing, SGD's step still fills its
-            buffer); with a
-            float ``eta0`` also ``c`` leaving ``(0, 1]`` or ``eta`` overflowing from that start.
+            after it (``c`` would be 0; SPA's ``eta = 0`` moves nothing, SGD's step still fills
+            its buffer); with a float ``eta0`` also ``c`` leaving ``(0, 1]`` or ``eta``
+            overflowing from that start.
         ValueError: negative or non-finite inputs, lengths differ, or an unknown ``eta0``.
     """
     alphas, betas, scalar = _as_lists(lr, momentum, ("lr", "momentum"))
