@@ -18,7 +18,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "SPA": "lightning_spa.optim",
     "SPASpikeWarning": "lightning_spa.optim",
-    "sgd_state_dict_to_spa": "lightning_spa.mapping",
+    "sgd_state_dict_to_spa": "lightning_spa.state_dicts",
+    "spa_state_dict_to_sgd": "lightning_spa.state_dicts",
+    "keras_to_sgdm": "lightning_spa.mapping",
+    "keras_to_spa": "lightning_spa.mapping",
     "GradualSchedule": "lightning_spa.callbacks",
     "MomentumDiagnostics": "lightning_spa.callbacks",
     "MomentumOff": "lightning_spa.callbacks",
@@ -38,6 +41,9 @@ __all__ = [
     "SPA",
     "SPASpikeWarning",
     "sgd_state_dict_to_spa",
+    "spa_state_dict_to_sgd",
+    "keras_to_sgdm",
+    "keras_to_spa",
     "GradualSchedule",
     "GroupedSGD",
     "GroupedSPA",
@@ -58,13 +64,15 @@ if TYPE_CHECKING:
     from lightning_spa.decision import MomentumOffDecision
     from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
     from lightning_spa.mapping import (
-        sgd_state_dict_to_spa,
+        keras_to_sgdm,
+        keras_to_spa,
         sgdm_optimizer_to_spa,
         sgdm_to_spa,
         spa_optimizer_to_sgdm,
         spa_to_sgdm,
     )
     from lightning_spa.optim import SPA, SPASpikeWarning
+    from lightning_spa.state_dicts import sgd_state_dict_to_spa, spa_state_dict_to_sgd
 
 
 __getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -4,17 +4,19 @@ Subcommands::
 
     lightning-spa convert --eta 1 --c 0.1 --milestones 150 225 --unit epoch --steps-per-epoch 391 --epochs 300
     lightning-spa convert --lr 0.1 --momentum 0.9 --milestones 30 60 90 --unit epoch --steps-per-epoch 5005
+    lightning-spa convert --from keras --lr 0.01 --momentum 0.9 --milestones 30 60 --unit epoch --steps-per-epoch 156.4
     lightning-spa figure1 --out fig1.png
     lightning-spa plot lightning_logs/version_0 --out run.png
 
-``convert`` takes a schedule in either form (SPA ``--eta/--c`` or SGD+M ``--lr/--momentum``),
-prints the equivalent schedule in the other form as segments, flags every step whose
-equivalent momentum is ``>= 1`` and the first step with no SPA equivalent, and suggests the
-safe geometric transition. See :mod:`lightning_spa.convert` for the math.
+``convert`` takes a schedule in SPA form (``--eta/--c``), torch SGD+M form (``--lr/--momentum``)
+or Keras/TensorFlow form (``--from keras --lr/--momentum``), prints the equivalent schedules as
+segments, flags every step whose equivalent momentum is ``>= 1`` and a step with no SPA
+equivalent, and suggests the safe geometric transition. See :mod:`lightning_spa.convert`.
 
-Exit status (also in ``--help``): 0 success; 1 invalid input (the options parse but describe
-no valid schedule, or ``plot`` finds no readable run); 2 usage error (argparse); 3
-``convert --check`` flagged the schedule.
+Exit status (also in ``--help``), the same with or without ``--check``: 0 success, nothing
+flagged; 1 invalid input (the options parse but describe no valid schedule, or ``plot`` finds
+no readable run); 2 usage error (argparse); 3 ``convert`` flagged the schedule (its report is
+printed in full; ``--check`` prints only the verdict lines).
 
 Start-up cost: this module imports only the standard library; ``--help`` and ``convert``
 import neither torch nor Lightning (``tests/test_imports.py``, ``benchmarks/cli_startup.py``).
@@ -35,23 +37,23 @@ from pathlib import Path
 __all__ = ["EXIT_FLAGGED", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_OK = 0
-"""Success; with ``convert --check``: nothing flagged."""
+"""Success; for ``convert``: nothing flagged."""
 EXIT_INVALID = 1
 """Invalid input: the options parse but are rejected (one line on stderr names the option and the fix)."""
 EXIT_USAGE = 2
 """Usage error reported by argparse: unknown option, missing or malformed value."""
 EXIT_FLAGGED = 3
-"""``convert --check`` flagged the schedule: a step with momentum >= 1, or no SPA equivalent."""
+"""``convert`` flagged the schedule (with or without ``--check``): a step with momentum >= 1, or no SPA equivalent."""
 
 _EXIT_CODES = f"""\
 exit status:
-  {EXIT_OK}  success (with --check: nothing flagged)
+  {EXIT_OK}  success; for `convert`: nothing flagged
   {EXIT_INVALID}  invalid input: the options parse but describe no valid schedule (a value out of
      range, options that conflict or would be ignored), or `plot` finds no readable run; one
      line on stderr names the option and the fix
   {EXIT_USAGE}  usage error (argparse): unknown option, missing or malformed value
-  {EXIT_FLAGGED}  `convert --check` flagged the schedule: some step has an equivalent momentum >= 1,
-     or the SGD+M schedule has no SPA equivalent from some step on
+  {EXIT_FLAGGED}  `convert` flagged the schedule (with or without --check): some step has an
+     equivalent momentum >= 1, or a step has no SPA equivalent
 """
 
 
@@ -66,6 +68,14 @@ def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    """A finite float > 0 (argparse type), e.g. fractional steps per epoch (1281167 / 8192 = 156.4)."""
+    value = _number(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
@@ -93,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert",
         help="show a schedule in the other form and check it against Theorem 1",
-        description="Give the schedule in SPA form (--eta, --c) or in SGD+M form (--lr, --momentum).",
+        description="Give the schedule in SPA form (--eta, --c), in torch SGD+M form (--lr, --momentum), or in "
+        "Keras/TensorFlow form (--from keras --lr --momentum).",
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -102,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--c", type=_number, help="SPA averaging weight c in (0, 1] (with --eta)")
     form.add_argument("--lr", type=_number, help="SGD+M learning rate (with --momentum)")
     form.add_argument("--momentum", type=_number, help="SGD+M momentum (with --lr)")
+    form.add_argument(
+        "--from",
+        dest="source",
+        choices=["torch", "keras"],
+        help="what --lr/--momentum mean: torch.optim.SGD's (default; m <- momentum m + g, x <- x - lr m) or "
+        "Keras/TensorFlow SGD's (v <- momentum v - lr g, x <- x + v): prints the SPA and torch SGD schedules "
+        "that reproduce the Keras run",
+    )
     sched = conv.add_argument_group("schedule")
     sched.add_argument(
         "--milestones",
@@ -113,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sched.add_argument("--factor", type=_number, help="multiplier at each milestone (default 0.1)")
     sched.add_argument("--unit", choices=["step", "epoch"], default="step", help="unit of milestones (default step)")
-    sched.add_argument("--steps-per-epoch", type=_positive_int, help="optimizer steps per epoch (needed for epochs)")
+    sched.add_argument(
+        "--steps-per-epoch",
+        type=_positive_number,
+        help="optimizer steps per epoch (needed for epochs); may be fractional (dataset size / batch size)",
+    )
     sched.add_argument("--total-steps", type=_positive_int, help="length of the schedule in optimizer steps")
     sched.add_argument("--epochs", type=_positive_int, help="schedule length in epochs (needs --steps-per-epoch)")
     sched.add_argument(
@@ -136,20 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="SPA only: c becomes 1 from this step/epoch on (eta kept; epochs may be fractional)",
     )
     sched.add_argument(
-        "--warmup-steps", type=_nonnegative_int, default=0, help="SPA only: linear eta warm-up (optimizer steps)"
+        "--warmup-steps",
+        type=_nonnegative_int,
+        default=0,
+        help="linear warm-up of eta (SPA) or lr (SGD+M, Keras) over this many optimizer steps: step k < W "
+        "multiplies it by (k+1)/W",
     )
     sched.add_argument(
         "--bounded",
         action="store_true",
-        help="SGD+M input: pick the SPA form that stays finite (eta moves ahead of each change) instead of the one "
-        "that starts constant and drifts after an lr drop (Figure 1a)",
+        help="torch SGD+M input: always pick the SPA form that stays finite (eta moves ahead of each change); the "
+        "default starts constant and drifts after an lr drop (Figure 1a), and takes the finite form only where "
+        "the constant start has none",
     )
     out = conv.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     out.add_argument("--per-step", action="store_true", help="with --json: include every step's values")
     out.add_argument("--plot", type=Path, metavar="PNG", help="draw both forms like paper Figure 1")
     out.add_argument(
-        "--check", action="store_true", help=f"exit with status {EXIT_FLAGGED} if any step is flagged (for scripts)"
+        "--check",
+        action="store_true",
+        help=f"print only the verdict lines (FLAG/OK/Suggestion), for scripts; the exit status is {EXIT_FLAGGED} when "
+        "anything is flagged, with or without --check",
     )
 
     fig = sub.add_parser("figure1", help="draw the six panels of paper Figure 1")
@@ -185,7 +216,7 @@ def _to_steps(value: float, args: argparse.Namespace, name: str) -> int:
         return int(value)
     if args.steps_per_epoch is None:
         raise ValueError("`--unit epoch` needs `--steps-per-epoch` to turn epochs into optimizer steps.")
-    return round(value * int(args.steps_per_epoch))
+    return round(value * args.steps_per_epoch)
 
 
 def _check_spa_start(eta: float | None, c: float | None) -> tuple[float, float]:
@@ -204,7 +235,7 @@ def _milestone_text(values: Sequence[float]) -> str:
 
 
 def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # returns ConversionReport
-    from lightning_spa.convert import convert_sgdm, convert_spa, sgdm_schedule
+    from lightning_spa.convert import convert_keras, convert_sgdm, convert_spa, sgdm_schedule
     from lightning_spa.schedule import Mode, MomentumRemoval, SPASchedule, StepDecay, smallest_safe_transition_steps
 
     spa_given = args.eta is not None or args.c is not None
@@ -213,16 +244,22 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
         raise ValueError("Give the starting values: `--eta` and `--c` (SPA) or `--lr` and `--momentum` (SGD+M).")
     if spa_given and sgdm_given:
         raise ValueError("Give `--eta`/`--c` (SPA) or `--lr`/`--momentum` (SGD+M), not both.")
-    if sgdm_given:  # momentum >= 1 is accepted here, to be flagged
+    keras = args.source == "keras"
+    if spa_given and args.source is not None:
+        raise ValueError("`--from` says what `--lr`/`--momentum` mean; the SPA form (--eta/--c) takes no `--from`.")
+    if sgdm_given:  # momentum >= 1 is accepted here (torch form), to be flagged
         if args.lr is None or args.momentum is None:
             raise ValueError(f"`--{'lr' if args.lr is None else 'momentum'}` is missing: SGD+M needs both.")
         if not args.lr > 0.0 or not args.momentum >= 0.0:
             raise ValueError(f"`--lr` must be > 0 and `--momentum` >= 0, got {args.lr:g} and {args.momentum:g}.")
+        bad = [m for m in [args.momentum, *args.momentum_after] if not m < 1.0]
+        if keras and bad:
+            raise ValueError(f"Keras' momentum must be in [0, 1) (`--momentum`, `--momentum-after`), got {bad[0]:g}.")
     else:
         eta0, c0 = _check_spa_start(args.eta, args.c)
     milestones = [_to_steps(m, args, "--milestones") for m in args.milestones]
     if any(b <= a for a, b in pairwise(milestones)):
-        per_epoch = f" ({args.steps_per_epoch} per epoch)" if args.unit == "epoch" else ""
+        per_epoch = f" ({args.steps_per_epoch:g} per epoch)" if args.unit == "epoch" else ""
         raise ValueError(
             f"`--milestones` {_milestone_text(args.milestones)} fall on optimizer steps {milestones}{per_epoch}, which "
             "are not strictly increasing: give them in increasing order and further apart."
@@ -246,6 +283,11 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
         )
     if args.per_step and not args.json:
         raise ValueError("`--per-step` lists every step in the JSON output: add `--json`.")
+    if args.check and args.json:
+        raise ValueError(
+            "`--check` prints only the verdict lines of the text report; the JSON output carries the verdict "
+            "(`momentum_ge_1`, `no_spa_equivalent`) and the exit status is the same: drop one of them."
+        )
     if args.unit == "step" and args.steps_per_epoch is not None and args.epochs is None:
         raise ValueError("`--steps-per-epoch` is only used with `--unit epoch` or `--epochs`; drop it or use them.")
     if args.transition == "instant" and args.transition_steps not in (None, 1):
@@ -253,32 +295,52 @@ def _report(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # return
     unit = "epoch" if args.unit == "epoch" else "step"
     where = f"milestones {_milestone_text(args.milestones)} ({unit}s)" if milestones else "no milestones"
 
+    if args.momentum_off is not None:
+        off = _to_steps(args.momentum_off, args, "--momentum-off")
+        if off >= total:
+            raise ValueError(
+                f"`--momentum-off` {args.momentum_off:g} falls at step {off}, at or after the end of the schedule "
+                f"({total} steps), and would be ignored: lengthen it with `--total-steps`/`--epochs` or drop it."
+            )
+    if args.warmup_steps > total:
+        raise ValueError(
+            f"`--warmup-steps` {args.warmup_steps} is longer than the schedule ({total} steps) and would be cut: "
+            "lengthen it with `--total-steps`/`--epochs` or shorten the warm-up."
+        )
+
     if sgdm_given:
         for name in ("mode", "momentum_off"):
             if getattr(args, name) is not None:
                 raise ValueError(f"`--{name.replace('_', '-')}` applies to SPA schedules (--eta/--c) only.")
-        if args.warmup_steps:
-            raise ValueError("`--warmup-steps` applies to SPA schedules (--eta/--c) only.")
+        if keras and args.bounded:
+            raise ValueError("`--bounded` chooses among torch SGD's SPA forms; a Keras schedule has one: drop it.")
         t = args.transition_steps or 1
         if args.transition == "geometric" and args.transition_steps is None:
             raise ValueError("For an SGD+M schedule give `--transition-steps` with `--transition geometric`.")
-        alpha, beta = sgdm_schedule(total, args.lr, args.momentum, milestones, args.factor, args.momentum_after, t)
+        alpha, beta = sgdm_schedule(
+            total, args.lr, args.momentum, milestones, args.factor, args.momentum_after, t, args.warmup_steps
+        )
         desc = (
-            f"SGD+M lr {args.lr:g}, momentum {args.momentum:g}; {where}"
+            f"{'Keras SGD' if keras else 'SGD+M'} lr {args.lr:g}, momentum {args.momentum:g}; {where}"
             + (f", lr x{args.factor:g}" if milestones else "")
             + (f", momentum -> {args.momentum_after}" if args.momentum_after else "")
             + (f", {args.transition}" if milestones else "")
             + (f" over {t} steps" if t > 1 else "")
+            + (f", linear lr warm-up over {args.warmup_steps} steps" if args.warmup_steps else "")
             + f"; {total} steps"
         )
+        if keras:
+            return convert_keras(alpha, beta, desc, milestones, args.factor)
         return convert_sgdm(alpha, beta, desc, milestones, args.factor, eta0="bounded" if args.bounded else None)
 
     if args.momentum_after:
         raise ValueError("`--momentum-after` applies to SGD+M schedules (--lr/--momentum) only.")
+    if args.bounded:
+        raise ValueError("`--bounded` chooses among the SPA forms of a torch SGD+M schedule (--lr/--momentum) only.")
     mode: Mode = "lr" if args.mode == "lr" else "paper"
     others: list[SPASchedule] = []
     if args.momentum_off is not None:
-        others.append(MomentumRemoval(_to_steps(args.momentum_off, args, "--momentum-off")))
+        others.append(MomentumRemoval(off))
     decay = None
     t = 1
     if milestones:
@@ -313,11 +375,11 @@ def _ranges(steps: Sequence[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def format_report(report) -> str:  # type: ignore[no-untyped-def]
-    """The text printed by ``lightning-spa convert``."""
+def format_report(report, verdict_only: bool = False) -> str:  # type: ignore[no-untyped-def]
+    """The text printed by ``lightning-spa convert``; ``verdict_only`` (``--check``): the FLAG/OK/Note lines."""
     from lightning_spa.convert import segments
 
-    lines = [f"Schedule: {report.description}", ""]
+    lines = [] if verdict_only else [f"Schedule: {report.description}", ""]
 
     def table(title: str, names: tuple[str, str], a: Sequence[float], b: Sequence[float], warn: bool) -> None:
         lines.append(title)
@@ -329,9 +391,13 @@ def format_report(report) -> str:  # type: ignore[no-untyped-def]
             lines.append(f"  {steps:<{width}} {names[0]} {sa.describe():<36} {names[1]} {sb.describe()}{mark}")
         lines.append("")
 
-    sgd = ("SGD+M form (lr, momentum):", ("lr", "momentum"), report.alpha, report.beta, True)
+    sgd_title = "torch SGD form (lr, momentum):" if report.source == "keras" else "SGD+M form (lr, momentum):"
+    sgd = (sgd_title, ("lr", "momentum"), report.alpha, report.beta, True)
     spa = ("SPA form (eta, c):", ("eta", "c"), report.eta, report.c, False)
-    for title, names, a, b, warn in ([spa, sgd] if report.source == "spa" else [sgd, spa]):
+    forms = {"spa": [spa, sgd], "sgdm": [sgd, spa]}.get(report.source)
+    if forms is None:  # keras: the given form first, then the two that reproduce it
+        forms = [("Keras form (lr, momentum):", ("lr", "momentum"), *report.keras, False), spa, sgd]
+    for title, names, a, b, warn in [] if verdict_only else forms:
         if a:
             table(title, names, a, b, warn)
         else:
@@ -354,8 +420,10 @@ def format_report(report) -> str:  # type: ignore[no-untyped-def]
             f"FLAG: no SPA equivalent from step {k} on (steps {k}-{report.total_steps - 1}): "
             f"{report.no_spa_equivalent['reason']}"
         )
-    elif report.source == "sgdm":
+    elif report.source != "spa":
         lines.append("OK: every step has an SPA equivalent.")
+    if report.note is not None:
+        lines.append(f"Note: {report.note}.")
     if report.suggestion is not None:
         lines.append(f"Suggestion: {report.suggestion['text']}.")
     return "\n".join(lines)
@@ -366,14 +434,14 @@ def _convert(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(per_step=args.per_step), indent=1))
     else:
-        print(format_report(report))
+        print(format_report(report, verdict_only=args.check))
     if args.plot is not None:
         from lightning_spa.figures import plot_conversion
 
         path = plot_conversion(report, args.plot)
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     flagged = bool(report.momentum_ge_1) or report.no_spa_equivalent is not None
-    return EXIT_FLAGGED if args.check and flagged else EXIT_OK
+    return EXIT_FLAGGED if flagged else EXIT_OK
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -1,14 +1,15 @@
 r"""Schedules in both forms, checked against Theorem 1: the engine of ``lightning-spa convert``.
 
-Notation (``THEORY.md`` sections 2, 5, 6): SGD+M ``(alpha_k, beta_k)`` (``lr``, ``momentum``)
-and SPA ``(eta_k, c_k)``, indexed by the optimizer step ``k`` that uses them. A schedule given
-in one form is expanded step by step (SPA schedules through :mod:`lightning_spa.schedule`),
-mapped to the other form (:mod:`lightning_spa.mapping`, on the scalar Theorem 1 of
+Notation (``THEORY.md`` sections 2, 5, 6, 9): SGD+M ``(alpha_k, beta_k)`` (``lr``, ``momentum``)
+and SPA ``(eta_k, c_k)``, indexed by the optimizer step ``k`` that uses them; a Keras/TensorFlow
+schedule ``(lr_k, mu_k)`` keeps the learning rate inside the velocity. A schedule given in one
+form is expanded step by step (SPA schedules through :mod:`lightning_spa.schedule`), mapped to
+the other forms (:mod:`lightning_spa.mapping`, on the scalar Theorem 1 of
 :mod:`lightning_spa.theorem`) and checked:
 
 - every step whose equivalent momentum ``beta_k >= 1`` (a sudden fall of ``eta``);
-- the first step with no SPA equivalent (:class:`~lightning_spa.mapping.NoSPAEquivalentError`;
-  the recursion for ``eta`` cannot continue past it);
+- a step with no SPA equivalent (:class:`~lightning_spa.mapping.NoSPAEquivalentError`): with
+  ``lr > 0`` every SGD+M schedule has one, so this is left for ``lr = 0`` steps;
 - the smallest geometric transition ``T`` that keeps ``beta_k < 1`` throughout.
 
 The result is summarised as segments: maximal step ranges on which each value is constant,
@@ -26,13 +27,14 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
 
-from lightning_spa.mapping import NoSPAEquivalentError, sgdm_to_spa, spa_to_sgdm
+from lightning_spa.mapping import NoSPAEquivalentError, keras_to_spa, sgdm_to_spa, spa_to_sgdm
 from lightning_spa.schedule import SPASchedule, StepDecay, compose, smallest_safe_transition_steps
 from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = [
     "ConversionReport",
     "Segment",
+    "convert_keras",
     "convert_sgdm",
     "convert_spa",
     "segments",
@@ -125,7 +127,9 @@ class ConversionReport:
     """Both forms of a schedule and what Theorem 1 says about it.
 
     ``eta``/``c`` stop at ``no_spa_equivalent["step"]`` when the SGD+M schedule has no SPA form
-    from that step on.
+    from that step on. For ``source == "keras"`` ``keras`` holds the given ``(lr, momentum)`` and
+    ``alpha``/``beta`` the torch SGD schedule that reproduces it. ``note`` says which SPA form was
+    chosen when that is not the obvious one.
     """
 
     source: str
@@ -137,6 +141,8 @@ class ConversionReport:
     momentum_ge_1: list[tuple[int, float]] = field(default_factory=list)
     no_spa_equivalent: dict[str, Any] | None = None
     suggestion: dict[str, Any] | None = None
+    keras: tuple[list[float], list[float]] | None = None
+    note: str | None = None
 
     @property
     def total_steps(self) -> int:
@@ -159,9 +165,17 @@ class ConversionReport:
             "momentum_ge_1": [{"step": k, "momentum": m} for k, m in self.momentum_ge_1],
             "no_spa_equivalent": self.no_spa_equivalent,
             "suggestion": self.suggestion,
+            "note": self.note,
         }
+        if self.keras is not None:
+            out["keras"] = [
+                {"start": a, "end": b, "lr": asdict(s[0]), "momentum": asdict(s[1])}
+                for a, b, s in segments(*self.keras)
+            ]
         if per_step:
             out["per_step"] = {"lr": self.alpha, "momentum": self.beta, "eta": self.eta, "c": self.c}
+            if self.keras is not None:
+                out["per_step"].update(keras_lr=self.keras[0], keras_momentum=self.keras[1])
         return out
 
 
@@ -184,11 +198,15 @@ def sgdm_schedule(
     factor: float = 0.1,
     momentum_after: Sequence[float] = (),
     transition_steps: int = 1,
+    warmup_steps: int = 0,
 ) -> tuple[list[float], list[float]]:
     """Per-step SGD+M ``(lr, momentum)``: at each milestone ``lr *= factor`` and momentum moves on.
 
     Over a transition of ``T`` steps starting at milestone ``m``, step ``m + j`` has moved a
     share ``(j+1)/T`` of the way: ``lr`` geometrically, momentum linearly (it may reach 0).
+    A linear warm-up multiplies ``lr`` at step ``k < W`` by ``(k+1)/W`` (the rule of
+    :class:`~lightning_spa.schedule.StepDecay`'s ``warmup_steps``). The same expansion serves a
+    Keras schedule (``lr`` and momentum in Keras' meaning).
 
     Args:
         total_steps: number of optimizer steps.
@@ -198,6 +216,7 @@ def sgdm_schedule(
         factor: multiplier of ``lr`` at each milestone, > 0 (1 keeps it).
         momentum_after: momentum after each milestone (one per milestone), or empty to keep it.
         transition_steps: ``T >= 1`` (1 is instant).
+        warmup_steps: ``W >= 0`` steps of linear ``lr`` warm-up (0: none).
 
     Raises:
         ValueError: bad counts or lengths, or a non-positive ``factor``.
@@ -211,6 +230,8 @@ def sgdm_schedule(
         raise ValueError(f"`factor` must be > 0, got {factor}.")
     if transition_steps < 1:
         raise ValueError(f"`transition_steps` must be >= 1, got {transition_steps}.")
+    if warmup_steps < 0:
+        raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
     betas_after = list(momentum_after) if momentum_after else [momentum] * len(milestones)
     alphas, betas = [], []
     for k in range(total_steps):
@@ -222,6 +243,8 @@ def sgdm_schedule(
             a *= factor**frac
             b_prev = b
             b = b_prev + (betas_after[i] - b_prev) * frac
+        if k < warmup_steps:
+            a *= (k + 1) / warmup_steps
         alphas.append(a)
         betas.append(b)
     return alphas, betas
@@ -315,16 +338,20 @@ def convert_sgdm(
     """
     alpha, beta = [float(a) for a in alpha], [float(b) for b in beta]
     report = ConversionReport("sgdm", description, alpha, beta, [], [], momentum_ge_1=_flags(beta))
-    if beta[0] >= 1.0:
-        report.no_spa_equivalent = {"step": 0, "reason": f"momentum {beta[0]:.6g} >= 1 at step 0"}
-        return report
     try:
         report.eta, report.c = sgdm_to_spa(alpha, beta, eta0=eta0)
     except NoSPAEquivalentError as err:
         report.no_spa_equivalent = {"step": err.step, "reason": err.reason}
         if err.step > 0:
             report.eta, report.c = sgdm_to_spa(alpha[: err.step], beta[: err.step], eta0=eta0)
-    if milestones and 0.0 < factor < 1.0:
+    natural = constant_sgdm_to_spa(alpha[0], beta[0])[0] if beta[0] < 1.0 else None
+    if eta0 is None and report.eta and report.eta[0] != natural:
+        report.note = (
+            "the constant start eta = lr / (1 - momentum) has no SPA form for this schedule (c would leave (0, 1] "
+            "or eta overflow), so the SPA form shown is the bounded one (eta moves ahead of each change; "
+            "`--bounded` always picks it)"
+        )
+    if milestones and 0.0 < factor < 1.0 and beta[0] < 1.0:
         eta0, c0 = constant_sgdm_to_spa(alpha[0], beta[0])  # beta[0] < 1: checked above
         decay = StepDecay(tuple(milestones), factor, "paper", 1)
         t = smallest_safe_transition_steps(decay, [], [(eta0, c0)])
@@ -336,6 +363,54 @@ def convert_sgdm(
                 "text": (
                     f"the paper's recipe for these milestones: SPA eta {eta0:.6g}, c {c0:.6g}, eta x{factor:g} and "
                     f"c /{factor:g} (max 1) at each milestone, geometric over {t} steps (momentum < 1 throughout)"
+                ),
+            }
+    return report
+
+
+def convert_keras(
+    lr: Sequence[float],
+    momentum: Sequence[float],
+    description: str = "",
+    milestones: Sequence[int] = (),
+    factor: float = 0.1,
+) -> ConversionReport:
+    """Maps a per-step Keras/TensorFlow SGD schedule to SPA and to torch SGD; flags momentum ``>= 1``.
+
+    Keras' ``v <- mu v - lr g;  x <- x + v`` is SPA with ``eta_k = lr_k / c_k``, ``c`` from
+    :func:`~lightning_spa.mapping.keras_to_spa` (``c = 1 - mu`` for a constant momentum), and torch
+    SGD with ``lr_k`` and momentum ``mu_k lr_{k-1} / lr_k`` (:func:`~lightning_spa.mapping.keras_to_sgdm`).
+    An instant ``lr`` drop in Keras is an instant ``eta`` drop in SPA: torch's momentum exceeds 1
+    there and is flagged, as for an SPA schedule (the loss spike of ``THEORY.md`` section 6).
+    With ``milestones`` (where ``lr`` is multiplied by ``factor < 1``) at a constant momentum,
+    the report suggests the shortest geometric ``lr`` transition that keeps torch's momentum
+    below 1 (SPA's ``lr`` mode: ``c = 1 - mu`` stays, ``eta`` moves).
+
+    Raises:
+        ValueError: a momentum outside ``[0, 1)`` or an ``lr`` <= 0.
+
+    Example::
+
+        r = convert_keras([0.1] * 20 + [0.01] * 20, [0.9] * 40)
+        r.eta[0], r.c[0], r.momentum_ge_1     # 1.0, 0.1, [(20, 9.0)]
+    """
+    lr, momentum = [float(a) for a in lr], [float(m) for m in momentum]
+    if any(not a > 0.0 for a in lr):
+        raise ValueError("Keras `lr` must be > 0 at every step for a torch SGD form (SPA runs lr 0 as eta 0).")
+    eta, c = keras_to_spa(lr, momentum)
+    alpha, beta = spa_to_sgdm(eta, c)
+    report = ConversionReport(
+        "keras", description, alpha, beta, eta, c, momentum_ge_1=_flags(beta), keras=(lr, momentum)
+    )
+    if milestones and 0.0 < factor < 1.0 and len(set(momentum)) == 1:
+        eta0, c0 = constant_sgdm_to_spa(lr[0], momentum[0])  # Keras at constant mu: c = 1 - mu, eta = lr / c
+        t = smallest_safe_transition_steps(StepDecay(tuple(milestones), factor, "lr", 1), [], [(eta0, c0)])
+        if t is not None:
+            report.suggestion = {
+                "transition_steps": t,
+                "text": (
+                    f"move Keras' lr geometrically over {t} steps (x{factor ** (1.0 / t):.6g} a step) at each "
+                    "milestone (`--transition geometric`): the shortest transition whose torch momentum stays below 1"
                 ),
             }
     return report

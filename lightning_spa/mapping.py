@@ -8,36 +8,55 @@ Notation, indexed by the optimizer step ``k`` that uses each value:
 The forms give identical iterates when ``alpha_k = c_k * eta_k`` and
 ``beta_k = (1 - c_{k-1}) * eta_{k-1} / eta_k`` for ``k >= 1``. ``beta_0`` has no effect and
 is reported as ``1 - c_0``; conversely ``eta_0`` is free and defaults to
-``alpha_0 / (1 - beta_0)``, so constant schedules map to constant schedules
+``alpha_0 / (1 - beta_0)`` where that start has an SPA form (else the bounded solution,
+:func:`sgdm_to_spa`), so constant schedules map to constant schedules
 (``lr 0.1, momentum 0.9 <=> eta 1.0, c 0.1``).
 
 Schedules are floats (constant) or equal-length sequences (one value per step); each function
 returns the kind it was given. Optimizer state converts both ways with
 ``z = x - (1 - c_{k-1}) * eta_{k-1} * m`` (:func:`sgdm_optimizer_to_spa`,
-:func:`spa_optimizer_to_sgdm`). No Lightning import here.
+:func:`spa_optimizer_to_sgdm`; state dicts: :mod:`lightning_spa.state_dicts`). Keras/TensorFlow
+recipes (velocity ``v <- mu v - lr g``) map with :func:`keras_to_spa` and :func:`keras_to_sgdm`
+(``THEORY.md`` section 9). Layer: pure schedule math on :mod:`lightning_spa.theorem`; no
+Lightning import here.
 
-A torch detail that matters for exactness: ``torch.optim.SGD`` leaves its momentum buffer
-untouched on steps with ``momentum == 0`` instead of setting ``m = g``. Code that drives torch
-SGD through a schedule with momentum-0 steps followed by momentum again must drop the buffer
-on those steps (torch then restarts it from ``g``, which is the SGD+M recursion); :class:`SPA`
-follows the recursion by itself.
+A torch detail that matters for exactness: a step with ``momentum_k = 0`` is, in the SGD+M
+recursion, ``m_{k+1} = g_k`` (the buffer forgets the past and holds this step's gradient, which
+the next step with momentum uses: ``m_{k+2} = momentum_{k+1} g_k + g_{k+1}``). ``torch.optim.SGD``
+instead leaves its buffer untouched on steps with ``momentum == 0``, and dropping the buffer on
+such a step is wrong too (the next step then restarts ``m = g_{k+1}`` and loses ``g_k``). To drive
+torch SGD through a schedule with momentum-0 steps followed by momentum again (what
+:func:`spa_to_sgdm` returns after a ``c = 1`` step), run each momentum-0 step as a first step:
+delete the buffers (``opt.state[p].pop("momentum_buffer", None)``) and step with any momentum
+``> 0``; torch then sets ``m = g`` and moves ``x`` by ``lr * g``, exactly the recursion
+(``tests/test_mapping_state.py``). :class:`SPA` follows the recursion by itself.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, overload
 
+from lightning_spa.state_dicts import (
+    _SGD_ONLY,
+    _copy_group_options,
+    _scaled_initial_lr,
+    _sgd_group_to_spa,
+    sgd_state_dict_to_spa,
+    spa_state_dict_to_sgd,
+)
 from lightning_spa.theorem import constant_sgdm_to_spa, constant_spa_to_sgdm, step_momentum, step_spa_to_sgdm
 
 __all__ = [
     "NoSPAEquivalentError",
+    "keras_to_sgdm",
+    "keras_to_spa",
     "sgd_state_dict_to_spa",
     "sgdm_optimizer_to_spa",
     "sgdm_to_spa",
     "spa_optimizer_to_sgdm",
+    "spa_state_dict_to_sgd",
     "spa_to_sgdm",
 ]
 
@@ -114,12 +133,16 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
     ``momentum 0`` (``k >= 1``) needs ``c = 1`` on the step before; the past is then forgotten
     and ``eta`` is free again, chosen as ``lr_k / (1 - momentum_{k+1})`` like ``eta0``.
 
-    ``eta0`` is free: every choice gives an exact equivalent. The default keeps a constant
-    start constant; then a later ``lr`` drop at fixed momentum makes ``eta`` grow by
-    ``1/momentum`` a step for ever (Figure 1a), until it overflows a float (an error names the
-    step). ``eta0="bounded"`` picks the one member of the family that stays bounded: it moves
-    ``eta`` and ``c`` ahead of each change, so that e.g. a MultiStepLR schedule maps to a
-    finite SPA schedule of any length.
+    ``eta0`` is free: every choice that keeps ``c`` in ``(0, 1]`` gives an exact equivalent, and
+    one always exists when ``lr > 0`` (the bounded solution below has ``eta_k >= lr_k``). The
+    default ``eta0=None`` first tries the natural start ``lr[0] / (1 - momentum[0])``, which keeps
+    a constant start constant; a later ``lr`` drop at fixed momentum then makes ``eta`` grow by
+    ``1/momentum`` a step (Figure 1a). Where that start leaves ``(0, 1]`` (a rising momentum:
+    a momentum warm-up, OneCycleLR's ``cycle_momentum``; a fast ``lr`` warm-up) or overflows a
+    float, the default takes the bounded solution instead, so it finds an SPA form whenever one
+    exists. ``eta0="bounded"`` always picks the one member of the family that stays bounded: it
+    moves ``eta`` and ``c`` ahead of each change, so that e.g. a MultiStepLR schedule maps to a
+    finite SPA schedule of any length. Each stretch after a momentum-0 step chooses alike.
 
     Numerics: run forwards, the recursion multiplies any error in ``eta`` by ``1/momentum``
     a step. Runs of constant ``(lr, momentum)`` are therefore computed in closed form
@@ -131,14 +154,15 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
     Args:
         lr: SGD learning rate(s) ``alpha_k`` (>= 0).
         momentum: SGD momentum(s) ``beta_k`` (>= 0); ``momentum[0]`` only fixes ``eta0``.
-        eta0: the free initial step size: a float, None for ``lr[0] / (1 - momentum[0])``, or
-            ``"bounded"``.
+        eta0: the free initial step size: None (the natural start where it works, else the
+            bounded solution), ``"bounded"``, or a float (an error if it has no SPA form).
 
     Raises:
         NoSPAEquivalentError: (a ``ValueError``) naming the first step with no SPA equivalent:
-            momentum 0 after a step with ``c < 1``, ``c`` leaving ``(0, 1]`` (an increasing
-            momentum, e.g. a momentum warm-up, drives ``eta`` below ``lr``), or ``eta``
-            overflowing.
+            with the default or ``"bounded"`` only ``lr = 0`` at a step with momentum before or
+            after it (``c`` would be 0; SPA's ``eta = 0`` moves nothing, SGD's step still fills
+            its buffer); with a float ``eta0`` also ``c`` leaving ``(0, 1]`` or ``eta``
+            overflowing from that start.
         ValueError: negative or non-finite inputs, lengths differ, or an unknown ``eta0``.
     """
     alphas, betas, scalar = _as_lists(lr, momentum, ("lr", "momentum"))
@@ -149,39 +173,138 @@ def sgdm_to_spa(lr: Schedule, momentum: Schedule, eta0: float | str | None = Non
             raise ValueError(f"`momentum` at step {k} is {b}: it must be finite and >= 0.")
     if isinstance(eta0, str) and eta0 != "bounded":
         raise ValueError(f"`eta0` must be a float, None or 'bounded', got {eta0!r}.")
-    if eta0 is None and betas[0] >= 1.0:
-        raise NoSPAEquivalentError(0, f"momentum {betas[0]} >= 1; pass `eta0` explicitly.")
     n = len(alphas)
     starts = [0] + [k for k in range(1, n) if betas[k] == 0.0]
     etas: list[float] = []
     for s, e in zip(starts, [*starts[1:], n], strict=True):
         p = _bounded_solution(alphas, betas, s, e)
-        if eta0 == "bounded":
-            segment = p
-        else:
-            if s == 0:
-                start = constant_sgdm_to_spa(alphas[0], betas[0])[0] if eta0 is None else float(eta0)
+        segment = p
+        if eta0 != "bounded" and not (s == 0 and eta0 is None and betas[0] >= 1.0):
+            if s == 0 and eta0 is not None:
+                start = float(eta0)  # the user's choice: an error if it has no SPA form
+            elif s == 0:
+                start = constant_sgdm_to_spa(alphas[0], betas[0])[0]
             else:
                 nxt = betas[s + 1] if s + 1 < n else 0.0
                 start = constant_sgdm_to_spa(alphas[s], nxt)[0] if nxt < 1.0 else alphas[s]
-            segment = _forward(alphas, betas, s, e, start, p)
-        for k, eta in enumerate(segment, start=s):
-            if not (0.0 < eta < math.inf):
-                hint = "" if eta0 == "bounded" else " Pass eta0='bounded' for the SPA form that stays finite."
-                raise NoSPAEquivalentError(k, f"eta would be {eta} (it drifts by 1/momentum a step).{hint}")
-            ck = alphas[k] / eta
-            if not 0.0 < ck <= 1.0 + 1e-12:
+            natural = _forward(alphas, betas, s, e, start, p)
+            failure = _first_failure(alphas, natural, s, e < n)
+            if failure is None:
+                segment = natural
+            elif s == 0 and eta0 is not None:  # an explicit eta0 that leaves (0, 1]: say so, with the fix
+                k, reason = failure
                 raise NoSPAEquivalentError(
                     k,
-                    f"c = lr/eta = {alphas[k]:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1] (momentum rising too fast?).",
+                    f"with eta0 = {float(eta0):.6g}, {reason}. Another eta0 gives an SPA form: eta0=None (the "
+                    "default) or 'bounded' finds one.",
                 )
+        failure = _first_failure(alphas, segment, s, e < n)
+        if failure is not None:  # only lr = 0 (c = 0) is left: no eta0 helps
+            raise NoSPAEquivalentError(*failure)
         etas.extend(segment)
-        if e < n and abs(alphas[e - 1] / etas[-1] - 1.0) > 1e-9:
-            raise NoSPAEquivalentError(
-                e, f"momentum 0 needs c = 1 at step {e - 1}, where c was {alphas[e - 1] / etas[-1]:.6g}."
-            )
-    cs = [min(1.0, a / e) for a, e in zip(alphas, etas, strict=True)]
+    cs = [min(1.0, a / e) if e else 1.0 for a, e in zip(alphas, etas, strict=True)]
     return (etas[0], cs[0]) if scalar else (etas, cs)
+
+
+def _first_failure(alphas: list[float], segment: list[float], s: int, restart: bool) -> tuple[int, str] | None:
+    """The first step of ``segment`` (steps ``s..``) that is no SPA step, as ``(step, reason)``, or None.
+
+    ``restart``: a momentum-0 step follows the segment, which needs ``c = 1`` on its last step.
+    """
+    for k, eta in enumerate(segment, start=s):
+        if eta == 0.0 and alphas[k] == 0.0 and len(segment) == 1:
+            continue  # lr 0 between momentum-0 steps: SPA's eta = 0 step (c = 1), which moves nothing
+        if not (0.0 < eta < math.inf):
+            if alphas[k] == 0.0:
+                return k, "lr is 0 there: c = lr/eta would be 0, outside (0, 1] (SPA needs lr > 0 before momentum)"
+            return k, f"eta would be {eta} (it drifts by 1/momentum a step)"
+        ck = alphas[k] / eta
+        if not 0.0 < ck <= 1.0 + 1e-12:
+            return k, f"c = lr/eta = {alphas[k]:.6g}/{eta:.6g} = {ck:.6g} is outside (0, 1]"
+    last = s + len(segment) - 1
+    c_last = alphas[last] / segment[-1] if segment[-1] else 1.0
+    if restart and abs(c_last - 1.0) > 1e-9:
+        return last + 1, f"momentum 0 needs c = 1 at step {last}, where c was {c_last:.6g}"
+    return None
+
+
+@overload
+def keras_to_spa(lr: float, momentum: float) -> tuple[float, float]: ...
+@overload
+def keras_to_spa(lr: Sequence[float], momentum: Schedule) -> tuple[list[float], list[float]]: ...
+@overload
+def keras_to_spa(lr: float, momentum: Sequence[float]) -> tuple[list[float], list[float]]: ...
+
+
+def keras_to_spa(lr: Schedule, momentum: Schedule) -> tuple[Any, Any]:
+    """Maps a Keras/TensorFlow SGD schedule ``(lr, momentum)`` to the SPA schedule ``(eta, c)``.
+
+    Keras (and TensorFlow, and older MXNet) keep the learning rate inside the velocity:
+    ``v <- mu_k v - lr_k g_k;  x <- x + v``. SPA's steps obey
+    ``x_{k+1} - x_k = (c_k (1 - c_{k-1}) / c_{k-1}) (x_k - x_{k-1}) - c_k eta_k g_k``
+    (``THEORY.md`` section 9), so the two give identical iterates when
+    ``mu_k = c_k (1 - c_{k-1}) / c_{k-1}`` and ``lr_k = c_k eta_k``. Solved backwards (where it is
+    stable, as :func:`sgdm_to_spa`'s bounded solution)::
+
+        c_{n-1} = 1 - mu_{n-1}      c_{k-1} = c_k / (mu_k + c_k)      eta_k = lr_k / c_k
+
+    which is always in ``(0, 1]``: every Keras schedule has an SPA form. With a constant momentum
+    this is ``c = 1 - mu`` and ``eta_k = lr_k / (1 - mu)`` whatever the learning-rate schedule: a
+    Keras recipe runs in PyTorch as ``SPA(lr=lr_k / (1 - mu), c=1 - mu)``, while
+    ``torch.optim.SGD`` with the same ``lr_k`` takes another path (its buffer keeps past gradients
+    at their own learning rate); :func:`keras_to_sgdm` gives the torch SGD schedule that
+    reproduces the Keras run. ``mu_0`` has no effect (the velocity starts at 0); a momentum 0
+    at step ``k`` gives ``c_{k-1} = 1``.
+
+    Args:
+        lr: Keras learning rate(s) ``lr_k >= 0`` (0 gives ``eta = 0``, which SPA runs exactly).
+        momentum: Keras momentum(s) ``0 <= mu_k < 1``.
+
+    Raises:
+        ValueError: values out of range, or lengths differ.
+    """
+    lrs, mus, scalar = _as_lists(lr, momentum, ("lr", "momentum"))
+    for k, (a, m) in enumerate(zip(lrs, mus, strict=True)):
+        if not (0.0 <= a < math.inf):
+            raise ValueError(f"`lr` at step {k} is {a}: it must be finite and >= 0.")
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"`momentum` at step {k} is {m}: Keras' momentum must be in [0, 1).")
+    cs = [1.0 - mus[-1]]
+    for k in range(len(lrs) - 1, 0, -1):
+        cs.append(cs[-1] / (mus[k] + cs[-1]))
+    cs.reverse()
+    etas = [a / ck for a, ck in zip(lrs, cs, strict=True)]
+    return (etas[0], cs[0]) if scalar else (etas, cs)
+
+
+@overload
+def keras_to_sgdm(lr: float, momentum: float) -> tuple[float, float]: ...
+@overload
+def keras_to_sgdm(lr: Sequence[float], momentum: Schedule) -> tuple[list[float], list[float]]: ...
+@overload
+def keras_to_sgdm(lr: float, momentum: Sequence[float]) -> tuple[list[float], list[float]]: ...
+
+
+def keras_to_sgdm(lr: Schedule, momentum: Schedule) -> tuple[Any, Any]:
+    """Maps a Keras/TensorFlow SGD schedule to the ``torch.optim.SGD`` schedule ``(lr, momentum)`` that reproduces it.
+
+    :func:`spa_to_sgdm` of :func:`keras_to_spa`: torch's ``lr_k`` is Keras' and its momentum is
+    ``mu_k * lr_{k-1} / lr_k`` (Goyal et al.'s "momentum correction"): unchanged while the
+    learning rate is constant, rescaled at every change.
+
+    Raises:
+        ValueError: as :func:`keras_to_spa`, or ``lr = 0`` at a step (torch's momentum would be infinite;
+            :class:`~lightning_spa.SPA` runs it with :func:`keras_to_spa`).
+    """
+    eta, c = keras_to_spa(lr, momentum)
+    etas = [eta] if isinstance(eta, float) else eta
+    for k, e in enumerate(etas):
+        if e == 0.0:
+            raise ValueError(
+                f"`lr` is 0 at step {k}: no torch SGD step reproduces the Keras step after it (torch's momentum "
+                "would be infinite); run it with lightning_spa.SPA and keras_to_spa instead."
+            )
+    return spa_to_sgdm(eta, c)
 
 
 def _bounded_solution(alphas: list[float], betas: list[float], s: int, e: int) -> list[float]:
@@ -246,73 +369,15 @@ def _drift(dev: float, b: float, j: int) -> float:
         return math.copysign(math.inf, dev)
 
 
-def _copy_group_options(group: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k not in drop}
-
-
-_SGD_ONLY = ("momentum", "dampening", "nesterov", "differentiable")
-
-
-def _sgd_group_to_spa(group: dict[str, Any], where: str) -> tuple[float, float]:
-    """``(eta, c)`` of the constant SPA schedule equal to SGD group ``group``'s next step."""
-    if group.get("nesterov") or float(group.get("dampening", 0.0)) != 0.0:
-        raise ValueError(
-            f"torch.optim.SGD {where} uses nesterov=True or dampening != 0, which has no SPA form; "
-            "only plain SGD momentum converts (see lightning_spa.sgdm_optimizer_to_spa)."
-        )
-    momentum = float(group["momentum"])
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(
-            f"torch.optim.SGD {where} has momentum {momentum} >= 1, which has no constant SPA form; "
-            "convert the optimizer with lightning_spa.sgdm_optimizer_to_spa(sgd, eta=...) instead."
-        )
-    return constant_sgdm_to_spa(float(group["lr"]), momentum)
-
-
-def sgd_state_dict_to_spa(
-    state_dict: dict[str, Any], current_groups: Sequence[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """A ``torch.optim.SGD`` state dict as the SPA state dict that continues it (Theorem 1).
-
-    Each group's ``(lr, momentum)`` becomes ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``
-    (``initial_lr`` is scaled alike, for LR schedulers); each buffer ``m`` is kept with the
-    history ``(prev_eta, prev_c) = (eta, c)``, i.e. ``z = x - momentum * eta * m``. Groups with
-    momentum 0 keep no buffer. ``foreach``/``fused`` come from ``current_groups`` (the SPA
-    optimizer's own) when given. Warns once that it converted. Used by :meth:`SPA.load_state_dict`.
-
-    Raises:
-        ValueError: Nesterov, dampening or momentum >= 1 (no constant SPA form).
-    """
-    groups, state = [], {}
-    for i, group in enumerate(state_dict["param_groups"]):
-        eta, c = _sgd_group_to_spa(group, f"param group {i}")
-        new = _copy_group_options(group, (*_SGD_ONLY, "lr", "foreach", "fused"))
-        if current_groups is not None and i < len(current_groups):
-            new.update(foreach=current_groups[i].get("foreach"), fused=current_groups[i].get("fused"))
-        if "initial_lr" in group:
-            new["initial_lr"] = float(group["initial_lr"]) * (eta / float(group["lr"]) if float(group["lr"]) else 1.0)
-        groups.append({**new, "lr": eta, "c": c})
-        for key in group["params"]:
-            buf = state_dict["state"].get(key, {}).get("momentum_buffer")
-            if buf is not None and c < 1.0:
-                state[key] = {"momentum_buffer": buf, "prev_eta": eta, "prev_c": c, "prev_scale": (1.0 - c) * eta}
-    summary = ", ".join(f"group {i}: eta {g['lr']:.6g}, c {g['c']:.6g}" for i, g in enumerate(groups))
-    warnings.warn(
-        f"Loaded a torch.optim.SGD state dict into SPA: converted by Theorem 1 (eta = lr / (1 - momentum), "
-        f"c = 1 - momentum; momentum buffers kept), so training continues the SGD run: {summary}.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return {"state": state, "param_groups": groups}
-
-
 def sgdm_optimizer_to_spa(sgd: Any, eta: float | Sequence[float] | None = None) -> Any:
     """Builds an :class:`~lightning_spa.SPA` optimizer that continues ``sgd``'s trajectory exactly.
 
     Works between any two steps. Each param group's next step keeps SGD's ``lr`` (alpha) and
     ``momentum`` (beta): the SPA group gets ``eta`` (default ``alpha / (1 - beta)``, one value
     or one per group) and ``c = alpha / eta``; the momentum buffers are copied, so that
-    ``z = x - beta * eta * m``. Extra group keys (names, ``initial_lr``) are kept.
+    ``z = x - beta * eta * m``. Extra group keys (names) are kept; ``initial_lr`` (written by an
+    LR scheduler) is converted like ``lr`` (times ``eta / alpha``), so a scheduler attached to the
+    SPA optimizer afterwards starts from the SPA value.
 
     Raises:
         ValueError: Nesterov or dampening (no SPA form), or a momentum >= 1 without ``eta``.
@@ -331,7 +396,8 @@ def sgdm_optimizer_to_spa(sgd: Any, eta: float | Sequence[float] | None = None) 
             group_eta = _sgd_group_to_spa(group, f"param group {i}")[0]
         elif group.get("nesterov") or float(group.get("dampening", 0.0)) != 0.0:
             _sgd_group_to_spa(group, f"param group {i}")  # raises
-        opts = _copy_group_options(group, (*_SGD_ONLY, "lr"))
+        opts = _copy_group_options(group, (*_SGD_ONLY, "lr", "initial_lr"))
+        opts.update(_scaled_initial_lr(group, float(group_eta) / alpha if alpha else 1.0))
         groups.append({**opts, "lr": float(group_eta), "c": alpha / float(group_eta)})
     spa = SPA(groups)
     with torch.no_grad():
@@ -359,6 +425,8 @@ def spa_optimizer_to_sgdm(spa: Any) -> Any:
     the first step, or after ``c = 1`` steps, which drop the buffers) ``momentum = 1 - c``, so a
     constant schedule continues as itself. Later steps keep those values unless a schedule
     changes them (a constant SPA schedule has ``momentum = 1 - c`` from its second step on).
+    ``initial_lr`` (an LR scheduler's) is converted like ``lr`` (times ``c``). The state-dict
+    form of this conversion is :func:`~lightning_spa.state_dicts.spa_state_dict_to_sgd`.
 
     Raises:
         ValueError: parameters of one group with different histories, or ``eta = 0`` with history
@@ -386,7 +454,9 @@ def spa_optimizer_to_sgdm(spa: Any) -> Any:
                 raise ValueError(f"Param group {i} has eta = 0 with momentum history: no SGD+M step reproduces it.")
             momentum = step_momentum(eta, prev_eta, prev_c)
         momenta.append(momentum)
-        groups.append({**_copy_group_options(group, ("c", "lr")), "lr": lr, "momentum": momentum})
+        opts = _copy_group_options(group, ("c", "lr", "initial_lr"))
+        opts.update(_scaled_initial_lr(group, c))  # lr / eta
+        groups.append({**opts, "lr": lr, "momentum": momentum})
     sgd = torch.optim.SGD(groups)
     for group, momentum in zip(spa.param_groups, momenta, strict=True):
         for p in group["params"]:

@@ -53,6 +53,7 @@ from lightning_spa._validation import (
     validate_group,
 )
 from lightning_spa.functional import InfFlag, spa
+from lightning_spa.state_dicts import sgd_state_dict_to_spa
 from lightning_spa.theorem import constant_sgdm_to_spa
 
 __all__ = ["SPA", "SPASpikeWarning", "validate_c", "validate_eta"]
@@ -200,19 +201,38 @@ class SPA(Optimizer):
         An SGD state dict (groups with ``momentum`` and no ``c``) becomes the SPA state that
         continues the SGD run exactly (to round-off), with a warning that says so:
         ``eta = lr / (1 - momentum)``, ``c = 1 - momentum``, the buffers kept
-        (:func:`lightning_spa.mapping.sgd_state_dict_to_spa`). Tensor-mode histories keep their
+        (:func:`lightning_spa.state_dicts.sgd_state_dict_to_spa`). Tensor-mode histories keep their
         dtype (torch would cast them to the parameter's, e.g. bfloat16), so a resumed run continues
         exactly. A state dict saved before ``prev_eta``/``prev_c`` existed (``prev_scale`` only)
         loads exactly too, and so do groups saved without ``maximize``/``foreach``/``fused`` (an
         older format): this optimizer's matching group fills them in.
 
+        An SGD state dict written under an LR scheduler (its groups carry ``initial_lr``) is
+        refused when an LR scheduler also drives this optimizer (its groups carry ``initial_lr``,
+        e.g. Lightning resuming an SGD checkpoint whose ``configure_optimizers`` now returns SPA):
+        that scheduler's state, restored next, schedules SGD's ``lr``; driving ``eta`` with it
+        would not continue the SGD run, and no torch scheduler can drive SPA along it (SGD's
+        schedule maps to a step-by-step ``(eta, c)`` pair, ``THEORY.md`` sections 2-3).
+
         Raises:
-            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1.
+            ValueError: an SGD state dict with Nesterov, dampening or momentum >= 1; an SGD state
+                dict with an LR scheduler's ``initial_lr`` while a scheduler drives this optimizer
+                (the message gives the ways on).
         """
         groups = state_dict.get("param_groups", [])
         if groups and all("c" not in g and "momentum" in g for g in groups):
-            from lightning_spa.mapping import sgd_state_dict_to_spa
-
+            if any("initial_lr" in g for g in groups) and any("initial_lr" in g for g in self.param_groups):
+                raise ValueError(
+                    "This state dict is a torch.optim.SGD one written under an LR scheduler (its param groups carry "
+                    "`initial_lr`), and an LR scheduler drives this SPA optimizer too: the scheduler state restored "
+                    "next (e.g. by Lightning's resume) holds SGD's learning rates, and whatever it sets as SPA's eta "
+                    "leaves the SGD trajectory (an SGD lr schedule is, in SPA form, a pair (eta, c) that changes "
+                    "together step by step: lightning_spa.sgdm_to_spa). To continue the SGD run exactly, resume it "
+                    "with torch.optim.SGD and its scheduler. To switch to SPA here, resume without an LR scheduler "
+                    "(the optimizer state converts exactly), or start the SPA schedule fresh: load the weights only "
+                    "(e.g. LightningModule.load_from_checkpoint) and keep the momentum with "
+                    "lightning_spa.sgdm_optimizer_to_spa."
+                )
             state_dict = sgd_state_dict_to_spa(state_dict, self.param_groups)
         groups = state_dict.get("param_groups", [])
         if len(groups) == len(self.param_groups) and any(k not in g for g in groups for k in _FLAGS):

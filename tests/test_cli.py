@@ -16,8 +16,11 @@ PANEL_E = ["convert", "--eta", "1", "--c", "0.1", "--milestones", "20", "--total
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
-    assert main([*argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    """The JSON report; the exit status is 3 exactly when something is flagged (the policy, with or without --check)."""
+    code = main([*argv, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == (EXIT_FLAGGED if out["momentum_ge_1"] or out["no_spa_equivalent"] else EXIT_OK)
+    return out
 
 
 def _safe_t(c0: float, factor: float) -> int:
@@ -26,7 +29,7 @@ def _safe_t(c0: float, factor: float) -> int:
 
 
 def test_instant_paper_mode_flags_the_spike(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(PANEL_E) == 0
+    assert main(PANEL_E) == EXIT_FLAGGED
     text = capsys.readouterr().out
     assert "FLAG: equivalent momentum >= 1 at 1 step(s): 20 (9)" in text
     out = _json(capsys, PANEL_E)
@@ -53,7 +56,7 @@ def test_safe_geometric_schedule_has_no_flag(capsys: pytest.CaptureFixture[str])
     out = _json(capsys, [*PANEL_E, "--transition", "geometric", "--transition-steps", str(t - 1)])
     assert [f["step"] for f in out["momentum_ge_1"]] == [20]
     # without --transition-steps the smallest safe transition is used
-    assert main([*PANEL_E, "--transition", "geometric", "--check"]) == 0
+    assert main([*PANEL_E, "--transition", "geometric"]) == EXIT_OK
     assert f"geometric over {t} steps" in capsys.readouterr().out
 
 
@@ -67,15 +70,20 @@ def test_epochs_and_steps_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--steps-per-epoch" in capsys.readouterr().err
 
 
-def test_rising_momentum_names_first_unrepresentable_step(capsys: pytest.CaptureFixture[str]) -> None:
+def test_rising_momentum_has_an_spa_form_at_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["convert", "--lr", "0.1", "--momentum", "0.5", "--milestones", "20", "--factor", "1"]
-    argv += ["--momentum-after", "0.9", "--total-steps", "100"]
-    # eta_19 = 0.2; eta_20 = (0.2 - 0.1)/0.9 = 1/9 (c = 0.9); eta_21 = (1/9 - 0.1)/0.9 < 0.1 = lr: c > 1
-    out = _json(capsys, argv)
-    assert out["no_spa_equivalent"]["step"] == 21
-    assert out["momentum_ge_1"] == []
-    assert main(argv) == 0
-    assert "no SPA equivalent from step 21 on" in capsys.readouterr().out
+    argv += ["--momentum-after", "0.9", "--total-steps", "100", "--per-step"]
+    # from the constant start eta_19 = 0.2: eta_20 = (0.2 - 0.1)/0.9 = 1/9 (c = 0.9); eta_21 = (1/9 - 0.1)/0.9 < 0.1
+    # = lr, so c > 1. eta_0 is free: the bounded solution (eta 1 = 0.1 / (1 - 0.9) from step 20 on) exists.
+    out = _json(capsys, argv)  # before: "no SPA equivalent from step 21 on" and exit 3 with --check
+    assert out["no_spa_equivalent"] is None and out["momentum_ge_1"] == []
+    eta, c = out["per_step"]["eta"], out["per_step"]["c"]
+    assert eta[20:] == pytest.approx([1.0] * 80) and c[20:] == pytest.approx([0.1] * 80)
+    assert eta[19] == pytest.approx(0.9 * 1.0 + 0.1) and all(0.0 < ck <= 1.0 for ck in c)  # eta_19 = b_20 eta_20 + lr
+    assert "bounded" in out["note"]
+    assert main(argv[:-1]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "OK: every step has an SPA equivalent." in text and "Note: the constant start" in text
 
 
 def test_sgdm_lr_drop_panel_a_is_representable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,9 +111,10 @@ def test_bad_arguments_exit_1_with_message(capsys: pytest.CaptureFixture[str], e
 
 
 def test_momentum_exactly_one_is_flagged_not_rejected(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _json(capsys, ["convert", "--lr", "0.1", "--momentum", "1.0", "--total-steps", "10"])
+    out = _json(capsys, ["convert", "--lr", "0.1", "--momentum", "1.0", "--total-steps", "10", "--per-step"])
     assert [f["step"] for f in out["momentum_ge_1"]] == list(range(1, 10))
-    assert out["no_spa_equivalent"]["step"] == 0
+    assert out["no_spa_equivalent"] is None  # a finite schedule with momentum 1 has an SPA form: c = 1 at the end
+    assert out["per_step"]["c"][-1] == 1.0 and out["per_step"]["eta"][0] == pytest.approx(1.0)  # eta_k = lr * (n - k)
 
 
 def test_figure1_and_convert_plot_write_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,7 +123,7 @@ def test_figure1_and_convert_plot_write_pngs(tmp_path: Path, capsys: pytest.Capt
     assert main(["figure1", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     conv = tmp_path / "conv.png"
-    assert main([*PANEL_E, "--plot", str(conv)]) == 0
+    assert main([*PANEL_E, "--plot", str(conv)]) == EXIT_FLAGGED
     assert conv.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,10 +151,12 @@ def test_long_schedule_prints_compactly(capsys: pytest.CaptureFixture[str]) -> N
 def test_multisteplr_overflow_is_named_and_bounded_form_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["convert", "--lr", "0.1", "--momentum", "0.9", "--milestones", "150", "225", "--unit", "epoch"]
     argv += ["--steps-per-epoch", "391", "--epochs", "300"]
-    out = _json(capsys, argv)  # the natural SPA form drifts after the first drop until eta overflows
-    assert 150 * 391 < out["no_spa_equivalent"]["step"] and "bounded" in out["no_spa_equivalent"]["reason"]
-    out = _json(capsys, [*argv, "--bounded"])
-    assert out["no_spa_equivalent"] is None and out["momentum_ge_1"] == []
+    # the natural SPA form drifts after the first drop until eta overflows: the default takes the bounded one
+    out = _json(capsys, argv)  # before: "no SPA equivalent" with a hint that named eta0='bounded', not --bounded
+    assert out["no_spa_equivalent"] is None and "`--bounded` always picks it" in out["note"]
+    bounded = _json(capsys, [*argv, "--bounded"])
+    assert bounded["no_spa_equivalent"] is None and bounded["momentum_ge_1"] == [] and bounded["note"] is None
+    assert bounded["spa"] == out["spa"]
     assert out["spa"][-1]["eta"]["kind"] == "constant" and out["spa"][-1]["c"]["kind"] == "constant"
 
 
@@ -179,11 +190,19 @@ def test_exit_codes_tell_usage_invalid_and_flagged_apart(capsys: pytest.CaptureF
     capsys.readouterr()
     assert main(["convert", "--eta", "1", "--c", "1.5"]) == EXIT_INVALID  # parses, but no valid schedule
     assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+    capsys.readouterr()
     assert main([*PANEL_E, "--check"]) == EXIT_FLAGGED  # momentum 9 at step 20
-    assert main([*PANEL_E]) == EXIT_OK  # flagged but not asked to check
+    verdict = capsys.readouterr().out  # --check: the verdict lines only
+    assert verdict.startswith("FLAG: equivalent momentum >= 1 at 1 step(s): 20 (9)") and "SPA form" not in verdict
+    assert main([*PANEL_E]) == EXIT_FLAGGED  # the same status without --check (before: 0), with the full report
+    assert "SPA form (eta, c):" in capsys.readouterr().out
     assert main([*PANEL_E, "--transition", "geometric", "--check"]) == EXIT_OK  # the smallest safe transition
+    assert main([*PANEL_E, "--transition", "geometric"]) == EXIT_OK
     rising = ["convert", "--lr", "0.1", "--momentum", "0.5", "--milestones", "20", "--factor", "1"]
-    assert main([*rising, "--momentum-after", "0.9", "--total-steps", "100", "--check"]) == EXIT_FLAGGED  # no SPA form
+    assert main([*rising, "--momentum-after", "0.9", "--total-steps", "100", "--check"]) == EXIT_OK  # has an SPA form
+    capsys.readouterr()
+    assert main([*PANEL_E, "--check", "--json"]) == EXIT_INVALID
+    assert "`--check` prints only the verdict lines" in capsys.readouterr().err
 
 
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -295,12 +314,12 @@ def test_plot_of_a_drifting_eta_prints_no_numpy_warning(tmp_path: Path, capsys: 
     pytest.importorskip("matplotlib")
     # An lr drop at fixed momentum: the natural SPA eta grows by 1/0.9 a step up to ~1e308 (Figure 1a).
     # matplotlib's log axis overflowed computing its limits and ticks (numpy "overflow encountered in exp").
-    argv = ["convert", "--lr", "0.1", "--momentum", "0.9", "--milestones", "20", "--total-steps", "8000"]
+    argv = ["convert", "--lr", "0.1", "--momentum", "0.9", "--milestones", "20", "--total-steps", "6700"]
     png = tmp_path / "drift.png"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert main([*argv, "--plot", str(png)]) == EXIT_OK
-    assert "no SPA equivalent from step" in capsys.readouterr().out
+        assert main([*argv, "--plot", str(png), "--json", "--per-step"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["per_step"]["eta"][-1] > 1e300  # drifted, still finite
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -316,3 +335,57 @@ def test_plot_prefers_event_files_to_a_csv_in_the_same_directory(tmp_path: Path)
         writer.add_scalar("spa/ratio", 2.0, k)
     writer.close()
     assert read_run(tmp_path)["spa/ratio"] == ([0, 5], [2.0, 2.0])
+
+
+# -- issue 16 item 14: warm-up in SGD form, fractional epochs, options past the end ------------------
+
+
+def test_sgdm_warmup_is_accepted_and_has_an_spa_form(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["convert", "--lr", "0.1", "--momentum", "0.9", "--warmup-steps", "10", "--total-steps", "50", "--per-step"]
+    out = _json(capsys, argv)  # before: "`--warmup-steps` applies to SPA schedules (--eta/--c) only"
+    lr = out["per_step"]["lr"]
+    assert lr[:10] == pytest.approx([0.1 * (k + 1) / 10 for k in range(10)]) and lr[10:] == pytest.approx([0.1] * 40)
+    assert out["no_spa_equivalent"] is None and "linear lr warm-up over 10 steps" in out["description"]
+    eta, c = out["per_step"]["eta"], out["per_step"]["c"]
+    assert all(0.0 < ck <= 1.0 for ck in c)
+    assert [ck * e for ck, e in zip(c, eta, strict=True)] == pytest.approx(lr, rel=1e-12)  # alpha_k = c_k eta_k
+    beta = [(1 - c[k - 1]) * eta[k - 1] / eta[k] for k in range(1, 50)]  # Theorem 1, momentum kept at 0.9
+    assert beta == pytest.approx([0.9] * 49, rel=1e-12)
+    keras = _json(capsys, [*argv[:1], "--from", "keras", *argv[1:]])
+    assert keras["per_step"]["keras_lr"] == pytest.approx(lr) and keras["per_step"]["c"] == pytest.approx([0.1] * 50)
+
+
+def test_fractional_steps_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    spe = 1281167 / 8192  # ImageNet at batch 8192: 156.39... optimizer steps an epoch
+    argv = ["convert", "--eta", "1", "--c", "0.1", "--milestones", "30", "60", "--unit", "epoch", "--mode", "lr"]
+    out = _json(capsys, [*argv, "--steps-per-epoch", "156.4", "--epochs", "90"])  # before: a usage error (exit 2)
+    assert out["total_steps"] == round(90 * 156.4) == 14076
+    assert [f["step"] for f in out["momentum_ge_1"]] == [round(30 * 156.4), round(60 * 156.4)] == [4692, 9384]
+    assert _json(capsys, [*argv, "--steps-per-epoch", repr(spe), "--epochs", "90"])["total_steps"] == round(90 * spe)
+    for bad in ("0", "-1.5"):
+        with pytest.raises(SystemExit) as usage:
+            main([*argv, "--steps-per-epoch", bad])
+        assert usage.value.code == EXIT_USAGE
+
+
+EPOCHS_40_5 = ["--unit", "epoch", "--steps-per-epoch", "40.5", "--total-steps", "100"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--eta", "1", "--c", "0.1", "--momentum-off", "100", "--total-steps", "100"], "`--momentum-off` 100 falls"),
+        (["--eta", "1", "--c", "0.1", "--momentum-off", "3", *EPOCHS_40_5], "falls at step 122"),
+        (["--eta", "1", "--c", "0.1", "--warmup-steps", "150", "--total-steps", "100"], "`--warmup-steps` 150"),
+        (["--eta", "1", "--c", "0.1", "--bounded"], "`--bounded` chooses"),
+        (["--eta", "1", "--c", "0.1", "--from", "keras"], "takes no `--from`"),
+        (["--from", "keras", "--lr", "0.1", "--momentum", "0.9", "--bounded"], "a Keras schedule has one"),
+        (["--from", "keras", "--lr", "0.1", "--momentum", "1.0"], "Keras' momentum must be in [0, 1)"),
+    ],
+)
+def test_options_past_the_end_or_without_effect_are_refused(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    assert main(["convert", *extra]) == EXIT_INVALID  # before: --momentum-off past the end was silently ignored
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -61,7 +61,7 @@ def test_no_lightning(statement: str) -> None:
         "import lightning_spa.schedule",
         "import lightning_spa.cli",
         # `lightning-spa convert` is scalar Theorem-1 arithmetic in both forms: plain Python
-        f"{_MAIN}(['convert', '--eta', '1', '--c', '0.1', '--milestones', '5']) == 0",
+        f"{_MAIN}(['convert', '--eta', '1', '--c', '0.1', '--milestones', '5']) == 3",  # flagged: an instant drop
         f"{_MAIN}(['convert', '--lr', '.1', '--momentum', '.9', '--milestones', '5']) == 0",
     ],
 )

@@ -108,18 +108,23 @@ def test_panel_f_geometric_transition_keeps_momentum_below_one():
     assert momentum[CHANGE + steps + 1 :] == pytest.approx([0.0] * (N - CHANGE - steps - 1))
 
 
-def test_momentum_zero_after_step_zero_names_the_step():
-    with pytest.raises(NoSPAEquivalentError, match="step 7") as err:
-        sgdm_to_spa([0.1] * 10, [0.9] * 7 + [0.0] * 3)
-    assert err.value.step == 7
+def test_momentum_zero_after_step_zero_needs_c_one_before_it():
+    lr, momentum = [0.1] * 10, [0.9] * 7 + [0.0] * 3
+    with pytest.raises(NoSPAEquivalentError, match="step 7") as err:  # the natural start 1.0 has c 0.1 at step 6
+        sgdm_to_spa(lr, momentum, eta0=1.0)
+    assert err.value.step == 7 and "eta0=None" in str(err.value)
+    eta, c = sgdm_to_spa(lr, momentum)  # the default finds the form that reaches c = 1 at step 6
+    assert c[6] == pytest.approx(1.0) and c[7:] == pytest.approx([1.0] * 3)
+    lr2, momentum2 = spa_to_sgdm(eta, c)  # momentum2[0] is 1 - c_0: beta_0 has no effect
+    assert lr2 == pytest.approx(lr, rel=1e-12) and momentum2[1:] == pytest.approx(momentum[1:], abs=1e-12)
 
 
-def test_rising_momentum_names_the_first_unrepresentable_step():
+def test_rising_momentum_from_an_explicit_eta0_names_the_first_unrepresentable_step():
     warmup = [0.5 + 0.4 * min(1.0, k / 10) for k in range(30)]  # a momentum warm-up 0.5 -> 0.9
     with pytest.raises(NoSPAEquivalentError) as err:
-        sgdm_to_spa([0.1] * 30, warmup)
+        sgdm_to_spa([0.1] * 30, warmup, eta0=0.2)  # the natural start lr / (1 - 0.5)
     k = err.value.step
-    eta, _ = sgdm_to_spa([0.1] * k, warmup[:k])  # everything before it maps
+    eta, _ = sgdm_to_spa([0.1] * k, warmup[:k], eta0=0.2)  # everything before it maps
     assert (eta[-1] - 0.1) / warmup[k] < 0.1  # eta_k < alpha_k: c_k > 1
 
 
@@ -220,9 +225,10 @@ def test_multisteplr_drifts_by_default_and_bounded_stays_finite():
     lr = [0.1] * m + [0.01] * (75 * 391) + [0.001] * (75 * 391)
     eta, _ = sgdm_to_spa(lr[: m + 50], 0.9)  # the natural form: constant, then Figure 1a's drift ...
     assert eta[m - 1] == pytest.approx(1.0) and eta[m + 1] == pytest.approx(1.1) and eta[-1] > 100
-    with pytest.raises(NoSPAEquivalentError, match="eta0='bounded'") as err:
-        sgdm_to_spa(lr, 0.9)  # ... until eta overflows a float
+    with pytest.raises(NoSPAEquivalentError, match="'bounded'") as err:
+        sgdm_to_spa(lr, 0.9, eta0=1.0)  # ... until eta overflows a float
     assert m < err.value.step < len(lr)
+    assert sgdm_to_spa(lr, 0.9) == sgdm_to_spa(lr, 0.9, eta0="bounded")  # the default falls back to the finite form
     eta, c = sgdm_to_spa(lr, 0.9, eta0="bounded")  # moves ahead of each drop and stays finite
     assert eta[0] == pytest.approx(1.0) and c[m + 1000] == pytest.approx(0.1) and eta[-1] == pytest.approx(0.01)
     assert max(c[m - 300 : m]) > 0.5  # c rises before the drop: the equivalent of keeping momentum 0.9
