@@ -42,6 +42,8 @@ class _DecidedRemoval:
     resumed run that restores ``start`` continues bit-exactly.
     """
 
+    changes_eta = False  # on SPA only c is written: the lr stays free for an LR scheduler
+
     def __init__(self, transition_steps: int) -> None:
         self.transition_steps = transition_steps
         self.start: int | None = None
@@ -236,8 +238,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
                 "switch."
             )
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)  # the first schedule callback builds the clocks and calls _check
+    def _start(self, trainer: pl.Trainer) -> None:
+        # The first schedule callback built the clocks and called _check (on_train_start); the meters hook the
+        # optimizers before the clocks do, so a reading reaches the decision before the clock writes the next step.
         self._loggers = list(trainer.loggers)
         self._trainer = trainer
         self._suffix = len(self._clocks) > 1
@@ -332,10 +335,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         super().load_state_dict(state_dict)
         decisions = {int(i): s for i, s in state_dict.get("decisions", {}).items()}
         meters = {int(i): s for i, s in state_dict.get("meters", {}).items()}
-        if not self._in_fit:
+        if not (self._in_fit and self._clocks):  # not set up yet (the set-up, at on_train_start, follows every restore)
             self._loaded_decisions, self._loaded_meters = decisions, meters
             return
-        # Strategies that restore after setup load the state after on_fit_start: apply it now.
+        # A load into a fit that is set up: apply it now.
         for index, state in decisions.items():
             if index in self.decisions:
                 self.decisions[index].load_state_dict(state)
