@@ -284,6 +284,10 @@ class SPAScheduleCallback(Callback):
 
     # ----- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # Nothing before the first set-up: Lightning then saves no entry (so Tuner.lr_find, which checkpoints before
+        # it fits without the other callbacks, restores without "callbacks ... need to be provided").
+        if not self._clocks:
+            return {}
         return {"clocks": {str(i): clock.state_dict() for i, clock in self._clocks.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -327,6 +327,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        if not state:  # not set up yet: nothing to save
+            return state
         state["decisions"] = {str(i): d.state_dict() for i, d in self.decisions.items()}
         state["meters"] = self._live_meter_states() if self._in_fit else self._meter_states
         return state

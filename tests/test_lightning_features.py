@@ -1,0 +1,318 @@
+"""The schedule callbacks alongside Lightning's own features (issues 15.3, 16.13, 17.1-17.3, 17.7).
+
+- LR schedulers on SPA (cosine stepped per step, ReduceLROnPlateau, OneCycleLR, a SequentialLR warm-up)
+  with ``MomentumOff`` / ``MeasuredMomentumOff``: the scheduler owns ``eta``, the callback ``c``;
+  on torch SGD the refusal names ``SPA.from_sgdm`` and where the scheduler came from;
+  ``Tuner.lr_find`` before ``fit``.
+- ``StochasticWeightAveraging``: SWALR takes the lr over at ``swa_epoch_start``; ``c`` keeps its schedule
+  on SPA; what cannot be handed over is refused before the first optimizer step.
+- A mid-epoch checkpoint (``ModelCheckpoint(every_n_train_steps=...)``) resumed with a stateful
+  dataloader: bit-identical to the uninterrupted run, with every schedule callback and
+  ``MomentumDiagnostics`` (and without them, as a control).
+- Manual optimization with an optimizer stepping every second batch: ``unit="epoch"`` is the Trainer's epochs.
+- ``optimizers=["SPA"]`` selects a ``GroupedSPA``; the spike warning's step and advice.
+
+Tiny float64 regressions: seconds each; each Lightning test runs under both packages (conftest's ``package``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from lightning_spa import SPA, GradualSchedule, GroupedSPA, MeasuredMomentumOff, MomentumOff
+from lightning_spa.callbacks.diagnostics import MomentumDiagnostics
+from lightning_spa.optim import SPASpikeWarning
+
+BATCHES, BATCH_SIZE = 4, 8  # optimizer steps per epoch (automatic optimization)
+ETA0, C0 = 0.3, 0.2
+Configure = Callable[[list[nn.Parameter]], Any]
+
+
+class StatefulLoader:
+    """A shuffling loader whose position can be saved and restored (what Lightning resumes mid-epoch).
+
+    Each epoch's order is drawn from a generator seeded by the epoch; ``state_dict`` holds the epoch and
+    the batches already yielded, so a restored loader continues with the next batch of the same epoch.
+    """
+
+    def __init__(self, batches: int = BATCHES, batch_size: int = BATCH_SIZE) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batches * batch_size, 4, generator=g, dtype=torch.float64)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+        self.y = self.y + 0.3 * torch.randn(len(self.x), generator=g, dtype=torch.float64)
+        self.batch_size, self.batches = batch_size, batches
+        self.epoch, self.yielded = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.yielded >= self.batches:  # the previous epoch was read to its end: a new one
+            self.epoch, self.yielded = self.epoch + 1, 0
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(100 + self.epoch))
+        while self.yielded < self.batches:
+            idx = order[self.yielded * self.batch_size : (self.yielded + 1) * self.batch_size]
+            self.yielded += 1
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded = state["epoch"], state["yielded"]
+
+
+def make_module(L: ModuleType, configure: Configure, log_const: bool = False) -> Any:
+    """A two-layer float64 regression whose ``configure_optimizers`` is ``configure(parameters)``."""
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Linear(4, 4, dtype=torch.float64)
+            self.head = nn.Linear(4, 1, dtype=torch.float64)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = ((self.head(torch.tanh(self.body(x))).squeeze(-1) - y) ** 2).mean()
+            if log_const:  # a metric that never improves: ReduceLROnPlateau(patience=0) cuts at every epoch end
+                self.log("const", 1.0, on_step=False, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return configure(list(self.parameters()))
+
+    return Tiny()
+
+
+def recorder(L: ModuleType) -> Any:
+    """Records every param group's ``lr`` / ``c`` / ``momentum`` right before each optimizer step, per optimizer."""
+
+    class Recorder(L.Callback):
+        def __init__(self) -> None:
+            self.values: dict[int, list[dict[str, float]]] = {}
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            index = list(trainer.optimizers).index(getattr(optimizer, "optimizer", optimizer))
+            group = optimizer.param_groups[0]
+            self.values.setdefault(index, []).append({k: float(group[k]) for k in ("lr", "c", "momentum") if k in group})
+
+        def key(self, name: str, index: int = 0) -> list[float]:
+            return [v[name] for v in self.values.get(index, [])]
+
+    return Recorder()
+
+
+def trainer_for(L: ModuleType, callbacks: list[Any], **kw: Any) -> Any:
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, max_epochs=3,
+    )  # fmt: skip
+    kwargs.update(kw)
+    return L.Trainer(callbacks=callbacks, **kwargs)
+
+
+def fit(L: ModuleType, module: Any, callbacks: list[Any], **kw: Any) -> tuple[Any, Any]:
+    rec = recorder(L)
+    loader = kw.pop("loader", None) or StatefulLoader()
+    ckpt_path = kw.pop("ckpt_path", None)
+    trainer = trainer_for(L, [*callbacks, rec], **kw)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer, rec
+
+
+def removal_c(k: int, start: int, length: int, c0: float = C0) -> float:
+    """``MomentumOff``'s ``c`` at step ``k``: ``c0 * (1/c0)**((j+1)/T)`` at ``start + j``, 1 from ``start + T - 1``."""
+    if k < start:
+        return c0
+    j = k - start
+    return 1.0 if j + 1 >= length else c0 * (1.0 / c0) ** ((j + 1) / length)
+
+
+# ----- 15.3: LR schedulers on SPA ------------------------------------------------------------------------
+
+EPOCHS = 3
+STEPS = EPOCHS * BATCHES
+
+
+def _cosine(opt: Any) -> Any:
+    return lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
+
+
+def _plateau(opt: Any) -> Any:
+    return lr_scheduler.ReduceLROnPlateau(opt, factor=0.85, patience=0)  # above 1 - c: no spike
+
+
+def _onecycle(opt: Any) -> Any:
+    return lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=STEPS, cycle_momentum=False)
+
+
+def _warmup(opt: Any) -> Any:
+    warm = lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=3)
+    return lr_scheduler.SequentialLR(opt, [warm, lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS - 3)], milestones=[3])
+
+
+SCHEDULERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "cosine-per-step": (_cosine, "step"),
+    "reduce-on-plateau": (_plateau, "epoch"),
+    "onecycle": (_onecycle, "step"),
+    "sequential-warmup": (_warmup, "step"),
+}
+
+
+def with_scheduler(name: str, optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Configure:
+    make, interval = SCHEDULERS[name]
+
+    def configure(params: list[nn.Parameter]) -> Any:
+        opt = optimizer(params)
+        config: dict[str, Any] = {"scheduler": make(opt), "interval": interval}
+        if name == "reduce-on-plateau":
+            config["monitor"] = "const"
+        return {"optimizer": opt, "lr_scheduler": config}
+
+    return configure
+
+
+def scheduler_alone(name: str) -> list[float]:
+    """The lr torch's scheduler gives each of the run's steps, stepped as Lightning steps it, on its own."""
+    make, interval = SCHEDULERS[name]
+    x = torch.zeros(1, requires_grad=True)
+    opt = SPA([x], lr=ETA0, c=C0)
+    sched = make(opt)
+    lrs = []
+    for k in range(STEPS):
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        x.grad = torch.zeros(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SPASpikeWarning)  # c stays c0 here: the plateau's halving warns
+            opt.step()
+        if interval == "step":
+            sched.step()
+        elif (k + 1) % BATCHES == 0:
+            sched.step(1.0) if name == "reduce-on-plateau" else sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("callback", ["MomentumOff", "MeasuredMomentumOff"])
+def test_lr_schedulers_compose_with_momentum_removal_on_spa(package: ModuleType, scheduler: str, callback: str) -> None:
+    """The scheduler owns eta (exactly its own values), the callback c (exactly its removal formula)."""
+    if callback == "MomentumOff":
+        cb: Any = MomentumOff(after_epochs=1)  # c -> 1 over the second epoch
+    else:
+        cb = MeasuredMomentumOff(warmup=1, patience=0.25, transition_steps=2)
+    module = make_module(package, with_scheduler(scheduler, lambda p: SPA(p, lr=ETA0, c=C0)), log_const=True)
+    trainer, rec = fit(package, module, [cb], max_epochs=EPOCHS)
+    assert trainer.global_step == STEPS
+    assert rec.key("lr") == scheduler_alone(scheduler)  # bit for bit: nothing else wrote eta
+    if callback == "MomentumOff":
+        start, length = BATCHES, BATCHES
+    else:
+        decided = cb.decided_steps[0]
+        start, length = (STEPS, 2) if decided is None else (decided + 1, 2)
+    assert rec.key("c") == pytest.approx([removal_c(k, start, length) for k in range(STEPS)], rel=1e-12)
+    assert all(math.isfinite(float(p.detach().abs().max())) for p in module.parameters())
+
+
+@pytest.mark.parametrize("callback", ["MomentumOff", "MeasuredMomentumOff"])
+def test_torch_sgd_with_a_scheduler_is_refused_naming_spa_from_sgdm(package: ModuleType, callback: str) -> None:
+    """On torch SGD removing momentum writes lr and momentum: refused before the first step, with the way out."""
+    cb = MomentumOff(after_epochs=1) if callback == "MomentumOff" else MeasuredMomentumOff()
+    sgd = lambda p: torch.optim.SGD(p, lr=0.06, momentum=0.8)  # noqa: E731
+    module = make_module(package, with_scheduler("cosine-per-step", sgd))
+    rec = recorder(package)
+    with pytest.raises(ValueError, match=r"CosineAnnealingLR from configure_optimizers .*SPA\.from_sgdm") as err:
+        trainer_for(package, [cb, rec]).fit(module, train_dataloaders=StatefulLoader())
+    assert "c: <1 - momentum>" in str(err.value)
+    assert rec.values == {}  # before the first optimizer step
+
+
+def test_gradual_schedule_and_a_scheduler_on_spa_are_refused(package: ModuleType) -> None:
+    """GradualSchedule writes eta on SPA too: it and a scheduler cannot share an optimizer."""
+    module = make_module(package, with_scheduler("onecycle", lambda p: SPA(p, lr=ETA0, c=C0)))
+    with pytest.raises(ValueError, match=r"writes eta .*OneCycleLR from configure_optimizers.*Keep one of the two"):
+        trainer_for(package, [GradualSchedule([1], factor=0.5, transition_steps=4)]).fit(
+            module, train_dataloaders=StatefulLoader()
+        )
+
+
+# LightningCLI itself calls jsonargparse APIs that jsonargparse deprecates (third party, not ours).
+@pytest.mark.filterwarnings("ignore::jsonargparse._deprecated.JsonargparseDeprecationWarning")
+def test_refusal_names_lightning_cli_lr_scheduler(package: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler given with LightningCLI's --lr_scheduler is named as such (not configure_optimizers)."""
+    monkeypatch.setattr(sys, "argv", ["cli"])  # args= only (LightningCLI warns when both are given)
+    cli_module = __import__(f"{package.__name__}.cli", fromlist=["LightningCLI"])
+
+    class CLIModule(package.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 1, dtype=torch.float64)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return ((self.layer(x).squeeze(-1) - y) ** 2).mean()
+
+    args = [
+        "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05", "--optimizer.momentum", "0.9",
+        "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1",
+        "--trainer.callbacks+", "lightning_spa.MomentumOff", "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.max_epochs", "1",
+    ]  # fmt: skip
+    cli = cli_module.LightningCLI(CLIModule, run=False, args=args, save_config_callback=None, seed_everything_default=0)
+    with pytest.raises(ValueError, match=r"StepLR from LightningCLI's --lr_scheduler .*SPA\.from_sgdm"):
+        cli.trainer.fit(cli.model, train_dataloaders=StatefulLoader())
+
+
+def test_lr_find_then_momentum_off(package: ModuleType) -> None:
+    """Tuner.lr_find before fit: the found lr is SPA's eta and MomentumOff moves c only; the fit ends finite.
+
+    Reported: with the steepest-descent suggestion as eta, removing momentum does not diverge here (the loss at
+    the end is below its start).
+    """
+    tuner_module = __import__(f"{package.__name__}.tuner", fromlist=["Tuner"])
+
+    class Tunable(package.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lr = 0.1
+            self.body = nn.Linear(4, 4, dtype=torch.float64)
+            self.head = nn.Linear(4, 1, dtype=torch.float64)
+            self.losses: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = ((self.head(torch.tanh(self.body(x))).squeeze(-1) - y) ** 2).mean()
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return SPA(self.parameters(), lr=self.lr, c=C0)
+
+    module = Tunable()
+    cb = MomentumOff(after_epochs=2)
+    rec = recorder(package)
+    trainer = trainer_for(package, [cb, rec], max_epochs=6)
+    finder = tuner_module.Tuner(trainer).lr_find(
+        module, train_dataloaders=StatefulLoader(), min_lr=1e-3, max_lr=3.0, num_training=24
+    )
+    assert finder is not None and module.lr == finder.suggestion()
+    module.losses.clear()
+    rec.values.clear()
+    trainer.fit(module, train_dataloaders=StatefulLoader())
+    assert rec.key("lr") == [module.lr] * 6 * BATCHES  # lr_find's eta, untouched
+    assert rec.key("c") == pytest.approx([removal_c(k, 2 * BATCHES, BATCHES) for k in range(6 * BATCHES)])
+    assert all(math.isfinite(v) for v in module.losses)
+    assert sum(module.losses[-BATCHES:]) < sum(module.losses[:BATCHES])
