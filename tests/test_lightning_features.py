@@ -29,6 +29,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
+from torch.optim.swa_utils import SWALR
 
 from lightning_spa import SPA, GradualSchedule, GroupedSPA, MeasuredMomentumOff, MomentumOff
 from lightning_spa.callbacks.diagnostics import MomentumDiagnostics
@@ -316,3 +317,98 @@ def test_lr_find_then_momentum_off(package: ModuleType) -> None:
     assert rec.key("c") == pytest.approx([removal_c(k, 2 * BATCHES, BATCHES) for k in range(6 * BATCHES)])
     assert all(math.isfinite(v) for v in module.losses)
     assert sum(module.losses[-BATCHES:]) < sum(module.losses[:BATCHES])
+
+
+# ----- 17.1: StochasticWeightAveraging ---------------------------------------------------------------------
+
+SWA_EPOCHS, SWA_START = 4, 2  # SWA from epoch 2 (0-based; swa_epoch_start=3), optimizer step 8
+# SWALR anneals once per epoch: a cut of eta below (1 - c) * eta in one step would be the spike SPA warns about.
+SWA_LR = 0.25  # >= (1 - C0) * ETA0 = 0.24
+HANDOVER = SWA_START * BATCHES
+
+
+def swa(L: ModuleType) -> Any:
+    return L.callbacks.StochasticWeightAveraging(swa_lrs=SWA_LR, swa_epoch_start=SWA_START + 1, annealing_epochs=1)
+
+
+def swalr_alone(start_lr: float) -> list[float]:
+    """The lr torch's SWALR gives the SWA epochs' steps, built as Lightning's SWA builds it, on its own."""
+    x = torch.zeros(1, requires_grad=True)
+    opt = SPA([x], lr=start_lr, c=1.0)
+    opt.param_groups[0]["initial_lr"] = SWA_LR
+    sched = SWALR(opt, swa_lr=[SWA_LR], anneal_epochs=1, anneal_strategy="cos", last_epoch=SWA_EPOCHS)
+    lrs = []
+    for _ in range(SWA_START, SWA_EPOCHS):
+        for _ in range(BATCHES):
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            x.grad = torch.zeros(1)
+            opt.step()
+        sched.step()
+    return lrs
+
+
+def test_swa_takes_the_lr_over_from_gradual_schedule_on_spa(package: ModuleType) -> None:
+    """GradualSchedule's decay (done before SWA) then SWALR's lr, from the schedule's last eta; c stays there."""
+    module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
+    cb = GradualSchedule([1], factor=0.5, transition_steps=BATCHES)  # eta / 2, c * 2 over steps 4-7
+    trainer, rec = fit(package, module, [cb, swa(package)], max_epochs=SWA_EPOCHS)
+    assert trainer.global_step == SWA_EPOCHS * BATCHES
+    f = [0.0] * BATCHES + [(j + 1) / BATCHES for j in range(BATCHES)]  # share of the transition, steps 0-7
+    assert rec.key("lr")[:HANDOVER] == pytest.approx([ETA0 * 0.5**s for s in f], rel=1e-12)
+    assert rec.key("lr")[HANDOVER:] == pytest.approx(swalr_alone(ETA0 * 0.5), rel=1e-12)
+    assert rec.key("c") == pytest.approx([C0 * 2**s for s in f] + [2 * C0] * (SWA_EPOCHS * BATCHES - HANDOVER))
+
+
+def test_swa_and_momentum_off_on_spa_c_keeps_its_schedule(package: ModuleType) -> None:
+    """On SPA, momentum removal writes c only: it goes on under SWALR, across the SWA start."""
+    module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
+    cb = MomentumOff(after_epochs=1.5)  # steps 6-9: across the SWA start (step 8)
+    _, rec = fit(package, module, [cb, swa(package)], max_epochs=SWA_EPOCHS)
+    assert rec.key("c") == pytest.approx([removal_c(k, 6, BATCHES) for k in range(SWA_EPOCHS * BATCHES)])
+    assert rec.key("lr") == pytest.approx([ETA0] * HANDOVER + swalr_alone(ETA0), rel=1e-12)
+
+
+def test_swa_and_measured_momentum_off_on_spa(package: ModuleType) -> None:
+    module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
+    cb = MeasuredMomentumOff(warmup=1, patience=0.25, transition_steps=2)
+    _, rec = fit(package, module, [cb, swa(package)], max_epochs=SWA_EPOCHS)
+    decided = cb.decided_steps[0]
+    start = SWA_EPOCHS * BATCHES if decided is None else decided + 1
+    assert rec.key("c") == pytest.approx([removal_c(k, start, 2) for k in range(SWA_EPOCHS * BATCHES)])
+    assert rec.key("lr") == pytest.approx([ETA0] * HANDOVER + swalr_alone(ETA0), rel=1e-12)
+
+
+def test_swa_and_momentum_off_done_before_it_on_torch_sgd(package: ModuleType) -> None:
+    """torch SGD: the removal ends before SWA (momentum 0, lr = eta), SWALR then anneals that lr."""
+    module = make_module(package, lambda p: torch.optim.SGD(p, lr=C0 * ETA0, momentum=1 - C0))
+    _, rec = fit(package, module, [MomentumOff(after_epochs=1), swa(package)], max_epochs=SWA_EPOCHS)
+    # step 7 is the last of the removal: c_7 = 1 (lr = eta), momentum (1 - c_6); from step 8 on, momentum 0
+    assert rec.key("lr")[HANDOVER - 1] == pytest.approx(ETA0, rel=1e-12)
+    assert rec.key("momentum")[HANDOVER:] == [0.0] * (SWA_EPOCHS * BATCHES - HANDOVER)
+    assert rec.key("lr")[HANDOVER:] == pytest.approx(swalr_alone(ETA0), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "callback", "match"),
+    [
+        ("sgd", lambda: MomentumOff(after_epochs=1.5), r"the lr or the momentum of optimizer 0 \(SGD\) until its "
+         r"optimizer step 9, but StochasticWeightAveraging's SWALR .*epoch 2 \(optimizer step 8\).*SPA\.from_sgdm"),
+        ("sgd", lambda: MeasuredMomentumOff(), r"at a step only known during the run \(MeasuredMomentumOff\)"),
+        ("spa", lambda: GradualSchedule([1.5], factor=0.5, transition_steps=4),
+         r"eta \(GradualSchedule\) of optimizer 0 \(SPA\) until its optimizer step 9.*before swa_epoch_start"),
+    ],
+    ids=["sgd-momentum-off-after", "sgd-measured", "spa-gradual-after"],
+)  # fmt: skip
+def test_swa_with_a_schedule_it_would_cut_is_refused_before_training(
+    package: ModuleType, optimizer: str, callback: Callable[[], Any], match: str
+) -> None:
+    if optimizer == "sgd":
+        module = make_module(package, lambda p: torch.optim.SGD(p, lr=C0 * ETA0, momentum=1 - C0))
+    else:
+        module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
+    rec = recorder(package)
+    with pytest.raises(ValueError, match=match):
+        trainer_for(package, [callback(), swa(package), rec], max_epochs=SWA_EPOCHS).fit(
+            module, train_dataloaders=StatefulLoader()
+        )
+    assert rec.values == {}
