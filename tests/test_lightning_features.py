@@ -18,6 +18,7 @@ Tiny float64 regressions: seconds each; each Lightning test runs under both pack
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,6 +39,10 @@ from lightning_spa.optim import SPASpikeWarning
 BATCHES, BATCH_SIZE = 4, 8  # optimizer steps per epoch (automatic optimization)
 ETA0, C0 = 0.3, 0.2
 Configure = Callable[[list[nn.Parameter]], Any]
+# Whether and when MeasuredMomentumOff decides here (and its console line / warning about the ratio at the
+# decision) is the decision rule's business (tests/test_measured_momentum_off.py); these tests check that its
+# c-only removal composes with Lightning's features whatever it decides.
+DECISION_MESSAGES = pytest.mark.filterwarnings("ignore:MeasuredMomentumOff. optimizer:UserWarning")
 
 
 class StatefulLoader:
@@ -205,6 +210,7 @@ def scheduler_alone(name: str) -> list[float]:
     return lrs
 
 
+@DECISION_MESSAGES
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("callback", ["MomentumOff", "MeasuredMomentumOff"])
 def test_lr_schedulers_compose_with_momentum_removal_on_spa(package: ModuleType, scheduler: str, callback: str) -> None:
@@ -368,6 +374,7 @@ def test_swa_and_momentum_off_on_spa_c_keeps_its_schedule(package: ModuleType) -
     assert rec.key("lr") == pytest.approx([ETA0] * HANDOVER + swalr_alone(ETA0), rel=1e-12)
 
 
+@DECISION_MESSAGES
 def test_swa_and_measured_momentum_off_on_spa(package: ModuleType) -> None:
     module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
     cb = MeasuredMomentumOff(warmup=1, patience=0.25, transition_steps=2)
@@ -412,3 +419,46 @@ def test_swa_with_a_schedule_it_would_cut_is_refused_before_training(
             module, train_dataloaders=StatefulLoader()
         )
     assert rec.values == {}
+
+
+# ----- 17.2: mid-epoch resume with a stateful dataloader ------------------------------------------------------
+
+RESUME_CALLBACKS: dict[str, Callable[[], list[Any]]] = {
+    "control": lambda: [],
+    "gradual": lambda: [GradualSchedule([1], factor=0.5, transition_steps=4), MomentumDiagnostics(every_n_steps=1)],
+    "momentum-off": lambda: [MomentumOff(after_epochs=1), MomentumDiagnostics(every_n_steps=1)],
+    "measured": lambda: [MeasuredMomentumOff(warmup=1, patience=0.25), MomentumDiagnostics(every_n_steps=1)],
+    "all": lambda: [
+        GradualSchedule([1], factor=0.5, transition_steps=4),
+        MomentumOff(after_epochs=2),
+        MeasuredMomentumOff(warmup=1, patience=0.25, transition_steps=2),
+        MomentumDiagnostics(every_n_steps=1),
+    ],
+}
+
+
+@DECISION_MESSAGES
+@pytest.mark.parametrize("callbacks", list(RESUME_CALLBACKS))
+@pytest.mark.parametrize("optimizer", ["spa", "sgd"])
+def test_mid_epoch_resume_is_bit_exact(package: ModuleType, tmp_path: Path, callbacks: str, optimizer: str) -> None:
+    """A ModelCheckpoint(every_n_train_steps=6) checkpoint (mid-epoch 1) resumed with a stateful loader ends on the
+    uninterrupted run's weights, bit for bit, with our callbacks as without them (the control)."""
+
+    def configure(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return SPA(params, lr=ETA0, c=C0) if optimizer == "spa" else torch.optim.SGD(params, lr=C0 * ETA0, momentum=0.8)
+
+    def checkpoints() -> Any:  # the same arguments and directory in both runs (Lightning warns otherwise)
+        return package.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+
+    reference = make_module(package, configure)
+    _, rec = fit(package, reference, [*RESUME_CALLBACKS[callbacks](), checkpoints()], enable_checkpointing=True)
+    (saved,) = (tmp_path / "ckpt").glob("epoch=1-step=6*.ckpt")  # 6 steps: batch 2 of epoch 1
+    path = shutil.move(saved, tmp_path / "cut.ckpt")
+    shutil.rmtree(tmp_path / "ckpt")
+    resumed = make_module(package, configure)
+    _, rec_resumed = fit(
+        package, resumed, [*RESUME_CALLBACKS[callbacks](), checkpoints()], ckpt_path=str(path), enable_checkpointing=True
+    )
+    assert rec.values[0][6:] == rec_resumed.values[0]  # the same values at the same steps
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
