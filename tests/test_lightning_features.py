@@ -462,3 +462,52 @@ def test_mid_epoch_resume_is_bit_exact(package: ModuleType, tmp_path: Path, call
     assert rec.values[0][6:] == rec_resumed.values[0]  # the same values at the same steps
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# ----- 16.13: a class name selects subclasses ------------------------------------------------------------------
+
+
+def test_class_name_selects_a_subclass(package: ModuleType) -> None:
+    """optimizers=["SPA"] selects a GroupedSPA (a SPA subclass), as isinstance would."""
+    module = make_module(package, lambda p: GroupedSPA(p, eta=ETA0, c=C0))
+    _, rec = fit(package, module, [MomentumOff(after_epochs=1, optimizers=["SPA"])], max_epochs=2)
+    assert rec.key("c") == pytest.approx([removal_c(k, BATCHES, BATCHES) for k in range(2 * BATCHES)])
+
+
+# ----- 17.7: the spike warning ----------------------------------------------------------------------------------
+
+
+def _first_spike(make: Callable[[Any], Any], every: int, steps: int, c: float = 0.1) -> tuple[list[Any], list[float]]:
+    """SPA with ``make``'s scheduler stepped every ``every`` optimizer steps; the spike warnings and the etas."""
+    x = torch.zeros(3, requires_grad=True)
+    opt = SPA([x], lr=1.0, c=c)
+    sched = make(opt)
+    etas = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(steps):
+            etas.append(float(opt.param_groups[0]["lr"]))
+            x.grad = torch.ones(3)
+            opt.step()
+            if (k + 1) % every == 0:
+                sched.step()
+    return [w for w in caught if issubclass(w.category, SPASpikeWarning)], etas
+
+
+def test_spike_warning_of_a_scheduler_stepped_per_epoch_names_interval_step() -> None:
+    """A cosine stepped every 5 steps (per epoch) falls in a staircase: the warning says `interval: step`, at the
+    first step (0-based) whose equivalent momentum (1 - c) * eta_prev / eta reaches 1."""
+    epochs, every, c = 12, 5, 0.1
+    caught, etas = _first_spike(lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=epochs), every, epochs * every, c)
+    first = next(k for k in range(1, len(etas)) if etas[k] < etas[k - 1] and (1 - c) * etas[k - 1] / etas[k] >= 1)
+    assert first % every == 0 and first > 2 * every  # at an epoch boundary, after two earlier falls
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert f"SPA step {first} (counted from 0)" in message
+    assert f"staircase, once every {every} optimizer steps" in message and '"interval": "step"' in message
+    assert "--lr_scheduler" in message
+
+
+def test_spike_warning_of_the_same_cosine_per_step_is_silent() -> None:
+    caught, _ = _first_spike(lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=60), 1, 60)
+    assert caught == []
