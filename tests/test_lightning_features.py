@@ -112,7 +112,9 @@ def recorder(L: ModuleType) -> Any:
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             index = list(trainer.optimizers).index(getattr(optimizer, "optimizer", optimizer))
             group = optimizer.param_groups[0]
-            self.values.setdefault(index, []).append({k: float(group[k]) for k in ("lr", "c", "momentum") if k in group})
+            self.values.setdefault(index, []).append(
+                {k: float(group[k]) for k in ("lr", "c", "momentum") if k in group}
+            )
 
         def key(self, name: str, index: int = 0) -> list[float]:
             return [v[name] for v in self.values.get(index, [])]
@@ -457,7 +459,11 @@ def test_mid_epoch_resume_is_bit_exact(package: ModuleType, tmp_path: Path, call
     shutil.rmtree(tmp_path / "ckpt")
     resumed = make_module(package, configure)
     _, rec_resumed = fit(
-        package, resumed, [*RESUME_CALLBACKS[callbacks](), checkpoints()], ckpt_path=str(path), enable_checkpointing=True
+        package,
+        resumed,
+        [*RESUME_CALLBACKS[callbacks](), checkpoints()],
+        ckpt_path=str(path),
+        enable_checkpointing=True,
     )
     assert rec.values[0][6:] == rec_resumed.values[0]  # the same values at the same steps
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
@@ -511,3 +517,77 @@ def test_spike_warning_of_a_scheduler_stepped_per_epoch_names_interval_step() ->
 def test_spike_warning_of_the_same_cosine_per_step_is_silent() -> None:
     caught, _ = _first_spike(lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=60), 1, 60)
     assert caught == []
+
+
+# ----- 17.3: manual optimization, an optimizer stepping every second batch -----------------------------------------
+
+
+def make_manual_module(L: ModuleType) -> Any:
+    """Two SPA optimizers (body, head); the head's steps on every second batch only."""
+
+    class TwoClocks(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.automatic_optimization = False
+            self.body = nn.Linear(4, 4, dtype=torch.float64)
+            self.head = nn.Linear(4, 1, dtype=torch.float64)
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            body, head = self.optimizers()  # type: ignore[misc]
+            x, y = batch
+            body.zero_grad()
+            head.zero_grad()
+            self.manual_backward(((self.head(torch.tanh(self.body(x))).squeeze(-1) - y) ** 2).mean())
+            body.step()
+            if batch_idx % 2 == 1:
+                head.step()
+
+        def configure_optimizers(self) -> Any:
+            return [SPA(self.body.parameters(), lr=ETA0, c=C0), SPA(self.head.parameters(), lr=ETA0, c=C0)]
+
+    return TwoClocks()
+
+
+def manual_callbacks() -> list[Any]:
+    return [GradualSchedule([2], factor=0.5, mode="lr"), MomentumOff(after_epochs=1)]
+
+
+def expected_manual(per_epoch: int, steps: int) -> tuple[list[float], list[float]]:
+    """eta halves over epoch 2 and c goes to 1 over epoch 1 (one epoch each): ``per_epoch`` steps of this optimizer."""
+    f = [min(1.0, max(0.0, (k - 2 * per_epoch + 1) / per_epoch)) for k in range(steps)]
+    return [ETA0 * 0.5**s for s in f], [removal_c(k, per_epoch, per_epoch) for k in range(steps)]
+
+
+def test_manual_optimization_epochs_are_the_trainers_for_every_optimizer(package: ModuleType, tmp_path: Path) -> None:
+    """The head steps twice per epoch: its transitions take 2 of its steps and end with the trainer's epochs.
+
+    Resumed after the first epoch (where the rate was counted), both optimizers continue with the same values."""
+    epochs = 4
+    module = make_manual_module(package)
+    trainer, rec = fit(package, module, manual_callbacks(), max_epochs=epochs)
+    for index, per_epoch in ((0, BATCHES), (1, BATCHES // 2)):
+        eta, c = expected_manual(per_epoch, epochs * per_epoch)
+        assert rec.key("lr", index) == pytest.approx(eta, rel=1e-12)
+        assert rec.key("c", index) == pytest.approx(c, rel=1e-12)
+    assert rec.key("c", 1)[2 * (BATCHES // 2) - 1] == 1.0  # the head's removal is over at the end of epoch 1
+
+    first = make_manual_module(package)
+    trainer = trainer_for(package, [*manual_callbacks(), recorder(package)], max_epochs=2)
+    with pytest.warns(UserWarning, match="milestone at optimizer step 8 is beyond this run's 8 steps"):
+        trainer.fit(first, train_dataloaders=StatefulLoader())  # 2 epochs: the milestone at epoch 2 is not reached
+    trainer.save_checkpoint(tmp_path / "epoch2.ckpt")
+    resumed = make_manual_module(package)
+    _, rec_resumed = fit(
+        package, resumed, manual_callbacks(), max_epochs=epochs, ckpt_path=str(tmp_path / "epoch2.ckpt")
+    )
+    assert rec_resumed.values[0] == rec.values[0][2 * BATCHES :]  # the rate counted in epoch 0 came back
+    assert rec_resumed.values[1] == rec.values[1][2 * (BATCHES // 2) :]
+
+
+@DECISION_MESSAGES
+def test_manual_optimization_measured_momentum_off_says_its_epochs_are_batches(package: ModuleType) -> None:
+    """MeasuredMomentumOff's warm-up/patience cannot be re-timed once counting: it says so, naming unit='step'."""
+    with pytest.warns(UserWarning, match=r"optimizer 1 took 2 steps in the trainer's first epoch of 4 batches.*"
+                      r"unit='step'"):  # fmt: skip
+        fit(package, make_manual_module(package), [MeasuredMomentumOff(warmup=1, patience=1)], max_epochs=2)

@@ -136,6 +136,9 @@ class OptimizerClock:
         self._handles: list[RemovableHandle] = []
         self._warned_lost = False
         self.loaded = False  # whether the clock came from a checkpoint
+        # Manual optimization: the optimizer's own steps in the trainer's first epoch (None: not counted yet), with
+        # which the callbacks convert epochs for it (an optimizer may step on some batches only).
+        self.per_epoch: int | None = None
 
     @property
     def _keys(self) -> tuple[str, ...]:
@@ -164,11 +167,15 @@ class OptimizerClock:
             self.groups = [GroupStart(*read_start(g, self.kind), 0) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "groups": [list(g) for g in self.groups]}
+        state: dict[str, Any] = {"steps": self.steps, "groups": [list(g) for g in self.groups]}
+        if self.per_epoch is not None:
+            state["per_epoch"] = self.per_epoch
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loaded = True
         self.steps = int(state["steps"])
+        self.per_epoch = None if state.get("per_epoch") is None else int(state["per_epoch"])
         self.groups = [GroupStart(float(e), float(c), int(j)) for e, c, j in state["groups"]]
 
     def values(self, g: int, k: int) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from lightning_spa.callbacks._select import (
     select_optimizers,
     warn_lr_monitor_momentum,
 )
-from lightning_spa.schedule import SPASchedule, changes_eta, settled_from
+from lightning_spa.schedule import MomentumRemoval, SPASchedule, StepDecay, changes_eta, settled_from
 
 __all__ = ["SPAScheduleCallback", "check_length", "check_scheduler", "check_swa", "check_unit", "to_steps"]
 
@@ -157,6 +157,8 @@ class SPAScheduleCallback(Callback):
         self._total_steps: float = math.inf
         self._in_fit = False
         self._swa: Any = None  # Lightning's StochasticWeightAveraging, when the fit has one
+        self._per_epoch = 0  # optimizer steps per trainer epoch, as converted at the set-up (one per batch)
+        self._manual = False
 
     # ----- to implement -------------------------------------------------------------------
     def _build(self, steps_per_epoch: int) -> SPASchedule:
@@ -178,8 +180,8 @@ class SPAScheduleCallback(Callback):
     def _prepare(self, trainer: pl.Trainer) -> None:
         """Builds the schedule in optimizer steps and selects the optimizers."""
         self._total_steps = float(trainer.estimated_stepping_batches)
-        per_epoch = steps_per_epoch(trainer)
-        self.schedule = self._build(per_epoch)
+        self._per_epoch = steps_per_epoch(trainer)
+        self.schedule = self._build(self._per_epoch)
         self._selected = select_optimizers(trainer, self.optimizers, self._name, "schedule")
 
     def _start(self, trainer: pl.Trainer) -> None:
@@ -249,7 +251,10 @@ class SPAScheduleCallback(Callback):
         for peer in peers:
             peer._start(trainer)
         self._hand_over_to_swa(trainer)
+        self._manual = not trainer.lightning_module.automatic_optimization
         for clock in dict.fromkeys(self._all_clocks(trainer)):
+            if self._manual and clock.per_epoch is not None:  # resumed after the first epoch: its counted rate
+                self._apply_rate(trainer, clock, clock.per_epoch, resumed=True)
             if trainer.ckpt_path and not clock.loaded:
                 rank_zero_warn(
                     f"{clock.owner}: the checkpoint {trainer.ckpt_path} holds no schedule clock for optimizer "
@@ -262,6 +267,60 @@ class SPAScheduleCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._owner:
             self._hand_over_to_swa(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Manual optimization: an optimizer may step on some batches only. `unit="epoch"` means the trainer's
+        # epochs for every optimizer, so each one's epochs are converted with its own steps in the first epoch.
+        if not (self._owner and self._manual and trainer.current_epoch == 0):
+            return
+        for clock in dict.fromkeys(self._all_clocks(trainer)):
+            if clock.per_epoch is None and clock.steps > 0:
+                self._apply_rate(trainer, clock, clock.steps)
+                clock.write()  # the coming step's values at that rate
+
+    def _apply_rate(self, trainer: pl.Trainer, clock: OptimizerClock, per_epoch: int, resumed: bool = False) -> None:
+        """Rebuilds the epoch-based schedules of ``clock`` for ``per_epoch`` of its optimizer's steps per epoch.
+
+        ``resumed``: the rate comes from the checkpoint (the steps taken before already used it).
+        """
+        clock.per_epoch = per_epoch
+        if per_epoch == self._per_epoch:
+            return
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, SPAScheduleCallback)]  # type: ignore[attr-defined]
+        members = [peer for peer in peers if clock.index in peer._clocks]
+        rebuilt: dict[int, tuple[SPAScheduleCallback, SPASchedule]] = {}
+        for peer in members:
+            epoch_based = getattr(peer, "unit", "step") == "epoch" or getattr(peer, "transition_steps", 0) is None
+            if not epoch_based:
+                continue
+            if isinstance(peer.schedule, (StepDecay, MomentumRemoval)):  # built purely from the arguments
+                rebuilt[id(peer.schedule)] = (peer, peer._build(per_epoch))
+            else:
+                rank_zero_warn(
+                    f"{peer._name}: optimizer {clock.index} took {per_epoch} steps in the trainer's first epoch of "
+                    f"{self._per_epoch} batches; {peer._name} converts its epochs with {self._per_epoch} steps per "
+                    "epoch for every optimizer. Give its arguments in optimizer steps (unit='step', transition_steps) "
+                    "to time them for this optimizer."
+                )
+        if not rebuilt:
+            return
+        taken = range(0 if resumed else clock.steps)
+        before = [clock.values(g, k) for g in range(len(clock.groups)) for k in taken]
+        clock.schedules = sorted([rebuilt[id(s)][1] if id(s) in rebuilt else s for s in clock.schedules], key=repr)
+        clock.writes_eta = clock.kind == "sgd" or any(changes_eta(s) for s in clock.schedules)
+        if [clock.values(g, k) for g in range(len(clock.groups)) for k in taken] != before:
+            rank_zero_warn(
+                f"{clock.owner}: optimizer {clock.index} took {per_epoch} steps in the trainer's first epoch of "
+                f"{self._per_epoch} batches, so its epochs are now converted with {per_epoch} steps per epoch; a point "
+                "inside the first epoch was already converted with one step per batch. Give such points in "
+                "optimizer steps (unit='step')."
+            )
+        for peer, schedule in rebuilt.values():  # the fit-start checks, for this optimizer's schedule
+            template, peer.schedule = peer.schedule, schedule
+            try:
+                peer._check(clock)
+            finally:
+                peer.schedule = template
 
     def _hand_over_to_swa(self, trainer: pl.Trainer) -> None:
         """From SWA's first epoch its SWALR writes optimizer 0's lr (``check_swa`` made sure nothing is lost)."""

@@ -134,7 +134,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     Raises:
         ValueError: at construction, an invalid argument (the message names it and the valid
-            range); at fit start, an unsupported optimizer setting, an LR scheduler on the same
+            range); at fit start, an unsupported optimizer setting, an LR scheduler on the same torch SGD
             optimizer, or epochs with a dataloader that has no length.
         TypeError: at fit start, an explicitly selected optimizer other than SPA or torch SGD.
 
