@@ -591,3 +591,30 @@ def test_manual_optimization_measured_momentum_off_says_its_epochs_are_batches(p
     with pytest.warns(UserWarning, match=r"optimizer 1 took 2 steps in the trainer's first epoch of 4 batches.*"
                       r"unit='step'"):  # fmt: skip
         fit(package, make_manual_module(package), [MeasuredMomentumOff(warmup=1, patience=1)], max_epochs=2)
+
+
+def test_swa_with_batch_norm_and_momentum_off_on_spa(package: ModuleType) -> None:
+    """With a BatchNorm, SWA adds an epoch that recomputes the statistics: the fit still completes, c = 1 there."""
+
+    class WithBatchNorm(package.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Linear(4, 4, dtype=torch.float64)
+            self.norm = nn.BatchNorm1d(4, dtype=torch.float64)
+            self.head = nn.Linear(4, 1, dtype=torch.float64)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return ((self.head(self.norm(self.body(x))).squeeze(-1) - y) ** 2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return SPA(self.parameters(), lr=ETA0, c=C0)
+
+    module = WithBatchNorm()
+    _, rec = fit(package, module, [MomentumOff(after_epochs=1.5), swa(package)], max_epochs=SWA_EPOCHS)
+    steps = len(rec.key("c"))
+    assert steps >= SWA_EPOCHS * BATCHES  # Lightning's statistics epoch may add a step of its own
+    assert rec.key("c") == pytest.approx([removal_c(k, 6, BATCHES) for k in range(steps)])
+    assert rec.key("lr")[:HANDOVER] == [ETA0] * HANDOVER
+    assert all(math.isfinite(float(p.detach().abs().max())) for p in module.parameters())
