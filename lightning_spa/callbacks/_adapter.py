@@ -141,7 +141,7 @@ class OptimizerClock:
         self.per_epoch: int | None = None
 
     @property
-    def _keys(self) -> tuple[str, ...]:
+    def written_keys(self) -> tuple[str, ...]:
         """The param-group keys the clock writes (and checks): ``lr`` only while it owns it."""
         second = "c" if self.kind == "spa" else "momentum"
         owns_lr = self.lr_owner is None and (self.kind == "sgd" or self.writes_eta)
@@ -201,9 +201,9 @@ class OptimizerClock:
     def _write_group(self, g: int, coming: tuple[float, float], taken: tuple[float, float] | None) -> None:
         """Writes ``coming`` into group ``g`` (appended when ``g`` is new); ``taken``: the previous step's values."""
         group = self.optimizer.param_groups[g]
-        write_spa_terms(group, self.kind, *coming, taken, self._keys)
+        write_spa_terms(group, self.kind, *coming, taken, self.written_keys)
         # Read back what the group holds (a float32 tensor lr rounds): that is what the next check compares.
-        written = {key: _as_float(group[key]) for key in self._keys}
+        written = {key: _as_float(group[key]) for key in self.written_keys}
         if g == len(self._written):  # a new group
             self._written.append(written)
             self._coming.append(coming)

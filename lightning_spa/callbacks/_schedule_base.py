@@ -77,7 +77,7 @@ def check_scheduler(clock: OptimizerClock, scheduler: Any, trainer: pl.Trainer) 
 
     On SPA a clock that only moves ``c`` (momentum removal) leaves the lr to the scheduler: accepted.
     """
-    if "lr" not in clock._keys:
+    if "lr" not in clock.written_keys:
         return
     name, source = type(scheduler).__name__, scheduler_source(trainer, scheduler)
     decay = (
@@ -222,7 +222,7 @@ class SPAScheduleCallback(Callback):
         # unfreezes (an LR schedule of its own): refuse now rather than with a foreign-write error mid-run.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         finetuning = next((cb for cb in callbacks if is_instance_by_name(cb, "BackboneFinetuning")), None)
-        if finetuning is not None and 0 in clocks and clocks[0]._keys[0] == "lr":
+        if finetuning is not None and 0 in clocks and "lr" in clocks[0].written_keys:
             raise ValueError(
                 f"{clocks[0].owner} writes the learning rate of every step of optimizer 0, but "
                 f"{type(finetuning).__name__} also sets the backbone group's lr at every epoch after it unfreezes. "
