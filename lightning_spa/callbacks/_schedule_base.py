@@ -1,12 +1,16 @@
 """The Lightning side shared by the schedule callbacks (see :mod:`lightning_spa.callbacks.schedules`).
 
-At fit start the first schedule callback in ``trainer.callbacks`` sets up all of them: each one
-builds its schedule and selects its optimizers (:func:`~lightning_spa.callbacks._select.select_optimizers`),
-and every selected optimizer gets one :class:`~lightning_spa.callbacks._adapter.OptimizerClock`
-shared by all callbacks that target it, composing their schedules in a canonical order (so the
-order of the callbacks changes nothing). The clocks hook the optimizers; the callbacks only
-check the setup, write the first values and hook the optimizers once the optimizer state is
-restored (``on_train_start``), and save the clocks in checkpoints.
+At train start (``on_train_start``: after any checkpoint is restored and once the fit loop has loaded
+the training dataloader, so nothing here moves a resumed stateful dataloader) the first schedule
+callback in ``trainer.callbacks`` sets up all of them: each one builds its schedule and selects its
+optimizers (:func:`~lightning_spa.callbacks._select.select_optimizers`), and every selected optimizer
+gets one :class:`~lightning_spa.callbacks._adapter.OptimizerClock` shared by all callbacks that
+target it, composing their schedules in a canonical order (so the order of the callbacks changes
+nothing). The clocks hook the optimizers; the callbacks only check the setup (LR schedulers:
+:func:`check_scheduler`; ``StochasticWeightAveraging``: :func:`check_swa`), write the first values,
+hand the lr over to SWA's ``SWALR`` at its first epoch, count each optimizer's steps in the first
+epoch under manual optimization (``unit="epoch"`` is the Trainer's epochs for every optimizer), and
+save the clocks in checkpoints.
 """
 
 from __future__ import annotations
