@@ -586,11 +586,28 @@ def test_manual_optimization_epochs_are_the_trainers_for_every_optimizer(package
 
 
 @DECISION_MESSAGES
-def test_manual_optimization_measured_momentum_off_says_its_epochs_are_batches(package: ModuleType) -> None:
-    """MeasuredMomentumOff's warm-up/patience cannot be re-timed once counting: it says so, naming unit='step'."""
+def test_manual_optimization_measured_momentum_off_counts_the_trainers_epochs(
+    package: ModuleType, tmp_path: Path
+) -> None:
+    """MeasuredMomentumOff's warm-up, patience and one-epoch transition for the head: 2 of its steps each, also
+    after a resume."""
+    cb = MeasuredMomentumOff(warmup=1, patience=1)
+    trainer, _ = fit(package, make_manual_module(package), [cb], max_epochs=2)
+    trainer.save_checkpoint(tmp_path / "epoch2.ckpt")
+    resumed = MeasuredMomentumOff(warmup=1, patience=1)
+    fit(package, make_manual_module(package), [resumed], max_epochs=3, ckpt_path=str(tmp_path / "epoch2.ckpt"))
+    for callback in (cb, resumed):
+        assert (callback.decisions[0].warmup_steps, callback.decisions[0].patience_steps) == (BATCHES, BATCHES)
+        assert (callback.decisions[1].warmup_steps, callback.decisions[1].patience_steps) == (2, 2)
+        assert [callback._removals[i].transition_steps for i in (0, 1)] == [BATCHES, BATCHES // 2]
+
+
+@DECISION_MESSAGES
+def test_manual_optimization_measured_momentum_off_measuring_in_the_first_epoch_says_so(package: ModuleType) -> None:
+    """Measuring from a quarter epoch, the head measured before its rate was known: kept, and said, naming the fix."""
     with pytest.warns(UserWarning, match=r"optimizer 1 took 2 steps in the trainer's first epoch of 4 batches.*"
                       r"unit='step'"):  # fmt: skip
-        fit(package, make_manual_module(package), [MeasuredMomentumOff(warmup=1, patience=1)], max_epochs=2)
+        fit(package, make_manual_module(package), [MeasuredMomentumOff(warmup=0.25, patience=1)], max_epochs=2)
 
 
 def test_swa_with_batch_norm_and_momentum_off_on_spa(package: ModuleType) -> None:

@@ -191,6 +191,14 @@ class SPAScheduleCallback(Callback):
     def _start(self, trainer: pl.Trainer) -> None:
         """Called on every schedule callback once the clocks are built, before they hook the optimizers."""
 
+    def _retime(self, index: int, per_epoch: int, resumed: bool) -> bool:
+        """Manual optimization: converts this callback's epochs for optimizer ``index`` with its ``per_epoch``.
+
+        For callbacks whose schedule is not rebuilt from its arguments; returns whether it could (see
+        ``_apply_rate``). ``resumed``: the rate comes from the checkpoint.
+        """
+        return False
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._in_fit = True
         peers = [cb for cb in trainer.callbacks if isinstance(cb, SPAScheduleCallback)]  # type: ignore[attr-defined]
@@ -299,7 +307,7 @@ class SPAScheduleCallback(Callback):
                 continue
             if isinstance(peer.schedule, (StepDecay, MomentumRemoval)):  # built purely from the arguments
                 rebuilt[id(peer.schedule)] = (peer, peer._build(per_epoch))
-            else:
+            elif not peer._retime(clock.index, per_epoch, resumed):
                 rank_zero_warn(
                     f"{peer._name}: optimizer {clock.index} took {per_epoch} steps in the trainer's first epoch of "
                     f"{self._per_epoch} batches; {peer._name} converts its epochs with {self._per_epoch} steps per "

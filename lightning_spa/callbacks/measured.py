@@ -260,6 +260,20 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             meter.detach()
         self._meters = {}
 
+    def _retime(self, index: int, per_epoch: int, resumed: bool) -> bool:
+        # Manual optimization, an optimizer with `per_epoch` steps in the trainer's first epoch: its warm-up,
+        # patience and one-epoch transition in its own steps. Possible while it has not measured yet (or on a
+        # resume, where the steps before the checkpoint already used this rate).
+        decision = self.decisions[index]
+        if not resumed and (decision.last_step is not None or decision.decided):
+            return False
+        if self.unit == "epoch":
+            decision.warmup_steps = to_steps(self.warmup, self.unit, per_epoch)
+            decision.patience_steps = to_steps(self.patience, self.unit, per_epoch)
+        if self.transition_steps is None:
+            self._removals[index].transition_steps = per_epoch
+        return True
+
     # ----- measuring and deciding ---------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self._meters:
@@ -269,7 +283,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if meter is None or index is None:
             return
         k = self._clocks[index].steps  # the coming step
-        if k >= self.warmup_steps and (k - self.warmup_steps) % self.every_n_steps == 0:
+        warmup = self.decisions[index].warmup_steps  # this optimizer's (manual optimization: see _retime)
+        if k >= warmup and (k - warmup) % self.every_n_steps == 0:
             meter.measure_next_step()
             meter.before_step()  # the first half now; the meter's step post-hook finishes it (runs first)
 
@@ -303,7 +318,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             )
         rank_zero_info(
             f"MeasuredMomentumOff: optimizer {index}: smoothed alignment ratio {ratio:.3g} <= {self.threshold:g} "
-            f"since step {decision.below_since} (warm-up {self.warmup_steps}, patience {self.patience_steps} steps); "
+            f"since step {decision.below_since} (warm-up {decision.warmup_steps}, patience "
+            f"{decision.patience_steps} steps); "
             f"momentum off from optimizer step {start}, over {self._removals[index].transition_steps} steps."
         )
 
