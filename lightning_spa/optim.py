@@ -364,21 +364,44 @@ class SPA(Optimizer):
         An instant drop (MultiStepLR, StepLR) falls after a step at which eta did not fall; the
         tail of a smooth decay to 0 (cosine, linear), whose equivalent momentum also exceeds 1,
         falls at every step, and a rise after ``eta = 0`` does not fall at all: neither is warned.
+        A smooth scheduler stepped once every ``n`` steps (per epoch: Lightning's default interval)
+        falls in a staircase, every ``n`` steps: the warning then says to step it every step.
+        Steps are counted from 0 (the step index Lightning's ``global_step`` and loggers use).
         """
         last = self._spike["last"]
+        k = self._spike["steps"] - 1  # this step, 0-based
         prev = last.get(index)
         falling = prev is not None and eta < prev[0]
         sudden = prev is None or (falling and not prev[1])
-        last[index] = (eta, falling)
+        fell_at, gap = (prev[2], prev[3]) if prev is not None and len(prev) == 4 else (None, None)
+        staircase = False
+        if falling:
+            new_gap = None if fell_at is None else k - fell_at
+            staircase = new_gap is not None and new_gap >= 2 and new_gap == gap
+            fell_at, gap = k, new_gap
+        last[index] = (eta, falling, fell_at, gap)
         if momentum is None or momentum < 1.0 or not sudden or self._spike["warned"]:
             return
         self._spike["warned"] = True
+        if staircase:
+            advice = (
+                f"eta falls in a staircase, once every {gap} optimizer steps: an LR scheduler stepped every {gap} "
+                "steps, e.g. once per epoch (Lightning's default `interval: epoch`, and how LightningCLI's "
+                "--lr_scheduler steps it). Step it every optimizer step instead: return "
+                '{"scheduler": ..., "interval": "step"} as the lr_scheduler of configure_optimizers (with '
+                "LightningCLI, override its configure_optimizers to do so), its length in optimizer steps (e.g. "
+                "T_max=trainer.estimated_stepping_batches)"
+            )
+        else:
+            advice = (
+                "to avoid the spike, move eta (and c) gradually: lightning_spa.GradualSchedule, or a smooth LR "
+                "scheduler stepped every optimizer step (cosine with `interval: step`, or a per-step decay by a "
+                "factor above 1 - c)"
+            )
         warnings.warn(
-            f"SPA step {self._spike['steps']}, param group {index}: eta fell to {eta:.6g} in one step, an "
+            f"SPA step {k} (counted from 0), param group {index}: eta fell to {eta:.6g} in one step, an "
             f"equivalent SGD momentum (1 - c_prev) * eta_prev / eta of {momentum:.4g} >= 1 (the loss spike of an "
-            "instant drop). SPA runs it exactly; to avoid the spike, move eta (and c) gradually: "
-            "lightning_spa.GradualSchedule, or a smooth LR scheduler (cosine, or a per-step decay by a factor "
-            "above 1 - c). Warned once per optimizer.",
+            f"instant drop). SPA runs it exactly; {advice}. Warned once per optimizer.",
             SPASpikeWarning,
             stacklevel=_caller_level(),
         )

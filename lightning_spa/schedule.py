@@ -55,7 +55,9 @@ __all__ = [
     "StepDecay",
     "MomentumRemoval",
     "transition_fraction",
+    "changes_eta",
     "compose",
+    "settled_from",
     "equivalent_momentum",
     "MomentumOverflow",
     "find_momentum_overflow",
@@ -83,6 +85,20 @@ class SPASchedule(Protocol):
     def critical_steps(self) -> Iterable[int]:
         """Steps at which ``eta`` may fall, i.e. where the equivalent momentum can exceed ``1 - c``."""
         ...
+
+
+def changes_eta(schedule: SPASchedule) -> bool:
+    """Whether ``schedule`` may ask for an ``eta`` factor other than 1 (its ``changes_eta``; unknown: True).
+
+    A schedule that never does (a momentum removal) writes ``c`` alone on SPA, leaving ``eta`` to an LR scheduler.
+    """
+    return bool(getattr(schedule, "changes_eta", True))
+
+
+def settled_from(schedule: SPASchedule) -> float:
+    """The first step from which ``schedule`` asks for the same values at every later step (unknown: inf)."""
+    settled = getattr(schedule, "settled_from", None)
+    return math.inf if settled is None else float(settled)
 
 
 def transition_fraction(k: int, start: int, length: int) -> float:
@@ -191,6 +207,17 @@ class StepDecay:
         c_after = min(1.0, c_before / float(self.factor))
         return min(1.0, c_before * (c_after / c_before) ** frac)
 
+    @property
+    def changes_eta(self) -> bool:
+        """Whether ``eta`` ever moves: a milestone with ``factor < 1``, or a warm-up."""
+        return (bool(self.milestones) and float(self.factor) != 1.0) or self.warmup_steps > 0
+
+    @property
+    def settled_from(self) -> int:
+        """The step at which the last transition (or the warm-up) reaches its final values."""
+        last = self.milestones[-1] + self.transition_steps - 1 if self.milestones else 0
+        return max(last, self.warmup_steps - 1, 0)
+
     def critical_steps(self) -> Iterable[int]:
         """The steps of every transition (``eta`` falls only there)."""
         for m in self.milestones:
@@ -218,6 +245,14 @@ class MomentumRemoval:
     def __post_init__(self) -> None:
         _check_int(self.start, "start", 0)
         _check_int(self.transition_steps, "transition_steps", 0)
+
+    #: ``eta`` is kept: on SPA the removal writes ``c`` alone.
+    changes_eta = False
+
+    @property
+    def settled_from(self) -> int:
+        """The step at which ``c`` reaches 1."""
+        return self.start + max(1, self.transition_steps) - 1
 
     def eta_factor(self, k: int) -> float:
         """Always 1: ``eta`` is kept."""

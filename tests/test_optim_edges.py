@@ -117,8 +117,9 @@ def test_spike_warning_fires_once_for_multistep_lr():
     caught = _spike_warnings(lambda o: lr_scheduler.MultiStepLR(o, milestones=[10, 20], gamma=0.1))
     assert len(caught) == 1
     message = str(caught[0].message)
-    # step 11 runs eta = 0.1 after eta = 1: equivalent momentum (1 - 0.1) * 1 / 0.1 = 9
-    assert "step 11" in message and " 9 " in message and "GradualSchedule" in message
+    # step 10 (0-based: the 11th) runs eta = 0.1 after eta = 1: equivalent momentum (1 - 0.1) * 1 / 0.1 = 9
+    assert "SPA step 10 (counted from 0)" in message and " 9 " in message and "GradualSchedule" in message
+    assert "staircase" not in message  # one drop: not a scheduler stepped per epoch
     assert caught[0].filename == __file__  # points at the caller of step()
 
 

@@ -184,7 +184,10 @@ def test_gan_style_two_spa_optimizers_each_on_its_own_clock(pl: ModuleType) -> N
     module = make_module(pl, [spa(1.0, 0.5), spa(3.0, 0.25)], manual=True, plan=plan)
     _, rec = fit(pl, module, callbacks, max_epochs=2)
     assert [cb.state_dict()["clocks"] for cb in callbacks] == [
-        {"0": {"steps": 8, "groups": [[1.0, 0.5, 0]]}, "1": {"steps": 4, "groups": [[3.0, 0.25, 0]]}}
+        {  # per_epoch: each optimizer's steps in the first epoch (manual optimization converts epochs with it)
+            "0": {"steps": 8, "groups": [[1.0, 0.5, 0]], "per_epoch": 4},
+            "1": {"steps": 4, "groups": [[3.0, 0.25, 0]], "per_epoch": 2},
+        }
     ] * 2
     assert rec.key("lr", 0) == [1.0, 1.0] + [0.5] * 6
     assert rec.key("lr", 1) == [3.0, 3.0, 1.5, 1.5]

@@ -22,7 +22,15 @@ Exactness on torch SGD when some parameters have no gradient. SPA keeps, per par
 per group. After a step whose scale changes from ``s_{k-1}`` to ``s_k``, the buffers of torch SGD
 parameters that had no gradient are multiplied by ``s_{k-1} / s_k``, so they keep the same ``z``
 and the next step folds them in exactly as SPA does. At ``c_k = 1`` (``s_k = 0``) that is not
-possible: such a parameter loses its momentum under torch SGD (one warning). No Lightning import.
+possible: such a parameter loses its momentum under torch SGD (one warning).
+
+Who owns the learning rate. On SPA, a clock whose schedules never change ``eta`` (momentum
+removal alone) writes and checks ``c`` only: ``group["lr"]`` (``eta``) stays free for an LR
+scheduler, ``lr_find``'s result or SWA's ``SWALR``, and SPA runs whatever ``eta`` they set with
+the scheduled ``c``. On torch SGD removing momentum means writing ``lr`` *and* ``momentum``
+(``lr = c * eta``), so the clock owns both. :meth:`OptimizerClock.hand_over_lr` gives the lr away
+mid-run (SWA): from then on the clock writes ``c`` (SPA) or ``momentum`` (torch SGD) only. No
+Lightning import.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spa.callbacks._select import OptimizerKind, group_unsupported_reason
-from lightning_spa.schedule import SPASchedule, compose, find_momentum_overflow
+from lightning_spa.schedule import SPASchedule, changes_eta, compose, find_momentum_overflow
 from lightning_spa.theorem import constant_sgdm_to_spa, step_spa_to_sgdm
 
 __all__ = ["GroupStart", "OptimizerClock", "read_start", "write_spa_terms"]
@@ -54,11 +62,17 @@ def read_start(group: dict[str, Any], kind: OptimizerKind) -> tuple[float, float
 
 
 def write_spa_terms(
-    group: dict[str, Any], kind: OptimizerKind, eta: float, c: float, prev: tuple[float, float] | None
+    group: dict[str, Any],
+    kind: OptimizerKind,
+    eta: float,
+    c: float,
+    prev: tuple[float, float] | None,
+    keys: Sequence[str] | None = None,
 ) -> None:
     """Writes step ``k``'s ``(eta_k, c_k)`` into ``group``; ``prev`` is ``(eta_{k-1}, c_{k-1})`` (None: no history).
 
-    A tensor value (``lr`` as a tensor) is filled in place.
+    A tensor value (``lr`` as a tensor) is filled in place. ``keys``: write only these of the group's
+    keys (``"lr"``, ``"c"`` / ``"momentum"``); None: both.
     """
     if kind == "spa":
         values = {"lr": eta, "c": c}
@@ -66,6 +80,8 @@ def write_spa_terms(
         lr, momentum = step_spa_to_sgdm(eta, c, prev)
         values = {"lr": lr, "momentum": momentum}
     for key, value in values.items():
+        if keys is not None and key not in keys:
+            continue
         current = group[key]
         if isinstance(current, torch.Tensor):
             current.fill_(value)
@@ -108,7 +124,10 @@ class OptimizerClock:
         self.steps = 0
         self.groups: list[GroupStart] = []
         self.total_steps = float("inf")  # for the safety check of groups that join
-        self._keys = ("lr", "c") if kind == "spa" else ("lr", "momentum")
+        # On SPA, schedules that never change eta (momentum removal) write c alone: the lr (eta) stays free for
+        # an LR scheduler, lr_find or SWA. hand_over_lr() gives the lr away mid-run (SWA's SWALR).
+        self.writes_eta = kind == "sgd" or any(changes_eta(s) for s in self.schedules)
+        self.lr_owner: str | None = None  # who writes the lr after hand_over_lr (None: not handed over)
         # Per group: what it holds (read back, for the foreign-write check), and the (eta, c) of the
         # coming step and of the last step taken (None before its first step).
         self._written: list[dict[str, float]] = []
@@ -117,6 +136,26 @@ class OptimizerClock:
         self._handles: list[RemovableHandle] = []
         self._warned_lost = False
         self.loaded = False  # whether the clock came from a checkpoint
+        # Manual optimization: the optimizer's own steps in the trainer's first epoch (None: not counted yet), with
+        # which the callbacks convert epochs for it (an optimizer may step on some batches only).
+        self.per_epoch: int | None = None
+
+    @property
+    def written_keys(self) -> tuple[str, ...]:
+        """The param-group keys the clock writes (and checks): ``lr`` only while it owns it."""
+        second = "c" if self.kind == "spa" else "momentum"
+        owns_lr = self.lr_owner is None and (self.kind == "sgd" or self.writes_eta)
+        return ("lr", second) if owns_lr else (second,)
+
+    def hand_over_lr(self, owner: str) -> None:
+        """From now on ``owner`` writes the lr; the clock writes ``c`` (SPA) or ``momentum`` (torch SGD) only.
+
+        On SPA ``c`` keeps following the schedules (the lr ``owner`` writes is ``eta``); on torch SGD the
+        momentum written is the schedules' Theorem-1 value (``1 - c`` once they no longer change eta).
+        """
+        self.lr_owner = owner
+        for written in self._written:
+            written.pop("lr", None)
 
     # ----- state ------------------------------------------------------------------------------
     def start(self, loaded: dict[str, Any] | None) -> None:
@@ -128,11 +167,15 @@ class OptimizerClock:
             self.groups = [GroupStart(*read_start(g, self.kind), 0) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "groups": [list(g) for g in self.groups]}
+        state: dict[str, Any] = {"steps": self.steps, "groups": [list(g) for g in self.groups]}
+        if self.per_epoch is not None:
+            state["per_epoch"] = self.per_epoch
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loaded = True
         self.steps = int(state["steps"])
+        self.per_epoch = None if state.get("per_epoch") is None else int(state["per_epoch"])
         self.groups = [GroupStart(float(e), float(c), int(j)) for e, c, j in state["groups"]]
 
     def values(self, g: int, k: int) -> tuple[float, float]:
@@ -158,9 +201,9 @@ class OptimizerClock:
     def _write_group(self, g: int, coming: tuple[float, float], taken: tuple[float, float] | None) -> None:
         """Writes ``coming`` into group ``g`` (appended when ``g`` is new); ``taken``: the previous step's values."""
         group = self.optimizer.param_groups[g]
-        write_spa_terms(group, self.kind, *coming, taken)
+        write_spa_terms(group, self.kind, *coming, taken, self.written_keys)
         # Read back what the group holds (a float32 tensor lr rounds): that is what the next check compares.
-        written = {key: _as_float(group[key]) for key in self._keys}
+        written = {key: _as_float(group[key]) for key in self.written_keys}
         if g == len(self._written):  # a new group
             self._written.append(written)
             self._coming.append(coming)

@@ -8,7 +8,8 @@ takes ``optimizers=`` and resolves it here at fit start:
 - a list whose entries are
     - an ``int``: the optimizer's index in ``trainer.optimizers``, i.e. the order in which
       ``configure_optimizers`` returns them (``0`` for a single optimizer);
-    - a ``str``: every optimizer whose class name is that string (``"SPA"``, ``"SGD"``), or that
+    - a ``str``: every optimizer whose class, or one of its base classes, is named that string
+      (``"SPA"`` selects :class:`~lightning_spa.GroupedSPA` too, ``"SGD"`` a ``GroupedSGD``), or that
       has a param group whose ``"name"`` key is that string. The ``"name"`` key is the one
       :class:`~pytorch_lightning.callbacks.LearningRateMonitor` already reads, so a GAN written
       as ``SPA([{"params": gen.parameters(), "name": "generator"}])`` is selected with
@@ -155,7 +156,8 @@ def _describe(optimizer: Optimizer, index: int | None = None) -> str:
 
 
 def _matches(optimizer: Optimizer, name: str) -> bool:
-    return type(optimizer).__name__ == name or any(g.get("name") == name for g in optimizer.param_groups)
+    """A class name selects subclasses too (``"SPA"``: a ``GroupedSPA``); or a param group's ``"name"``."""
+    return is_instance_by_name(optimizer, name) or any(g.get("name") == name for g in optimizer.param_groups)
 
 
 def select_optimizers(
@@ -197,8 +199,8 @@ def select_optimizers(
                 hits = {i for i, opt in enumerate(optimizers) if _matches(opt, entry)}
                 if not hits:
                     raise ValueError(
-                        f"{owner}: `optimizers` name {entry!r} is neither the class name of an optimizer nor the "
-                        f"'name' of a param group. Configured: {available}."
+                        f"{owner}: `optimizers` name {entry!r} is neither the class name of an optimizer (or of a "
+                        f"base class) nor the 'name' of a param group. Configured: {available}."
                     )
                 picked |= hits
         chosen = sorted(picked)

@@ -42,6 +42,8 @@ class _DecidedRemoval:
     resumed run that restores ``start`` continues bit-exactly.
     """
 
+    changes_eta = False  # on SPA only c is written: the lr stays free for an LR scheduler
+
     def __init__(self, transition_steps: int) -> None:
         self.transition_steps = transition_steps
         self.start: int | None = None
@@ -132,7 +134,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     Raises:
         ValueError: at construction, an invalid argument (the message names it and the valid
-            range); at fit start, an unsupported optimizer setting, an LR scheduler on the same
+            range); at fit start, an unsupported optimizer setting, an LR scheduler on the same torch SGD
             optimizer, or epochs with a dataloader that has no length.
         TypeError: at fit start, an explicitly selected optimizer other than SPA or torch SGD.
 
@@ -236,8 +238,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
                 "switch."
             )
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)  # the first schedule callback builds the clocks and calls _check
+    def _start(self, trainer: pl.Trainer) -> None:
+        # The first schedule callback built the clocks and called _check (on_train_start); the meters hook the
+        # optimizers before the clocks do, so a reading reaches the decision before the clock writes the next step.
         self._loggers = list(trainer.loggers)
         self._trainer = trainer
         self._suffix = len(self._clocks) > 1
@@ -257,6 +260,20 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             meter.detach()
         self._meters = {}
 
+    def _retime(self, index: int, per_epoch: int, resumed: bool) -> bool:
+        # Manual optimization, an optimizer with `per_epoch` steps in the trainer's first epoch: its warm-up,
+        # patience and one-epoch transition in its own steps. Possible while it has not measured yet (or on a
+        # resume, where the steps before the checkpoint already used this rate).
+        decision = self.decisions[index]
+        if not resumed and (decision.last_step is not None or decision.decided):
+            return False
+        if self.unit == "epoch":
+            decision.warmup_steps = to_steps(self.warmup, self.unit, per_epoch)
+            decision.patience_steps = to_steps(self.patience, self.unit, per_epoch)
+        if self.transition_steps is None:
+            self._removals[index].transition_steps = per_epoch
+        return True
+
     # ----- measuring and deciding ---------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self._meters:
@@ -266,7 +283,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if meter is None or index is None:
             return
         k = self._clocks[index].steps  # the coming step
-        if k >= self.warmup_steps and (k - self.warmup_steps) % self.every_n_steps == 0:
+        warmup = self.decisions[index].warmup_steps  # this optimizer's (manual optimization: see _retime)
+        if k >= warmup and (k - warmup) % self.every_n_steps == 0:
             meter.measure_next_step()
             meter.before_step()  # the first half now; the meter's step post-hook finishes it (runs first)
 
@@ -300,7 +318,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             )
         rank_zero_info(
             f"MeasuredMomentumOff: optimizer {index}: smoothed alignment ratio {ratio:.3g} <= {self.threshold:g} "
-            f"since step {decision.below_since} (warm-up {self.warmup_steps}, patience {self.patience_steps} steps); "
+            f"since step {decision.below_since} (warm-up {decision.warmup_steps}, patience "
+            f"{decision.patience_steps} steps); "
             f"momentum off from optimizer step {start}, over {self._removals[index].transition_steps} steps."
         )
 
@@ -324,6 +343,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        if not state:  # not set up yet: nothing to save
+            return state
         state["decisions"] = {str(i): d.state_dict() for i, d in self.decisions.items()}
         state["meters"] = self._live_meter_states() if self._in_fit else self._meter_states
         return state
@@ -332,10 +353,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         super().load_state_dict(state_dict)
         decisions = {int(i): s for i, s in state_dict.get("decisions", {}).items()}
         meters = {int(i): s for i, s in state_dict.get("meters", {}).items()}
-        if not self._in_fit:
+        if not (self._in_fit and self._clocks):  # not set up yet (the set-up, at on_train_start, follows every restore)
             self._loaded_decisions, self._loaded_meters = decisions, meters
             return
-        # Strategies that restore after setup load the state after on_fit_start: apply it now.
+        # A load into a fit that is set up: apply it now.
         for index, state in decisions.items():
             if index in self.decisions:
                 self.decisions[index].load_state_dict(state)

@@ -24,6 +24,19 @@ written, so loggers and other callbacks always see the values the coming step us
 on the clock and each param group's starting values only (a group added mid-run starts from its
 own values at the step it joins), so a resumed run continues bit-exactly and every DDP rank
 computes the same values with no collective.
+
+With Lightning's other features. The callbacks set up at ``on_train_start`` (after any checkpoint
+is restored, so a mid-epoch resume with a stateful dataloader is bit-exact). On SPA a momentum
+removal (``MomentumOff``, ``MeasuredMomentumOff``) writes ``c`` only: an LR scheduler,
+``Tuner.lr_find``'s lr or SWA's ``SWALR`` owns ``eta``. ``GradualSchedule`` writes ``eta``, and on
+torch SGD every schedule writes ``lr`` and ``momentum``: an LR scheduler on such an optimizer is
+refused at fit start (the message names ``SPA.from_sgdm``). ``StochasticWeightAveraging``: from
+its first epoch ``SWALR`` writes the lr (on SPA, ``eta``; its ``swa_lrs`` are etas) while ``c``
+keeps following the schedules (SPA) or the momentum stays what the schedules left (torch SGD); a
+schedule that would still change what SWA owns is refused at fit start. Manual optimization:
+``unit="epoch"`` means the Trainer's epochs for every optimizer; an optimizer that steps on some
+batches only has its epochs converted with its own steps in the first epoch (one step per batch
+until then; saved in the checkpoint).
 """
 
 from __future__ import annotations
@@ -64,7 +77,8 @@ class GradualSchedule(SPAScheduleCallback):
     both follow the same trajectory, also across skipped steps and parameters without a
     gradient). Each param group is scheduled relative to its own starting values (a group added
     mid-run, from the step it joins). Composes with :class:`MomentumOff` regardless of callback
-    order (see the module docstring); an LR scheduler on the same optimizer is refused. The
+    order (see the module docstring); an LR scheduler on the same optimizer is refused (it would
+    write eta too). The
     values are pure functions of the optimizer's step count: resumes are bit-exact and DDP ranks
     agree without any collective.
 
@@ -249,8 +263,8 @@ class MomentumOff(SPAScheduleCallback):
 
     Raises:
         ValueError: at construction, invalid arguments; at fit start, an unsupported optimizer
-            setting, an LR scheduler on the same optimizer, or ``transition_steps=None`` with a
-            dataloader that has no length.
+            setting, an LR scheduler on the same torch SGD optimizer (on SPA only ``c`` is written: any
+            LR scheduler may drive eta), or ``transition_steps=None`` with a dataloader that has no length.
         TypeError: at fit start, an explicitly selected optimizer other than SPA or torch SGD.
 
     Example::
