@@ -33,6 +33,8 @@ sys.path.insert(0, str(EXAMPLES))
 
 from digits_cli import cli_main  # noqa: E402
 
+from lightning_spa._lightning import package_of  # noqa: E402
+
 CONFIG = EXAMPLES / "configs" / "digits_spa.yaml"
 
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     root = Path(args.save_dir) / args.name
     print()
     print(f"final validation accuracy: {acc:.4f}  ({trainer.global_step} optimizer steps in {seconds:.0f} s, "
-          f"{type(trainer).__module__.split('.trainer')[0]} Trainer)")
+          f"{package_of(trainer)} Trainer)")
     if ratio:
         print(f"spa/ratio: first logged {ratio[0]:.3g}, max {max(ratio):.3g}, last {ratio[-1]:.3g}")
     print(f"TensorBoard logs: {log_dir}")

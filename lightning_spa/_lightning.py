@@ -10,7 +10,9 @@ other. Our classes therefore derive from the class of *every* installed package:
 - ``LightningModule`` / ``LightningDataModule`` (the demo): every method or property the two
   packages define differently dispatches, per instance, to the package of the Trainer the
   module is attached to (``pytorch_lightning`` before that). Each Trainer then sees its own
-  package's code, e.g. when it checks which hooks a module overrides.
+  package's code, e.g. when it checks which hooks a module overrides. The package is told by
+  class hierarchy (:func:`package_of`), never by module name: a user's ``Trainer`` subclass
+  belongs to the package it derives from.
 
 Everything else here (optimizer unwrapping, logger checks, warnings) accepts both packages.
 The rest of lightning_spa imports Lightning only through this module.
@@ -34,6 +36,7 @@ __all__ = [
     "is_tensorboard_logger",
     "lightning_cli",
     "main_args",
+    "package_of",
     "rank_zero_info",
     "rank_zero_warn",
     "unwrap_optimizer",
@@ -66,13 +69,25 @@ else:
     # each Trainer calls hooks by name, so one class serves either Trainer and either CLI.
     Callback = type("Callback", _CALLBACK_BASES, {"__module__": __name__, "__doc__": "Callback of both packages."})
 
+
+# (module name, Trainer class) of each installed package: the two Trainers are unrelated classes.
+_TRAINERS: tuple[tuple[str, type], ...] = tuple((name, module.Trainer) for name, module in PACKAGES)
+
+
+def package_of(trainer: Any) -> str | None:
+    """The name of the installed package (one of :data:`PACKAGE_NAMES`) whose ``Trainer`` ``trainer`` is.
+
+    Decided by class hierarchy, so a ``Trainer`` subclass defined anywhere (a user's module,
+    ``__main__``) belongs to the package it derives from; ``None`` for an object that is neither
+    package's ``Trainer``.
+    """
+    return next((name for name, cls in _TRAINERS if isinstance(trainer, cls)), None)
+
+
 def _package_of(obj: Any) -> str | None:
     """The installed package whose Trainer ``obj`` (a module or data module) is attached to."""
     trainer = vars(obj).get("_trainer", vars(obj).get("trainer"))
-    if trainer is None:
-        return None
-    module = type(trainer).__module__
-    return PACKAGE_NAMES[1] if module.startswith(PACKAGE_NAMES[1]) else PACKAGE_NAMES[0]
+    return None if trainer is None else package_of(trainer)
 
 
 class _PerPackage:
