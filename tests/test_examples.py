@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -19,8 +23,8 @@ import digits_cli  # noqa: E402
 import vision_cli  # noqa: E402
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
+# the configs' milestone (epoch 10) is beyond a tiny run: GradualSchedule says so
+BEYOND = r"milestone at optimizer step \d+ is beyond this run's (\d+) steps?; it will not be reached"
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -30,6 +34,7 @@ def _tiny(tmp_path: Path) -> list[str]:
         "--trainer.limit_train_batches", "3",
         "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0",
+        "--trainer.log_every_n_steps", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.default_root_dir", str(tmp_path),
     ]  # fmt: skip
@@ -50,7 +55,8 @@ def test_automatic_mode_spa_yaml(tmp_path: Path) -> None:
 
 
 def test_automatic_mode_fits(tmp_path: Path) -> None:
-    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)])
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)])
     assert cli.trainer.global_step == 3
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, SPA) and opt.param_groups[0]["c"] == pytest.approx(0.1)  # milestone at epoch 10
@@ -73,13 +79,15 @@ def test_dependency_injection_grouped_yaml(tmp_path: Path) -> None:
 
 
 def test_dependency_injection_fits(tmp_path: Path) -> None:
-    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_grouped.yaml"), *_tiny(tmp_path)])
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_grouped.yaml"), *_tiny(tmp_path)])
     assert cli.trainer.global_step == 3
     assert isinstance(cli.trainer.optimizers[0], GroupedSPA)
 
 
 def test_torch_sgd_yaml_fits(tmp_path: Path) -> None:
-    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_sgd.yaml"), *_tiny(tmp_path)])
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_sgd.yaml"), *_tiny(tmp_path)])
     opt = cli.trainer.optimizers[0]
     assert type(opt) is torch.optim.SGD
     # GradualSchedule writes the Theorem-1 values of step 3 (no milestone yet): lr 0.1, momentum 0.9
@@ -122,7 +130,8 @@ def test_vision_configs_parse_and_step_on_fake_data(tmp_path: Path, config: str,
         "--trainer.default_root_dir", str(tmp_path),
         *extra,
     ]  # fmt: skip
-    cli = vision_cli.cli_main(args)
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = vision_cli.cli_main(args)
     assert cli.trainer.global_step == 1
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, GroupedSPA)
@@ -178,3 +187,70 @@ def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str]
     assert (tmp_path / f"{script}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / f"{script}.md").read_text() == table
     assert sum(line.startswith("| ") for line in table.splitlines()) == rows + 1  # + header
+
+
+# -- no Lightning warning on a plain run of the app (issue 17, point 7) ----------------------------
+
+
+def _warnings_shown(caught: list[warnings.WarningMessage]) -> list[str]:
+    # jsonargparse's deprecation warnings are raised by Lightning's own cli.py (third party) and hidden by
+    # Python's default filters; every other warning reaches the user.
+    return [str(w.message) for w in caught if w.category.__name__ != "JsonargparseDeprecationWarning"]
+
+
+@pytest.mark.parametrize(
+    ("config", "optimizer", "model"),
+    [
+        ("digits_spa.yaml", SPA, "DigitsClassifier"),  # automatic mode: the model has no configure_optimizers
+        ("digits_sgd.yaml", torch.optim.SGD, "DigitsClassifier"),
+        ("digits_grouped.yaml", GroupedSPA, "DigitsModel"),  # dependency injection: the model's own
+        (None, SPA, "DigitsClassifier"),  # no optimizer given: the app's default, SPA eta 1, c 0.1
+    ],
+)
+def test_app_builds_without_warning(
+    package: ModuleType, monkeypatch: pytest.MonkeyPatch, config: str | None, optimizer: type, model: str
+) -> None:
+    """Lightning warned on every run: "args ... and command line arguments" (cli_main passes `args` while
+    sys.argv has the script's own), and in automatic mode "`DigitsModel.configure_optimizers` will be overridden"."""
+    argv = ["digits_cli.py", "--lightning", "fit", "--config", "x.yaml"]  # a script's own command line
+    monkeypatch.setattr(sys, "argv", argv)
+    args = [*QUIET, *(["--config", str(CONFIGS / config)] if config else [])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = digits_cli.cli_main(args, run=False, package=package.__name__)
+        opt = cli.model.configure_optimizers()
+    assert _warnings_shown(caught) == []
+    assert sys.argv is argv and sys.argv == ["digits_cli.py", "--lightning", "fit", "--config", "x.yaml"]
+    assert type(cli.model).__name__ == model and isinstance(cli.trainer, package.Trainer)
+    assert type(opt) is optimizer
+    if config is None:
+        assert (opt.param_groups[0]["lr"], opt.param_groups[0]["c"]) == (1.0, 0.1)
+
+
+def test_both_optimizer_modes_at_once_is_reported(package: ModuleType, tmp_path: Path) -> None:
+    """A top-level optimizer replaces the injected one: Lightning's warning then says so, truthfully."""
+    args = [*QUIET, "--config", str(CONFIGS / "digits_grouped.yaml"), "--optimizer", "torch.optim.Adam"]
+    with pytest.warns(UserWarning, match=r"`DigitsModel.configure_optimizers` will be overridden"):
+        cli = digits_cli.cli_main(args, run=False, package=package.__name__)
+    assert type(cli.model.configure_optimizers()) is torch.optim.Adam
+
+
+def test_plain_script_run_prints_no_warning(package: ModuleType, tmp_path: Path) -> None:
+    """`python examples/digits_cli.py [--lightning] fit --config examples/configs/digits_spa.yaml`, shortened: the
+    only warning left is GradualSchedule's about the shortening (the config's milestone is at epoch 10)."""
+    lightning = ["--lightning"] if package.__name__ == "lightning.pytorch" else []
+    command = [
+        sys.executable,
+        # torch's deprecation of LeafSpec, raised inside Lightning's own _pytree.py on every fit (third party)
+        "-W", "ignore:`isinstance(treespec, LeafSpec)`:FutureWarning",
+        str(EXAMPLES / "digits_cli.py"), *lightning, "fit", "--config", str(CONFIGS / "digits_spa.yaml"),
+        *_tiny(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # both Python's warning format and Lightning's start "<file>.py:<line>: "
+    shown = [line for line in done.stderr.splitlines() if re.match(r"\S+\.py:\d+: ", line)]
+    assert len(shown) == 1 and re.search(BEYOND, shown[0]), done.stderr
+    assert "Trainer.fit` stopped: `max_epochs=1` reached" in done.stderr
+    assert any((tmp_path / "digits_spa").rglob("events.out.tfevents.*"))
