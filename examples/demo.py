@@ -50,7 +50,7 @@ def read_scalars(log_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
 def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     """Four panels over optimizer steps: loss, accuracy, ``spa/ratio`` and ``eta``/``c``."""
     from lightning_spa.figures import require_matplotlib
-    from lightning_spa.plotting import draw_hyperparameters
+    from lightning_spa.plotting import draw_hyperparameters, draw_ratio_reading
 
     plt = require_matplotlib()
     s = read_scalars(log_dir)
@@ -69,9 +69,7 @@ def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     line(ax_acc, "val/acc", "validation accuracy", marker="o")
     ax_acc.set_title("accuracy")
     line(ax_ratio, "spa/ratio", "spa/ratio")
-    ax_ratio.axhline(1.0, color="black", lw=0.8, ls=":", label="1: noise level")
-    ax_ratio.set_yscale("log")
-    ax_ratio.set_title("alignment ratio (> 1: momentum helps)")
+    draw_ratio_reading(ax_ratio)  # the line at 1 and what each side of it means
     draw_hyperparameters(ax_hyper, s)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
