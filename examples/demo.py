@@ -47,8 +47,8 @@ def read_scalars(log_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     return {t: ([e.step for e in acc.Scalars(t)], [e.value for e in acc.Scalars(t)]) for t in acc.Tags()["scalars"]}
 
 
-def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
-    """Four panels over optimizer steps: loss, accuracy, ``spa/ratio`` and ``eta``/``c``."""
+def plot_summary(log_dir: str | Path, out: str | Path, title: str = "", dpi: int = 100) -> Path:
+    """Four panels over optimizer steps: loss, accuracy, ``spa/ratio`` and ``eta``/``c`` (``dpi``: resolution)."""
     from lightning_spa.figures import require_matplotlib
     from lightning_spa.plotting import draw_hyperparameters, draw_ratio_reading
 
@@ -79,7 +79,7 @@ def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     fig.suptitle(title or f"lightning_spa demo: {log_dir}", fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 

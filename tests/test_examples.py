@@ -167,6 +167,12 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], package:
     png = tmp_path / "diag.png"
     assert spa_cli(["plot", str(log_dir), "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # the README's pictures from this run (examples/readme_images.py; the reproduction figure is downscaled)
+    import readme_images
+
+    for path in readme_images.main(["--demo-log-dir", str(log_dir), "--out", str(tmp_path / "images")]):
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 200_000
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(
@@ -254,3 +260,18 @@ def test_plain_script_run_prints_no_warning(package: ModuleType, tmp_path: Path)
     assert len(shown) == 1 and re.search(BEYOND, shown[0]), done.stderr
     assert "Trainer.fit` stopped: `max_epochs=1` reached" in done.stderr
     assert any((tmp_path / "digits_spa").rglob("events.out.tfevents.*"))
+
+
+def test_readme_pictures_are_committed_and_small() -> None:
+    """The README embeds PNGs by paths valid on a fresh clone, each well under 200 kB (issue 17, point 9)."""
+    root = EXAMPLES.parent
+    readme = (root / "README.md").read_text()
+    paths = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
+    assert len(paths) >= 2 and {"docs/images/demo_summary.png", "docs/images/figure3.png"} <= set(paths)
+    assert readme.index(paths[0]) < readme.index("**What it is.**")  # near the top, after make demo / make test
+    first = [line.strip() for line in readme.splitlines() if line.strip() and not line.startswith("# ")][:2]
+    assert first[0].startswith("make demo") and first[1].startswith("make test")  # still the first thing
+    for path in paths:
+        png = root / path
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert png.stat().st_size < 150_000, path
