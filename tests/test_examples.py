@@ -176,20 +176,30 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], package:
 
 
 @pytest.mark.parametrize(
-    ("script", "args", "rows"),
+    ("script", "args", "rows", "warns"),
     [
-        ("figure2", ["--epochs", "1", "--seeds", "1", "--etas", "1.0"], 7),
-        ("figure3", ["--epochs", "4", "--seeds", "1"], 4),
-        ("figure4", ["--seeds", "1", "--milestone-epoch", "1", "--before", "2", "--after", "3"], 2),
+        ("figure2", ["--epochs", "1", "--seeds", "1", "--etas", "1.0"], 7, []),
+        # the instant arms warn on purpose: what the paper's figures show
+        ("figure3", ["--epochs", "4", "--seeds", "1"], 4, [r"MomentumOff\(transition_steps=0\) switches momentum off"]),
+        (
+            "figure4",
+            ["--seeds", "1", "--milestone-epoch", "1", "--before", "2", "--after", "3"],
+            2,
+            [r"GradualSchedule\(transition='instant'\)", r"eta fell to 0.1 in one step"],
+        ),
     ],
 )
-def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str], rows: int) -> None:
+def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str], rows: int, warns: list[str]) -> None:
     """Shortened runs of examples/reproduce/*.py: a PNG and a markdown table with one row per case."""
     pytest.importorskip("matplotlib")
+    import contextlib
     import importlib
 
     sys.path.insert(0, str(EXAMPLES / "reproduce"))
-    table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
+    with contextlib.ExitStack() as expected:
+        for message in warns:
+            expected.enter_context(pytest.warns(UserWarning, match=message))
+        table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
     assert (tmp_path / f"{script}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / f"{script}.md").read_text() == table
     assert sum(line.startswith("| ") for line in table.splitlines()) == rows + 1  # + header
