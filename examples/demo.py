@@ -33,6 +33,8 @@ sys.path.insert(0, str(EXAMPLES))
 
 from digits_cli import cli_main  # noqa: E402
 
+from lightning_spa._lightning import package_of  # noqa: E402
+
 CONFIG = EXAMPLES / "configs" / "digits_spa.yaml"
 
 
@@ -45,10 +47,10 @@ def read_scalars(log_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     return {t: ([e.step for e in acc.Scalars(t)], [e.value for e in acc.Scalars(t)]) for t in acc.Tags()["scalars"]}
 
 
-def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
-    """Four panels over optimizer steps: loss, accuracy, ``spa/ratio`` and ``eta``/``c``."""
+def plot_summary(log_dir: str | Path, out: str | Path, title: str = "", dpi: int = 100) -> Path:
+    """Four panels over optimizer steps: loss, accuracy, ``spa/ratio`` and ``eta``/``c`` (``dpi``: resolution)."""
     from lightning_spa.figures import require_matplotlib
-    from lightning_spa.plotting import draw_hyperparameters
+    from lightning_spa.plotting import draw_hyperparameters, draw_ratio_reading
 
     plt = require_matplotlib()
     s = read_scalars(log_dir)
@@ -67,9 +69,7 @@ def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     line(ax_acc, "val/acc", "validation accuracy", marker="o")
     ax_acc.set_title("accuracy")
     line(ax_ratio, "spa/ratio", "spa/ratio")
-    ax_ratio.axhline(1.0, color="black", lw=0.8, ls=":", label="1: noise level")
-    ax_ratio.set_yscale("log")
-    ax_ratio.set_title("alignment ratio (> 1: momentum helps)")
+    draw_ratio_reading(ax_ratio)  # the line at 1 and what each side of it means
     draw_hyperparameters(ax_hyper, s)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
@@ -79,7 +79,7 @@ def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     fig.suptitle(title or f"lightning_spa demo: {log_dir}", fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     root = Path(args.save_dir) / args.name
     print()
     print(f"final validation accuracy: {acc:.4f}  ({trainer.global_step} optimizer steps in {seconds:.0f} s, "
-          f"{type(trainer).__module__.split('.trainer')[0]} Trainer)")
+          f"{package_of(trainer)} Trainer)")
     if ratio:
         print(f"spa/ratio: first logged {ratio[0]:.3g}, max {max(ratio):.3g}, last {ratio[-1]:.3g}")
     print(f"TensorBoard logs: {log_dir}")

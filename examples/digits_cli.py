@@ -16,6 +16,11 @@ Runs offline on 2 CPU cores in seconds. The optimizer can be given in both Light
           class_path: lightning_spa.GroupedSPA
           init_args: {lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
 
+In automatic mode the model (:func:`digits_model`) is a ``DigitsClassifier`` with no
+``configure_optimizers`` of its own, so LightningCLI has nothing to override (and prints no
+warning); in dependency-injection mode it is :class:`DigitsModel`. With neither, the app uses
+:data:`DEFAULT_OPTIMIZER` in automatic mode.
+
 Usage::
 
     python examples/digits_cli.py fit --config examples/configs/digits_spa.yaml
@@ -41,10 +46,10 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_spa._lightning import lightning_cli, main_args
-from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
+from lightning_spa._lightning import app_cli, main_args
+from lightning_spa.demos.digits import DigitsClassifier, DigitsCNN, DigitsDataModule, OptimizerFactory
 
-__all__ = ["DigitsModel", "cli_main"]
+__all__ = ["DigitsModel", "cli_main", "digits_model"]
 
 
 class DigitsModel(DigitsCNN):
@@ -60,6 +65,42 @@ class DigitsModel(DigitsCNN):
         return super().configure_optimizers()
 
 
+def digits_model(channels: int = 16, optimizer: OptimizerFactory | None = None) -> DigitsClassifier:
+    """The app's model (LightningCLI's ``model:`` section).
+
+    Args:
+        channels: width of the conv layers.
+        optimizer: dependency-injection mode: the optimizer, given ``named_parameters()``. Leave it
+            unset in automatic mode (a top-level ``optimizer:``), which LightningCLI configures.
+
+    In automatic mode the model has no ``configure_optimizers`` of its own, so LightningCLI's
+    replaces nothing (and does not warn that it overrides ``DigitsModel.configure_optimizers``).
+    """
+    if optimizer is None:
+        return DigitsClassifier(channels)
+    return DigitsModel(channels, optimizer)
+
+
+# Neither mode given: the demo's default, SPA eta 1.0, c 0.1 (SGD+M lr 0.1, momentum 0.9), in automatic mode.
+DEFAULT_OPTIMIZER = {"class_path": "lightning_spa.SPA", "init_args": {"lr": 1.0, "c": 0.1}}
+
+
+def _digits_cli(package: str) -> Any:
+    """The package's ``LightningCLI`` (:func:`~lightning_spa._lightning.app_cli`), falling back to
+    :data:`DEFAULT_OPTIMIZER` when no optimizer is given."""
+    from jsonargparse import Namespace
+
+    class DigitsCLI(app_cli(package)):  # type: ignore[misc]
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(str(self.subcommand), self.config)
+            if config.get("optimizer") is None and config.get("model.optimizer") is None:
+                config["optimizer"] = Namespace(
+                    class_path=DEFAULT_OPTIMIZER["class_path"], init_args=Namespace(**DEFAULT_OPTIMIZER["init_args"])
+                )
+
+    return DigitsCLI
+
+
 Package = Literal["pytorch_lightning", "lightning.pytorch"]
 
 
@@ -70,8 +111,8 @@ def cli_main(
 
     ``package`` picks whose ``LightningCLI`` (and so whose Trainer) runs the app.
     """
-    return lightning_cli(package)(
-        DigitsModel,
+    return _digits_cli(package)(
+        digits_model,
         DigitsDataModule,
         args=args,  # type: ignore[arg-type]
         run=run,

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_spa import GroupedSPA
 from lightning_spa import _lightning as pl  # classes of both Lightning packages
-from lightning_spa._lightning import lightning_cli, main_args
+from lightning_spa._lightning import app_cli, main_args
 
 OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
@@ -224,7 +224,7 @@ def cli_main(
     ``package`` picks whose ``LightningCLI`` (and Trainer) runs the app; ``--lightning`` as the
     first command-line argument picks ``lightning.pytorch``.
     """
-    return lightning_cli(package)(
+    return app_cli(package)(
         ImageClassifier,
         args=args,  # type: ignore[arg-type]
         run=run,

@@ -10,7 +10,9 @@ other. Our classes therefore derive from the class of *every* installed package:
 - ``LightningModule`` / ``LightningDataModule`` (the demo): every method or property the two
   packages define differently dispatches, per instance, to the package of the Trainer the
   module is attached to (``pytorch_lightning`` before that). Each Trainer then sees its own
-  package's code, e.g. when it checks which hooks a module overrides.
+  package's code, e.g. when it checks which hooks a module overrides. The package is told by
+  class hierarchy (:func:`package_of`), never by module name: a user's ``Trainer`` subclass
+  belongs to the package it derives from.
 
 Everything else here (optimizer unwrapping, logger checks, warnings) accepts both packages.
 The rest of lightning_spa imports Lightning only through this module.
@@ -18,8 +20,10 @@ The rest of lightning_spa imports Lightning only through this module.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
+import sys
 from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
@@ -31,9 +35,11 @@ __all__ = [
     "LightningDataModule",
     "LightningModule",
     "Trainer",
+    "app_cli",
     "is_tensorboard_logger",
     "lightning_cli",
     "main_args",
+    "package_of",
     "rank_zero_info",
     "rank_zero_warn",
     "unwrap_optimizer",
@@ -66,13 +72,32 @@ else:
     # each Trainer calls hooks by name, so one class serves either Trainer and either CLI.
     Callback = type("Callback", _CALLBACK_BASES, {"__module__": __name__, "__doc__": "Callback of both packages."})
 
+
+# (module name, Trainer class) of each installed package: the two Trainers are unrelated classes.
+_TRAINERS: tuple[tuple[str, type], ...] = tuple((name, module.Trainer) for name, module in PACKAGES)
+
+
+def package_of(trainer: Any) -> str | None:
+    """The name of the installed package (one of :data:`PACKAGE_NAMES`) whose ``Trainer`` ``trainer`` is.
+
+    Decided by class hierarchy, so a ``Trainer`` subclass defined anywhere (a user's module,
+    ``__main__``) belongs to the package it derives from; ``None`` for an object that is neither
+    package's ``Trainer``.
+    """
+    return next((name for name, cls in _TRAINERS if isinstance(trainer, cls)), None)
+
+
+# The package of the app_cli() building classes now, if any (see _AppCLI).
+_CLI_PACKAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightning_spa_cli_package", default=None)
+
+
 def _package_of(obj: Any) -> str | None:
-    """The installed package whose Trainer ``obj`` (a module or data module) is attached to."""
+    """The installed package whose Trainer ``obj`` (a module or data module) is attached to.
+
+    Not attached: the package of the :func:`app_cli` building it, if any, else ``None``.
+    """
     trainer = vars(obj).get("_trainer", vars(obj).get("trainer"))
-    if trainer is None:
-        return None
-    module = type(trainer).__module__
-    return PACKAGE_NAMES[1] if module.startswith(PACKAGE_NAMES[1]) else PACKAGE_NAMES[0]
+    return _CLI_PACKAGE.get() if trainer is None else package_of(trainer)
 
 
 class _PerPackage:
@@ -157,6 +182,52 @@ def lightning_cli(package: str) -> Any:
     if package not in PACKAGE_NAMES:
         raise ValueError(f"`package` must be one of {PACKAGE_NAMES}, got {package!r}.")
     return importlib.import_module(f"{package}.cli").LightningCLI
+
+
+class _AppCLI:
+    """Mixin of :func:`app_cli`'s classes; ``package`` is the class attribute it sets."""
+
+    package: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Until attached to a Trainer, the modules this CLI builds dispatch to its package: its
+        # automatic optimizer mode asks (is_overridden) whether the model has its own configure_optimizers.
+        token = _CLI_PACKAGE.set(self.package)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            _CLI_PACKAGE.reset(token)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if args is None:
+            super().parse_arguments(parser, args)  # type: ignore[misc]
+            return
+        argv = sys.argv  # `args` stand for the command line: hidden from the parser, not from the run
+        sys.argv = argv[:1]
+        try:
+            super().parse_arguments(parser, args)  # type: ignore[misc]
+        finally:
+            sys.argv = argv
+
+
+def app_cli(package: str) -> type:
+    """``package``'s ``LightningCLI`` for the example apps (``examples/*_cli.py``).
+
+    Two differences, both about warnings Lightning would print on every run:
+
+    - given ``args``, it parses them as the whole command line: ``sys.argv`` is hidden while
+      they are parsed (LightningCLI warns when it sees both: a script's own options,
+      ``--lightning``, pytest's). The run sees the real ``sys.argv`` (DDP's launcher starts the
+      other ranks from it).
+    - while it builds the classes, our dual-package modules dispatch to ``package``: before they
+      are attached to a Trainer they do not know it, and the CLI's automatic optimizer mode asks
+      then whether the model overrides ``configure_optimizers``.
+
+    Raises:
+        ValueError: ``package`` is not one of :data:`PACKAGE_NAMES`.
+    """
+    base = lightning_cli(package)
+    return type(base.__name__, (_AppCLI, base), {"package": package, "__module__": __name__})
 
 
 def main_args(argv: list[str]) -> tuple[list[str], str]:

@@ -190,12 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
         "plot",
         help="diagnostics PNG of a run logged by MomentumDiagnostics",
         description="Reads the spa/* values of one run written by a TensorBoardLogger (event files) or a CSVLogger "
-        "(metrics.csv).",
+        "(metrics.csv) and draws one panel set per measured optimizer (tags spa/<name>, or spa/<name>/opt<i> when "
+        "several were measured; per-group series spa/<name>[/opt<i>]/<group> as thinner lines). The ratio panel "
+        "reads: above 1 aligned, momentum accelerates; near 1 idle; below 1 momentum damps (removing it at this "
+        "eta is unsafe).",
     )
     plot.add_argument(
         "run_dir", type=Path, help="the run's log directory (e.g. lightning_logs/version_0), TensorBoard or CSV"
     )
     plot.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/diagnostics.png)")
+    plot.add_argument(
+        "--optimizer",
+        metavar="INDEX",
+        help="a run that measured several optimizers (tags spa/ratio/opt0, spa/ratio/opt1, ...): draw only this one "
+        "(0, 1, ... or opt0, opt1, ...); default: one panel set per optimizer",
+    )
+    plot.add_argument(
+        "--group",
+        metavar="NAME",
+        help="a run logged with MomentumDiagnostics(per_group=True): draw this parameter group's series instead of "
+        "the whole optimizer's (default: the optimizer's, each group as a thinner line)",
+    )
     return parser
 
 
@@ -455,7 +470,7 @@ def _plot(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise ImportError(f"`lightning-spa plot` needs lightning_spa.plotting ({err}).") from err
     out = args.out if args.out is not None else args.run_dir / "diagnostics.png"
-    path = plot_run(args.run_dir, out)
+    path = plot_run(args.run_dir, out, optimizer=args.optimizer, group=args.group)
     print(f"wrote {path if path is not None else out}")
     return EXIT_OK
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -19,8 +23,8 @@ import digits_cli  # noqa: E402
 import vision_cli  # noqa: E402
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
+# the configs' milestone (epoch 10) is beyond a tiny run: GradualSchedule says so
+BEYOND = r"milestone at optimizer step \d+ is beyond this run's (\d+) steps?; it will not be reached"
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -30,6 +34,7 @@ def _tiny(tmp_path: Path) -> list[str]:
         "--trainer.limit_train_batches", "3",
         "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0",
+        "--trainer.log_every_n_steps", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.default_root_dir", str(tmp_path),
     ]  # fmt: skip
@@ -50,7 +55,8 @@ def test_automatic_mode_spa_yaml(tmp_path: Path) -> None:
 
 
 def test_automatic_mode_fits(tmp_path: Path) -> None:
-    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)])
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_spa.yaml"), *_tiny(tmp_path)])
     assert cli.trainer.global_step == 3
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, SPA) and opt.param_groups[0]["c"] == pytest.approx(0.1)  # milestone at epoch 10
@@ -73,13 +79,15 @@ def test_dependency_injection_grouped_yaml(tmp_path: Path) -> None:
 
 
 def test_dependency_injection_fits(tmp_path: Path) -> None:
-    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_grouped.yaml"), *_tiny(tmp_path)])
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_grouped.yaml"), *_tiny(tmp_path)])
     assert cli.trainer.global_step == 3
     assert isinstance(cli.trainer.optimizers[0], GroupedSPA)
 
 
 def test_torch_sgd_yaml_fits(tmp_path: Path) -> None:
-    cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_sgd.yaml"), *_tiny(tmp_path)])
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = digits_cli.cli_main(["fit", "--config", str(CONFIGS / "digits_sgd.yaml"), *_tiny(tmp_path)])
     opt = cli.trainer.optimizers[0]
     assert type(opt) is torch.optim.SGD
     # GradualSchedule writes the Theorem-1 values of step 3 (no milestone yet): lr 0.1, momentum 0.9
@@ -122,7 +130,8 @@ def test_vision_configs_parse_and_step_on_fake_data(tmp_path: Path, config: str,
         "--trainer.default_root_dir", str(tmp_path),
         *extra,
     ]  # fmt: skip
-    cli = vision_cli.cli_main(args)
+    with pytest.warns(UserWarning, match=BEYOND):
+        cli = vision_cli.cli_main(args)
     assert cli.trainer.global_step == 1
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, GroupedSPA)
@@ -158,23 +167,121 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str], package:
     png = tmp_path / "diag.png"
     assert spa_cli(["plot", str(log_dir), "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # the README's pictures from this run (examples/readme_images.py; the reproduction figure is downscaled)
+    import readme_images
+
+    for path in readme_images.main(["--demo-log-dir", str(log_dir), "--out", str(tmp_path / "images")]):
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 200_000
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(
-    ("script", "args", "rows"),
+    ("script", "args", "rows", "warns"),
     [
-        ("figure2", ["--epochs", "1", "--seeds", "1", "--etas", "1.0"], 7),
-        ("figure3", ["--epochs", "4", "--seeds", "1"], 4),
-        ("figure4", ["--seeds", "1", "--milestone-epoch", "1", "--before", "2", "--after", "3"], 2),
+        ("figure2", ["--epochs", "1", "--seeds", "1", "--etas", "1.0"], 7, []),
+        # the instant arms warn on purpose: what the paper's figures show
+        ("figure3", ["--epochs", "4", "--seeds", "1"], 4, [r"MomentumOff\(transition_steps=0\) switches momentum off"]),
+        (
+            "figure4",
+            ["--seeds", "1", "--milestone-epoch", "1", "--before", "2", "--after", "3"],
+            2,
+            [r"GradualSchedule\(transition='instant'\)", r"eta fell to 0.1 in one step"],
+        ),
     ],
 )
-def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str], rows: int) -> None:
+def test_reproduction_scripts_smoke(tmp_path: Path, script: str, args: list[str], rows: int, warns: list[str]) -> None:
     """Shortened runs of examples/reproduce/*.py: a PNG and a markdown table with one row per case."""
     pytest.importorskip("matplotlib")
+    import contextlib
     import importlib
 
     sys.path.insert(0, str(EXAMPLES / "reproduce"))
-    table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
+    with contextlib.ExitStack() as expected:
+        for message in warns:
+            expected.enter_context(pytest.warns(UserWarning, match=message))
+        table = importlib.import_module(script).main([*args, "--out", str(tmp_path)])
     assert (tmp_path / f"{script}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / f"{script}.md").read_text() == table
     assert sum(line.startswith("| ") for line in table.splitlines()) == rows + 1  # + header
+
+
+# -- no Lightning warning on a plain run of the app (issue 17, point 7) ----------------------------
+
+
+def _warnings_shown(caught: list[warnings.WarningMessage]) -> list[str]:
+    # jsonargparse's deprecation warnings are raised by Lightning's own cli.py (third party) and hidden by
+    # Python's default filters; every other warning reaches the user.
+    return [str(w.message) for w in caught if w.category.__name__ != "JsonargparseDeprecationWarning"]
+
+
+@pytest.mark.parametrize(
+    ("config", "optimizer", "model"),
+    [
+        ("digits_spa.yaml", SPA, "DigitsClassifier"),  # automatic mode: the model has no configure_optimizers
+        ("digits_sgd.yaml", torch.optim.SGD, "DigitsClassifier"),
+        ("digits_grouped.yaml", GroupedSPA, "DigitsModel"),  # dependency injection: the model's own
+        (None, SPA, "DigitsClassifier"),  # no optimizer given: the app's default, SPA eta 1, c 0.1
+    ],
+)
+def test_app_builds_without_warning(
+    package: ModuleType, monkeypatch: pytest.MonkeyPatch, config: str | None, optimizer: type, model: str
+) -> None:
+    """Lightning warned on every run: "args ... and command line arguments" (cli_main passes `args` while
+    sys.argv has the script's own), and in automatic mode "`DigitsModel.configure_optimizers` will be overridden"."""
+    argv = ["digits_cli.py", "--lightning", "fit", "--config", "x.yaml"]  # a script's own command line
+    monkeypatch.setattr(sys, "argv", argv)
+    args = [*QUIET, *(["--config", str(CONFIGS / config)] if config else [])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = digits_cli.cli_main(args, run=False, package=package.__name__)
+        opt = cli.model.configure_optimizers()
+    assert _warnings_shown(caught) == []
+    assert sys.argv is argv and sys.argv == ["digits_cli.py", "--lightning", "fit", "--config", "x.yaml"]
+    assert type(cli.model).__name__ == model and isinstance(cli.trainer, package.Trainer)
+    assert type(opt) is optimizer
+    if config is None:
+        assert (opt.param_groups[0]["lr"], opt.param_groups[0]["c"]) == (1.0, 0.1)
+
+
+def test_both_optimizer_modes_at_once_is_reported(package: ModuleType, tmp_path: Path) -> None:
+    """A top-level optimizer replaces the injected one: Lightning's warning then says so, truthfully."""
+    args = [*QUIET, "--config", str(CONFIGS / "digits_grouped.yaml"), "--optimizer", "torch.optim.Adam"]
+    with pytest.warns(UserWarning, match=r"`DigitsModel.configure_optimizers` will be overridden"):
+        cli = digits_cli.cli_main(args, run=False, package=package.__name__)
+    assert type(cli.model.configure_optimizers()) is torch.optim.Adam
+
+
+def test_plain_script_run_prints_no_warning(package: ModuleType, tmp_path: Path) -> None:
+    """`python examples/digits_cli.py [--lightning] fit --config examples/configs/digits_spa.yaml`, shortened: the
+    only warning left is GradualSchedule's about the shortening (the config's milestone is at epoch 10)."""
+    lightning = ["--lightning"] if package.__name__ == "lightning.pytorch" else []
+    command = [
+        sys.executable,
+        # torch's deprecation of LeafSpec, raised inside Lightning's own _pytree.py on every fit (third party)
+        "-W", "ignore:`isinstance(treespec, LeafSpec)`:FutureWarning",
+        str(EXAMPLES / "digits_cli.py"), *lightning, "fit", "--config", str(CONFIGS / "digits_spa.yaml"),
+        *_tiny(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # both Python's warning format and Lightning's start "<file>.py:<line>: "
+    shown = [line for line in done.stderr.splitlines() if re.match(r"\S+\.py:\d+: ", line)]
+    assert len(shown) == 1 and re.search(BEYOND, shown[0]), done.stderr
+    assert "Trainer.fit` stopped: `max_epochs=1` reached" in done.stderr
+    assert any((tmp_path / "digits_spa").rglob("events.out.tfevents.*"))
+
+
+def test_readme_pictures_are_committed_and_small() -> None:
+    """The README embeds PNGs by paths valid on a fresh clone, each well under 200 kB (issue 17, point 9)."""
+    root = EXAMPLES.parent
+    readme = (root / "README.md").read_text()
+    paths = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
+    assert len(paths) >= 2 and {"docs/images/demo_summary.png", "docs/images/figure3.png"} <= set(paths)
+    assert readme.index(paths[0]) < readme.index("**What it is.**")  # near the top, after make demo / make test
+    first = [line.strip() for line in readme.splitlines() if line.strip() and not line.startswith("# ")][:2]
+    assert first[0].startswith("make demo") and first[1].startswith("make test")  # still the first thing
+    for path in paths:
+        png = root / path
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert png.stat().st_size < 150_000, path

@@ -61,13 +61,15 @@ def test_callbacks_fit_log_custom_scalars(package: ModuleType, tmp_path: Path) -
 def test_resume_restores_callback_state(package: ModuleType, tmp_path: Path) -> None:
     """A checkpoint of the package's Trainer restores the schedule's clock and starting values."""
     schedule = dict(milestones=[6], unit="step", mode="paper", factor=0.5, transition_steps=12)
-    first = _trainer(package, tmp_path, [GradualSchedule(**schedule)], max_epochs=1, logger=False)
+    manual = dict(enable_checkpointing=False)  # the checkpoint is saved by hand
+    first = _trainer(package, tmp_path, [GradualSchedule(**schedule)], max_epochs=1, logger=False, **manual)
     model = DigitsCNN(optimizer=lambda params: SPA(params, lr=0.8, c=0.2))
-    first.fit(model, DigitsDataModule())
+    with pytest.warns(UserWarning, match="milestone at optimizer step 6 is beyond this run's 6 steps"):
+        first.fit(model, DigitsDataModule())
     ckpt = tmp_path / "mid.ckpt"
     first.save_checkpoint(ckpt)
     # resumed with another starting eta: the checkpoint's (0.8, 0.2) must win
-    resumed = _trainer(package, tmp_path, [GradualSchedule(**schedule)], max_epochs=2, logger=False)
+    resumed = _trainer(package, tmp_path, [GradualSchedule(**schedule)], max_epochs=2, logger=False, **manual)
     resumed.fit(DigitsCNN(optimizer=lambda params: SPA(params, lr=3.0, c=0.5)), DigitsDataModule(), ckpt_path=ckpt)
     assert resumed.global_step == 12
     group = resumed.optimizers[0].param_groups[0]
@@ -88,9 +90,10 @@ def test_cli_yaml_fits(package: ModuleType, tmp_path: Path, config: str, optimiz
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.log_every_n_steps", "1",
     ]  # fmt: skip
-    cli = digits_cli.cli_main(args, package=package.__name__)
+    with pytest.warns(UserWarning, match="milestone at optimizer step 30 is beyond this run's 3 steps"):
+        cli = digits_cli.cli_main(args, package=package.__name__)
     trainer = cli.trainer
     assert isinstance(trainer, package.Trainer) and trainer.global_step == 3
     assert isinstance(trainer.logger, package.loggers.TensorBoardLogger)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import _lightning as pl
 
-__all__ = ["DigitsCNN", "DigitsDataModule", "load_digits_tensors"]
+__all__ = ["DigitsCNN", "DigitsClassifier", "DigitsDataModule", "load_digits_tensors"]
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
@@ -66,19 +66,19 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=512, num_workers=self.num_workers)
 
 
-class DigitsCNN(pl.LightningModule):
-    """Two conv layers and a linear head (about 20k parameters); logs loss and accuracy.
+class DigitsClassifier(pl.LightningModule):
+    """Two conv layers and a linear head (about 20k parameters); logs loss and accuracy; no optimizer.
+
+    The optimizer comes from elsewhere: LightningCLI's top-level ``optimizer:`` (automatic mode,
+    ``examples/digits_cli.py``) or a subclass's ``configure_optimizers`` (:class:`DigitsCNN`).
 
     Args:
         channels: width of the conv layers.
-        optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``);
-            ``None`` uses ``SPA(lr=1.0, c=0.1)`` (SGD+M ``lr 0.1, momentum 0.9``).
     """
 
-    def __init__(self, channels: int = 16, optimizer: OptimizerFactory | None = None) -> None:
+    def __init__(self, channels: int = 16) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.optimizer_factory = optimizer
         self.net = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1),
             nn.BatchNorm2d(channels),
@@ -111,6 +111,20 @@ class DigitsCNN(pl.LightningModule):
         self.val_acc(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
+
+
+class DigitsCNN(DigitsClassifier):
+    """:class:`DigitsClassifier` with its optimizer: the given factory, else the paper's SPA recipe.
+
+    Args:
+        channels: width of the conv layers.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``);
+            ``None`` uses ``SPA(lr=1.0, c=0.1)`` (SGD+M ``lr 0.1, momentum 0.9``).
+    """
+
+    def __init__(self, channels: int = 16, optimizer: OptimizerFactory | None = None) -> None:
+        super().__init__(channels)
+        self.optimizer_factory = optimizer
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
