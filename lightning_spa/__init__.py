@@ -58,8 +58,8 @@ __all__ = [
 if TYPE_CHECKING:
     from lightning_spa.callbacks import GradualSchedule, MeasuredMomentumOff, MomentumDiagnostics, MomentumOff
     from lightning_spa.decision import MomentumOffDecision
-    from lightning_spa.guard import MomentumGuard
     from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
+    from lightning_spa.guard import MomentumGuard
     from lightning_spa.mapping import (
         sgd_state_dict_to_spa,
         sgdm_optimizer_to_spa,

@@ -158,7 +158,8 @@ class MomentumGuard:
         """
         guard = MomentumGuard(self.factor, self.ema_decay, self.reference_steps, self.watch_steps, self.retry_factor)
         guard.transition_steps = _check_int(transition_steps, "transition_steps", 0, "0 or 1: instant")
-        guard._watch = self.watch_steps if self.watch_steps is not None else _check_int(watch_steps, "watch_steps", 0, "")
+        fallback = _check_int(watch_steps, "watch_steps", 0, "steps watched after c reached 1")
+        guard._watch = self.watch_steps if self.watch_steps is not None else fallback
         return guard
 
     # ----- the state, read ----------------------------------------------------------------
@@ -300,8 +301,8 @@ class MomentumGuard:
     def __repr__(self) -> str:
         retry = "None" if self.retry_factor is None else f"{self.retry_factor:g}"
         return (
-            f"MomentumGuard(factor={self.factor:g}, ema_decay={self.ema_decay:g}, reference_steps={self.reference_steps}"
-            f", watch_steps={self.watch_steps}, retry_factor={retry})"
+            f"MomentumGuard(factor={self.factor:g}, ema_decay={self.ema_decay:g}, "
+            f"reference_steps={self.reference_steps}, watch_steps={self.watch_steps}, retry_factor={retry})"
         )
 
 

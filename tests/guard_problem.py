@@ -45,7 +45,7 @@ class Stiff(LightningModule):
         return 0.5 * self.L * (self.x[0] - 0.1 * n[0]).square() + (self.x[1:] * n[1:]).sum()
 
     def objective(self) -> float:
-        return 0.5 * self.L * float(self.x[0]) ** 2
+        return 0.5 * self.L * float(self.x.detach()[0]) ** 2
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         from lightning_spa import SPA

@@ -180,8 +180,12 @@ class GuardRunner:
     def _report_abort(self, index: int, k: int, guard: MomentumGuard, value: float) -> None:
         self._log({self._name(ABORTED, index): float(k)}, k)
         ref = guard.reference
-        why = "is not finite" if not math.isfinite(value) else (
-            f"smoothed to {guard.smoothed:.4g}, above {guard.factor:g} x its level before the removal ({ref:.4g})"
+        why = (
+            "is not finite"
+            if not math.isfinite(value)
+            else (
+                f"smoothed to {guard.smoothed:.4g}, above {guard.factor:g} x its level before the removal ({ref:.4g})"
+            )
         )
         if guard.retry_factor is None:
             retry = "No retry (retry_factor=None)."

@@ -379,9 +379,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if self._guards is not None:
             self._guards.publish(trainer, starts)
         elif starts:
-            suffix = len(self._clocks) > 1
+            suffix = {i: f"/opt{i}" if self._suffix else "" for i in starts}
             trainer.callback_metrics.update(
-                {f"spa/momentum_off_step{f'/opt{i}' if suffix else ''}": torch.tensor(float(s)) for i, s in starts.items()}
+                {f"spa/momentum_off_step{suffix[i]}": torch.tensor(float(s)) for i, s in starts.items()}
             )
 
     def state_dict(self) -> dict[str, Any]:
