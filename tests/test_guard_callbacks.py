@@ -292,3 +292,40 @@ def test_two_ddp_ranks_abort_at_the_same_step(tmp_path: Path) -> None:
     assert ranks[0]["x"] == ranks[1]["x"]
     assert all(r["metric"] == ranks[0]["aborted"][0] for r in ranks)
     assert math.isfinite(ranks[0]["objective"]) and ranks[0]["objective"] < F0
+
+
+# ----- LightningCLI ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("guard", "expected"),
+    [
+        ("false", None),
+        ("{class_path: lightning_spa.MomentumGuard, init_args: {factor: 20, retry_factor: null}}", (20.0, None)),
+    ],
+    ids=["off", "custom"],
+)
+def test_guard_from_a_lightning_cli_yaml(tmp_path: Path, guard: str, expected: tuple[float, None] | None) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "seed_everything: 0\n"
+        "model: {channels: 4, optimizer: {class_path: lightning_spa.SPA, init_args: {lr: 0.1, c: 0.5}}}\n"
+        "trainer:\n  accelerator: cpu\n  max_steps: 4\n  limit_val_batches: 0\n  num_sanity_val_steps: 0\n"
+        "  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n  enable_model_summary: false\n"
+        "  callbacks:\n    - class_path: lightning_spa.MomentumOff\n"
+        f"      init_args: {{after_epochs: 2, transition_steps: 2, unit: step, guard: {guard}}}\n"
+    )
+    cli = LightningCLI(
+        DigitsCNN, DigitsDataModule, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True}
+    )
+    (off,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MomentumOff)]
+    if expected is None:
+        assert off.guard is None
+    else:
+        assert isinstance(off.guard, MomentumGuard) and (off.guard.factor, off.guard.retry_factor) == expected
+        assert guard_of(off).episodes == [[2, None]]
+    assert cli.trainer.optimizers[0].param_groups[0]["c"] == 1.0
