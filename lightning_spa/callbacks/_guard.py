@@ -70,6 +70,10 @@ def grad_square_norm(optimizer: Optimizer, sharded: bool) -> torch.Tensor:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = local_tensor(params[0]).device if params else torch.device("cpu")
     dtype = torch.float32 if device.type == "mps" else torch.float64
+    grads = [p.grad for p in params if p.grad is not None]
+    one_device = all(g.device == grads[0].device and not g.is_sparse for g in grads)
+    if not sharded and grads and one_device:  # the common case: one foreach norm
+        return torch.stack(torch._foreach_norm(grads, 2)).to(dtype).square().sum()
     parts = measure_after_step(optimizer, device, dtype)  # (2, groups, 1): sharded, ordinary parameters
     shards = parts[0].sum().reshape(1)
     if sharded:
