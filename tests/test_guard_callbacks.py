@@ -327,7 +327,10 @@ def test_guard_from_a_lightning_cli_yaml(tmp_path: Path, guard: str, expected: t
         f"      init_args: {{after_epochs: 2, transition_steps: 2, unit: step, guard: {guard}}}\n"
     )
     cli = LightningCLI(
-        DigitsCNN, DigitsDataModule, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True}
+        DigitsCNN,
+        DigitsDataModule,
+        args=["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)],
+        save_config_kwargs={"overwrite": True},
     )
     (off,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, MomentumOff)]
     if expected is None:
