@@ -239,7 +239,7 @@ def _check_optimizer_modes(config: Any) -> None:
         raise ValueError(
             f"Both `optimizer` ({_class_name(optimizer)}, LightningCLI's automatic mode) and `model.optimizer` "
             f"({_class_name(injected)}, dependency injection) are given: LightningCLI would build the top-level one "
-            "and silently drop `model.optimizer`. Give the optimizer once: e.g. "
+            "and drop `model.optimizer` (its warning names only configure_optimizers). Give the optimizer once: e.g. "
             f"`--model.optimizer {_class_name(optimizer)}` in place of `--optimizer`, or remove `model.optimizer`."
         )
     if scheduler is not None and optimizer is None:
