@@ -61,15 +61,17 @@ SGD+M the SPA values are those of a constant schedule at the current values
   step, ``_step_supports_amp_scaling``: torch's fused SGD): :func:`full_samples` divides the
   gradient sums by ``S`` and ``S^2``.
 - Sharded parameters (DTensor, FSDP2) contribute local sums (each divided by its replication
-  factor) that :func:`complete_sums` sums across ranks with one small ``all_reduce``.
+  factor) that :func:`read_sums` sums across ranks with one small ``all_reduce``.
 
-The device computes sums per bucket; everything after them is host arithmetic in float64 on the
-numbers of one transfer (:mod:`lightning_spa.meter` reads them with the step's flags at once).
+The device computes one value per entry (a squared norm or a dot product: :class:`Sums`);
+everything after them is host arithmetic in float64 on the numbers of one transfer
+(:func:`read_sums`, which :mod:`lightning_spa.meter` also hands the step's flags).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +90,6 @@ __all__ = [
     "GroupHyper",
     "cheap_samples",
     "cheap_supported",
-    "complete_sums",
     "cosine_of",
     "full_samples",
     "group_hyper",
@@ -97,6 +98,8 @@ __all__ = [
     "measure_before_step",
     "measure_cheap",
     "prev_scales",
+    "read_sums",
+    "Sums",
 ]
 
 # Columns of the full path's per-bucket sums.
@@ -217,7 +220,7 @@ def cheap_supported(optimizer: Optimizer) -> bool:
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         return False
     if isinstance(optimizer, SPA):
-        return all(isinstance(g["c"], Tensor) or float(g["c"]) < 1.0 for g in optimizer.param_groups)
+        return all(_as_float(g["c"]) < 1.0 for g in optimizer.param_groups)
     for group in optimizer.param_groups:
         if float(group.get("momentum", 0.0)) == 0.0:
             return False
@@ -256,73 +259,144 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 _HALF = (torch.float16, torch.bfloat16, torch.complex32)
 
 
-def _square_norms(ts: list[Tensor], dtype: torch.dtype) -> Tensor:
+def _square_norms(ts: list[Tensor], dtype: torch.dtype, dense: bool = False) -> Tensor:
     """``||t||^2`` of each tensor in ``dtype`` (one ``foreach`` norm for the dense ones; half precision
-    accumulates in float32)."""
+    accumulates in float32). ``dense=True``: the caller knows none is sparse."""
     if not ts:
         return torch.zeros(0, dtype=dtype)
-    if not any(t.is_sparse for t in ts):
+    if dense or not any(t.is_sparse for t in ts):
         wide = torch.float32 if any(t.dtype in _HALF for t in ts) else None
         return torch.stack(torch._foreach_norm(ts, 2, dtype=wide)).to(dtype).square()
     norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t) for t in ts]
     return torch.stack(norms).to(dtype).square()
 
 
-class _Sums:
-    """Collects values (squared norms, dot products) and where each one goes in a ``(2, rows, cols)``
-    table: ``[0]`` sharded parameters (divided by their replication factor, summed across ranks
-    later), ``[1]`` ordinary ones. :meth:`table` adds them up with one ``index_add_``."""
+class Sums:
+    """The per-entry values of one measurement (squared norms, dot products) and where each one goes.
 
-    def __init__(self, cols: int) -> None:
-        self.cols = cols
-        self.squares: list[Tensor] = []
-        self.square_at: list[tuple[int, int, int]] = []
-        self.square_w: list[float | Tensor] = []
-        self.dots: list[tuple[Tensor, Tensor]] = []
-        self.dot_at: list[tuple[int, int, int]] = []
-        self.dot_w: list[float] = []
+    Entry ``i`` adds ``weight_i * value_i`` to cell ``(row, col)`` of a ``rows x cols`` table. The
+    device computes the values (one ``foreach`` norm for the squares, one product per dot); the
+    weights (a DTensor's ``1 / replication factor``, the cheap path's ``a^2``) are applied on the host
+    after one transfer (:func:`read_sums`), so the device does no bookkeeping. Entries of sharded
+    (DTensor) parameters come first in :attr:`values` and are summed across ranks before that.
 
-    def square(self, t: Tensor, at: tuple[int, int, int], weight: float | Tensor = 1.0) -> None:
-        self.squares.append(t)
-        self.square_at.append(at)
-        self.square_w.append(weight)
+    Attributes:
+        values: the raw values (a flat tensor on the measuring device; sharded entries first).
+        n_sharded: how many leading entries are local parts of sharded parameters.
+        meta: per entry ``(row, col, weight, j)``: ``j`` indexes ``tensor_weights`` (a device-side
+            factor read with the values, SPA's tensor mode) or is None.
+        rows, cols: the table's shape.
+        tensor_weights: 0-dim tensors the host multiplies entries with.
+    """
 
-    def dot(self, a: Tensor, b: Tensor, at: tuple[int, int, int], weight: float = 1.0) -> None:
-        self.dots.append((a, b))
-        self.dot_at.append(at)
-        self.dot_w.append(weight)
+    def __init__(self, rows: int, cols: int, dense: bool = False) -> None:
+        self.rows, self.cols, self.dense = rows, cols, dense
+        # [sharded, ordinary] lists of (tensor(s), meta)
+        self._squares: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._square_meta: tuple[list[Any], list[Any]] = ([], [])
+        self._dots: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] = ([], [])
+        self._dot_meta: tuple[list[Any], list[Any]] = ([], [])
+        self.tensor_weights: list[Tensor] = []
+        self.values: Tensor | None = None
+        self.n_sharded = 0
+        self.meta: list[tuple[int, int, float, int | None]] = []
 
-    def table(self, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        out = torch.zeros(2 * rows * self.cols, device=device, dtype=dtype)
-        parts = []
-        if self.squares:
-            parts.append(_square_norms(self.squares, dtype).to(device))
-        if self.dots:
-            parts.append(torch.stack([_dot(a, b).to(dtype) for a, b in self.dots]).to(device))
-        if parts:
-            values = torch.cat(parts) if len(parts) > 1 else parts[0]
-            weights = [*self.square_w, *self.dot_w]
-            if any(isinstance(w, Tensor) for w in weights):
-                values = values * torch.stack([
-                    w.to(device, dtype) if isinstance(w, Tensor) else torch.full((), w, device=device, dtype=dtype)
-                    for w in weights
-                ])  # fmt: skip
-            elif any(w != 1.0 for w in weights):
-                values = values * _to_device(weights, device, dtype)
-            index = [(h * rows + r) * self.cols + c for h, r, c in (*self.square_at, *self.dot_at)]
-            out.index_add_(0, _to_device(index, device, torch.int64), values)
-        return out.view(2, rows, self.cols)
+    def _weight(self, weight: float | Tensor, factor: float) -> tuple[float, int | None]:
+        if isinstance(weight, Tensor):
+            self.tensor_weights.append(weight)
+            return factor, len(self.tensor_weights) - 1
+        return weight * factor, None
+
+    def square(self, t: Tensor, row: int, col: int, placed: tuple[int, float], weight: float | Tensor = 1.0) -> None:
+        """Adds ``weight * ||t||^2`` at ``(row, col)``; ``placed`` is :func:`_placement` of its parameter."""
+        self._squares[placed[0]].append(t)
+        self._square_meta[placed[0]].append((row, col, *self._weight(weight, placed[1])))
+
+    def dot(self, a: Tensor, b: Tensor, row: int, col: int, placed: tuple[int, float]) -> None:
+        """Adds ``Re<a, b>`` at ``(row, col)``."""
+        self._dots[placed[0]].append((a, b))
+        self._dot_meta[placed[0]].append((row, col, placed[1], None))
+
+    def compute(self, device: torch.device, dtype: torch.dtype) -> Sums:
+        """Runs the device work (sets :attr:`values`); returns ``self``."""
+        squares = self._squares[0] + self._squares[1]
+        dots = self._dots[0] + self._dots[1]
+        pieces = []
+        if squares:
+            sq = _square_norms(squares, dtype, self.dense).to(device)
+        if dots:
+            dt = torch.stack([_dot(a, b).to(dtype) for a, b in dots]).to(device)
+        ns, nd = len(self._squares[0]), len(self._dots[0])
+        for part, n, both in ((0, ns, squares), (0, nd, dots), (1, ns, squares), (1, nd, dots)):
+            if not both:
+                continue
+            values = sq if both is squares else dt
+            piece = values[:n] if part == 0 else values[n:]
+            if piece.numel():
+                pieces.append(piece)
+        if not pieces:
+            self.values = torch.zeros(0, device=device, dtype=dtype)
+        else:
+            self.values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        self.n_sharded = ns + nd
+        self.meta = [*self._square_meta[0], *self._dot_meta[0], *self._square_meta[1], *self._dot_meta[1]]
+        return self
+
+    def reduce(self, values: Sequence[float], tensor_values: Sequence[float] = ()) -> list[float]:
+        """The ``rows * cols`` table (row-major) from the completed host values of :attr:`values` and
+        of :attr:`tensor_weights`."""
+        out = [0.0] * (self.rows * self.cols)
+        cols = self.cols
+        for v, (row, col, w, j) in zip(values, self.meta, strict=True):
+            out[row * cols + col] += v * (w if j is None else w * tensor_values[j])
+        return out
 
 
-def _to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A small host table on ``device`` without a device synchronisation (``torch.tensor(..., device=cuda)``
-    would wait for the queued kernels; a non-blocking copy from the host does not)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+def read_sums(
+    parts: list[Sums], sharded: bool, extras: Sequence[Tensor] = ()
+) -> tuple[list[list[float]], list[float]]:
+    """Completes ``parts`` (computed) across ranks and reads them and ``extras`` (0-dim tensors: flags the
+    caller wants with them) to the host in one transfer, the one device synchronisation.
+
+    With ``sharded=True`` (the optimizer holds DTensor parameters; the same answer on every rank)
+    the sharded entries are summed across ranks by one ``all_reduce`` of a small vector, which every
+    rank must call at the same step; otherwise nothing is communicated.
+
+    Returns:
+        ``(tables, extras)``: each part's table (:meth:`Sums.reduce`) and the values of ``extras``.
+    """
+    vectors = [p.values for p in parts]
+    assert all(v is not None for v in vectors), "Sums.compute() first"
+    if sharded and any(p.n_sharded for p in parts):
+        reduced = reduce_partial_sums(torch.cat([p.values[: p.n_sharded] for p in parts]))  # type: ignore[index]
+        vectors, at = [], 0
+        for p in parts:
+            vectors += [reduced[at : at + p.n_sharded], p.values[p.n_sharded :]]  # type: ignore[index]
+            at += p.n_sharded
+    device = parts[0].values.device  # type: ignore[union-attr]
+    dtype = parts[0].values.dtype  # type: ignore[union-attr]
+    weights = [w for p in parts for w in p.tensor_weights]
+    scalars = [t.reshape(()).to(device, dtype) for t in (*weights, *extras)]
+    if scalars:
+        vectors.append(torch.stack(scalars))
+    flat = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).tolist()  # type: ignore[arg-type]
+    n_values = sum(p.values.numel() for p in parts)  # type: ignore[union-attr]
+    tail = flat[n_values:]
+    tables, at, wat = [], 0, 0
+    for p in parts:
+        n, nw = p.values.numel(), len(p.tensor_weights)  # type: ignore[union-attr]
+        tables.append(p.reduce(flat[at : at + n], tail[wat : wat + nw]))
+        at, wat = at + n, wat + nw
+    return tables, tail[wat:]
+
+
+_ORDINARY = (1, 1.0)
 
 
 def _placement(p: Tensor) -> tuple[int, float]:
-    """``(half, weight)`` of ``p``'s sums: ``(0, 1 / replication factor)`` for a DTensor, else ``(1, 1)``."""
-    return (0, 1.0 / replication_factor(p)) if is_sharded(p) else (1, 1.0)
+    """``(part, weight)`` of ``p``'s entries: ``(0, 1 / replication factor)`` for a DTensor (its local
+    shards summed over all ranks count each entry that many times), else ``(1, 1)``."""
+    return (0, 1.0 / replication_factor(p)) if is_sharded(p) else _ORDINARY
 
 
 @dataclass
@@ -330,21 +404,21 @@ class FirstHalf:
     """The first half of a full measurement (:func:`measure_before_step`).
 
     Attributes:
-        sums: ``(2, n_buckets, 6)`` local sums of :data:`FIELDS` (``[0]`` sharded, ``[1]`` ordinary).
+        sums: per-entry sums of :data:`FIELDS`, one table row per history bucket.
         buckets: per bucket ``(group index, s)``: ``s`` the SPA buffer scale of its parameters (a
             float, or an int ``j``: the ``j``-th entry of ``tensor_scales``), ``"sgd"`` for torch
             SGD buffers, None without history.
         tensor_scales: SPA tensor-mode scales (0-dim tensors), read with the rest after the step.
     """
 
-    sums: Tensor
+    sums: Sums
     buckets: list[tuple[int, float | int | str | None]]
     tensor_scales: list[Tensor] = field(default_factory=list)
 
 
 @torch.no_grad()
 def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> FirstHalf:
-    """Local sums of :data:`FIELDS` per history bucket, after backward and before ``optimizer.step()``.
+    """Sums of :data:`FIELDS` per history bucket, after backward and before ``optimizer.step()``.
 
     The ``x`` terms are zero for a group without weight decay, the ``m`` terms for a bucket without
     history. Gradients are read as they are (still scaled under fused AMP, not yet clipped:
@@ -353,7 +427,7 @@ def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch
     keys: dict[tuple[int, Any], int] = {}
     buckets: list[tuple[int, float | int | str | None]] = []
     tensor_scales: list[Tensor] = []
-    sums = _Sums(len(FIELDS))
+    entries: list[tuple[int, Tensor, Tensor, Tensor | None, bool, tuple[int, float]]] = []
     for gi, group in enumerate(optimizer.param_groups):
         wd = bool(group.get("weight_decay", 0.0))
         for p in group["params"]:
@@ -373,43 +447,46 @@ def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch
             if b is None:
                 b = keys[(gi, key)] = len(buckets)
                 buckets.append((gi, scale))
-            half, w = _placement(p)
-            g, x = local_tensor(p.grad), local_tensor(p.detach())
-            sums.square(g, (half, b, 0), w)
+            m = None if history is None else local_tensor(history[0])
+            entries.append((b, local_tensor(p.grad), local_tensor(p.detach()), m, wd, _placement(p)))
+    sums = Sums(len(buckets), len(FIELDS))
+    for b, g, x, m, wd, placed in entries:
+        sums.square(g, b, 0, placed)
+        if wd:
+            sums.dot(g, x, b, 1, placed)
+            sums.square(x, b, 2, placed)
+        if m is not None:
+            sums.dot(g, m, b, 3, placed)
             if wd:
-                sums.dot(g, x, (half, b, 1), w)
-                sums.square(x, (half, b, 2), w)
-            if history is not None:
-                m = local_tensor(history[0])
-                sums.dot(g, m, (half, b, 3), w)
-                if wd:
-                    sums.dot(x, m, (half, b, 4), w)
-                sums.square(m, (half, b, 5), w)
-    return FirstHalf(sums.table(len(buckets), device, dtype), buckets, tensor_scales)
+                sums.dot(x, m, b, 4, placed)
+            sums.square(m, b, 5, placed)
+    return FirstHalf(sums.compute(device, dtype), buckets, tensor_scales)
 
 
 @torch.no_grad()
-def measure_after_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Local sums of ``||grad||^2`` per param group right after ``optimizer.step()``: the gradient the step
-    consumed (after clipping). A ``(2, n_groups, 1)`` tensor (``[0]`` sharded, ``[1]`` ordinary)."""
-    sums = _Sums(1)
+def measure_after_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> Sums:
+    """``||grad||^2`` per param group right after ``optimizer.step()``: the gradient the step consumed
+    (after clipping). One table column, one row per group."""
+    sums = Sums(len(optimizer.param_groups), 1)
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             if p.grad is not None:
-                half, w = _placement(p)
-                sums.square(local_tensor(p.grad), (half, gi, 0), w)
-    return sums.table(len(optimizer.param_groups), device, dtype)
+                sums.square(local_tensor(p.grad), gi, 0, _placement(p))
+    return sums.compute(device, dtype)
 
 
-@torch.no_grad()
-def measure_cheap(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Local sums of ``[||g_k||^2, ||x_{k+1} - x_k||^2]`` per param group, right after ``optimizer.step()``.
+def measure_cheap(
+    optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64, sharded: bool = True
+) -> Sums:
+    """``[||g_k||^2, ||x_{k+1} - x_k||^2]`` per param group (table rows), right after ``optimizer.step()``.
 
-    A ``(2, n_groups, 2)`` tensor (``[0]`` sharded, ``[1]`` ordinary). Only for a step that
-    :func:`cheap_supported` allowed (see the module docstring): every parameter with a gradient
-    moved by ``-a m_{k+1}`` (or did not move and keeps no buffer: SPA at ``eta = 0`` without history).
+    Only for a step that :func:`cheap_supported` allowed (see the module docstring): every parameter
+    with a gradient moved by ``-a m_{k+1}`` (or did not move and keeps no buffer: SPA at ``eta = 0``
+    without history). ``sharded=False`` (no DTensor parameter:
+    :func:`~lightning_spa.distributed.has_sharded_params`) skips the per-tensor DTensor checks.
+    Reads only detached tensors (no autograd).
     """
-    sums = _Sums(2)
+    sums = Sums(len(optimizer.param_groups), 2, dense=True)
     spa = isinstance(optimizer, SPA)
     state_of = optimizer.state
     for gi, group in enumerate(optimizer.param_groups):
@@ -429,15 +506,18 @@ def measure_cheap(optimizer: Optimizer, device: torch.device, dtype: torch.dtype
                 a = q * e if isinstance(e, Tensor) or isinstance(q, Tensor) else float(q) * float(e)
             else:
                 a = lr  # type: ignore[assignment]
-            placed = _placement(p)
-            g, m = local_tensor(p.grad), None if buf is None else local_tensor(buf)
+            if sharded:
+                placed = _placement(p)
+                g, m = local_tensor(p.grad), None if buf is None else local_tensor(buf)
+            else:
+                placed, g, m = _ORDINARY, p.grad, buf
             if m is not None:
-                sums.square(m, (placed[0], gi, 1), a * a * placed[1])
+                sums.square(m, gi, 1, placed, a * a)
             if not wd:
-                sums.square(g, (placed[0], gi, 0), placed[1])
+                sums.square(g, gi, 0, placed)
             elif isinstance(a, Tensor):  # tensor mode: one parameter at a time (x_k = x_{k+1} + a m_{k+1})
                 x = local_tensor(p.detach())
-                sums.square(g + (sign * wd) * (x + a.to(x.dtype) * m), (placed[0], gi, 0), placed[1])
+                sums.square(g + (sign * wd) * (x + a.to(x.dtype) * m), gi, 0, placed)
             else:
                 by_a.setdefault(a, []).append((g, local_tensor(p.detach()), m, placed))
         for a, items in by_a.items():  # with weight decay: g = grad + sign wd x_k in one temporary per tensor
@@ -446,21 +526,8 @@ def measure_cheap(optimizer: Optimizer, device: torch.device, dtype: torch.dtype
             if with_buf and a:
                 torch._foreach_add_([t for t, _ in with_buf], [m for _, m in with_buf], alpha=sign * wd * a)
             for t, (_, _, _, placed) in zip(tmp, items, strict=True):
-                sums.square(t, (placed[0], gi, 0), placed[1])
-    return sums.table(len(optimizer.param_groups), device, dtype)
-
-
-def complete_sums(parts: list[Tensor], sharded: bool) -> Tensor:
-    """The complete sums of ``parts`` (each ``(2, ...)`` from the functions above), flattened and
-    concatenated in order.
-
-    With ``sharded=True`` (the optimizer holds DTensor parameters; the same answer on every rank)
-    the sharded halves are summed across ranks by one ``all_reduce`` of a small vector, which
-    every rank must call at the same step; otherwise nothing is communicated.
-    """
-    first = torch.cat([p[0].reshape(-1) for p in parts]) if len(parts) > 1 else parts[0][0].reshape(-1)
-    second = torch.cat([p[1].reshape(-1) for p in parts]) if len(parts) > 1 else parts[0][1].reshape(-1)
-    return (reduce_partial_sums(first) if sharded else first) + second
+                sums.square(t, gi, 0, placed)
+    return sums.compute(device, dtype)
 
 
 # ----------------------------------------------------------------------------- host arithmetic
@@ -488,8 +555,8 @@ def full_samples(
 
     Args:
         first: the first half (its ``buckets``).
-        before: its complete sums, ``n_buckets * 6`` floats (row-major).
-        after: the complete sums of :func:`measure_after_step`, one per group.
+        before: its table (:func:`read_sums`), ``n_buckets * 6`` floats (row-major).
+        after: the table of :func:`measure_after_step`, one float per group.
         hypers: the groups' hyper-parameters of this step (:func:`group_hyper`).
         grad_scale: the AMP loss scale the first half's gradients still carry (``optimizer.grad_scale``
             of an optimizer that unscales inside its step; Lightning refuses clipping there, so
@@ -536,7 +603,7 @@ def full_samples(
 
 
 def cheap_samples(sums: list[float], hypers: list[GroupHyper]) -> list[list[float]]:
-    """One step's raw samples from the complete sums of :func:`measure_cheap` (``2 * n_groups`` floats):
+    """One step's raw samples from the table of :func:`measure_cheap` (``2 * n_groups`` floats):
     rows as :func:`full_samples`, with ``g_m = m_sq = 0`` (the cosine is not measured)."""
     return _rows([[sums[2 * i + 1], sums[2 * i], 0.0, 0.0] for i in range(len(hypers))], hypers)
 

@@ -49,7 +49,6 @@ from lightning_spa.diagnostics import (
     GroupHyper,
     cheap_samples,
     cheap_supported,
-    complete_sums,
     cosine_of,
     full_samples,
     group_hyper,
@@ -58,6 +57,7 @@ from lightning_spa.diagnostics import (
     measure_before_step,
     measure_cheap,
     prev_scales,
+    read_sums,
 )
 from lightning_spa.distributed import has_sharded_params, local_tensor
 from lightning_spa.optim import SPA
@@ -333,7 +333,7 @@ class MomentumMeter:
 
     def _move_first(self) -> None:
         hooks = getattr(self.optimizer, "_optimizer_step_post_hooks", None)
-        if self._handles and hasattr(hooks, "move_to_end"):
+        if self._handles and hasattr(hooks, "move_to_end") and next(iter(hooks)) != self._handles[0].id:  # type: ignore[call-overload]
             hooks.move_to_end(self._handles[0].id, last=False)  # type: ignore[union-attr]
 
     def _before_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -425,7 +425,13 @@ class MomentumMeter:
             out.append(group_hyper(optimizer, group, before, scale))
         return out
 
-    @torch.no_grad()
+    def _cheap_ok(self, hypers: list[GroupHyper]) -> bool:
+        """Whether the step, with the values it used, left buffers that describe it (the check of
+        :func:`~lightning_spa.diagnostics.cheap_supported` on values that may have changed since)."""
+        if self._spa:
+            return all(h.c < 1.0 for h in hypers)
+        return all(h.momentum != 0.0 for h in hypers)
+
     def _finish(self) -> str:
         """The measurement in the step post-hook: hyper-parameters as used, the sums, one host sync."""
         assert self._pending is not None
@@ -435,29 +441,25 @@ class MomentumMeter:
         if not all(has_spa_form(h) for h in hypers):
             self._emit(Reading(self.step, hypers, list(self.groups), [], "spike"))
             return "spike"
-        if first is None and not cheap_supported(optimizer):  # e.g. c written to 1 inside the step
+        if first is None and not self._cheap_ok(hypers):  # e.g. c written to 1 inside the step
             return "unmeasured"
         device, dtype = self.device, self.dtype
-        if first is None:
-            sums = complete_sums([measure_cheap(optimizer, device, dtype)], self.sharded)
+        if first is None:  # measure_cheap reads detached tensors only: no grad-mode switch needed
+            parts = [measure_cheap(optimizer, device, dtype, self.sharded)]
         else:
-            sums = complete_sums([first.sums, measure_after_step(optimizer, device, dtype)], self.sharded)
+            parts = [first.sums, measure_after_step(optimizer, device, dtype)]
         # The step's flags travel with the sums: the one host-device sync of a measurement.
         grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
         unsure = self._unsure_count()
-        extras = [t.reshape(()).to(device, dtype) for t in (found_inf, unsure, grad_scale) if t is not None]
-        if first is not None:
-            extras += [t.reshape(()).to(device, dtype) for t in first.tensor_scales]
-        host = (torch.cat([sums, torch.stack(extras)]) if extras else sums).tolist()
-        tail = host[len(host) - len(extras) :]
+        flags = [t for t in (found_inf, unsure, grad_scale) if t is not None]
+        tables, tail = read_sums(parts, self.sharded, [*flags, *(first.tensor_scales if first else ())])
         inf_value = tail.pop(0) if found_inf is not None else 0.0
         unsure_value = tail.pop(0) if unsure is not None else 0.0
         scale_value = tail.pop(0) if grad_scale is not None else None
         if first is None:
-            samples = cheap_samples(host[: 2 * len(hypers)], hypers)
+            samples = cheap_samples(tables[0], hypers)
         else:
-            n = 6 * len(first.buckets)
-            samples = full_samples(first, host[:n], host[n : n + len(hypers)], hypers, scale_value, tail)
+            samples = full_samples(first, tables[0], tables[1], hypers, scale_value, tail)
         self._reconcile(unsure_value)
         step = self._taken - self._skipped  # the step's index (this step is not counted yet)
         taken = inf_value == 0.0

@@ -20,13 +20,13 @@ from lightning_spa.optim import SPASpikeWarning
 from lightning_spa.diagnostics import (
     cheap_samples,
     cheap_supported,
-    complete_sums,
     cosine_of,
     full_samples,
     group_hyper,
     measure_after_step,
     measure_before_step,
     measure_cheap,
+    read_sums,
 )
 from lightning_spa.meter import DiagnosticsEMA
 
@@ -67,12 +67,11 @@ def measure_both(opt: torch.optim.Optimizer) -> tuple[list[list[float]], list[li
     first, cheap = measure_before_step(opt, CPU), cheap_supported(opt)
     opt.step()
     hypers = [group_hyper(opt, g) for g in opt.param_groups]
-    before = complete_sums([first.sums], False).tolist()
-    after = complete_sums([measure_after_step(opt, CPU)], False).tolist()
-    full = full_samples(first, before, after, hypers, None, [float(t) for t in first.tensor_scales])
+    (before, after), scales = read_sums([first.sums, measure_after_step(opt, CPU)], False, first.tensor_scales)
+    full = full_samples(first, before, after, hypers, None, scales)
     if not cheap:
         return full, None
-    return full, cheap_samples(complete_sums([measure_cheap(opt, CPU)], False).tolist(), hypers)
+    return full, cheap_samples(read_sums([measure_cheap(opt, CPU)], False)[0][0], hypers)
 
 
 @pytest.mark.parametrize("kind", ["spa", "spa_wd_max", "sgd", "sgd_wd_max", "sgd_plain"])

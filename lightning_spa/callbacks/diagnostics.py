@@ -115,9 +115,16 @@ class MomentumDiagnostics(Callback):
             class name, or a param group ``"name"``). ``None``: every supported one; the others
             (e.g. a GAN's Adam discriminator) are skipped with one warning. An explicitly selected
             unsupported optimizer is an error at fit start.
+        cosine_every_n_steps: measure the cosine (a few dot products per parameter before the
+            step) on measured steps ``k`` with ``(k + 1) % cosine_every_n_steps == 0``; the other
+            measured steps get the cheap measurement (two squared norms per parameter after the
+            step: the same ``step_sq``, ``grad_sq`` and ratio; :mod:`lightning_spa.diagnostics`).
+            ``1`` (default): every measured step; ``None``: never (``spa/cosine`` is not logged).
+            Worth it with ``every_n_steps=1`` on a small model.
 
     Raises:
-        ValueError: ``every_n_steps`` not a positive integer, ``ema_decay`` outside ``[0, 1)``, or
+        ValueError: ``every_n_steps`` or ``cosine_every_n_steps`` not a positive integer (or None),
+            ``ema_decay`` outside ``[0, 1)``, or
             ``optimizers`` not None or a list of indices and names. At fit start, before any step:
             an index out of range or a name that matches nothing, an explicitly selected torch SGD
             with Nesterov or dampening, or no supported optimizer at all.
@@ -146,7 +153,16 @@ class MomentumDiagnostics(Callback):
         per_group: bool = False,
         prog_bar: bool = False,
         optimizers: OptimizerSelection = None,
+        cosine_every_n_steps: int | None = 1,
     ) -> None:
+        if cosine_every_n_steps is not None and (
+            isinstance(cosine_every_n_steps, bool) or not isinstance(cosine_every_n_steps, int)
+            or cosine_every_n_steps < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"`cosine_every_n_steps` must be a positive int (1: every measured step) or None (never), "
+                f"got {cosine_every_n_steps!r}."
+            )
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
@@ -160,11 +176,14 @@ class MomentumDiagnostics(Callback):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
         self.every_n_steps, self.ema_decay = every_n_steps, float(ema_decay)
+        self.cosine_every_n_steps = cosine_every_n_steps
         self.per_group, self.prog_bar = per_group, prog_bar
         self.optimizers = check_selection(optimizers, _OWNER)
         key: dict[str, Any] = dict(every_n_steps=every_n_steps, ema_decay=self.ema_decay)
         if self.optimizers is not None:
             key["optimizers"] = self.optimizers
+        if cosine_every_n_steps != 1:  # the default keeps the state key of older checkpoints
+            key["cosine_every_n_steps"] = cosine_every_n_steps
         # Lightning reads state_key for every hook call (profiler names): computed once.
         self._state_key = self._generate_state_key(**key)
         #: The meter of each measured optimizer, by index in ``trainer.optimizers`` (set at fit start).
@@ -193,7 +212,8 @@ class MomentumDiagnostics(Callback):
         multi = len(selected) > 1
         self.meters = {}
         for s in selected:
-            meter = MomentumMeter(s.optimizer, every_n_steps=n, ema_decay=self.ema_decay)
+            meter = MomentumMeter(s.optimizer, every_n_steps=n, ema_decay=self.ema_decay,
+                                  cosine_every_n_steps=self.cosine_every_n_steps)
             suffix = f"/opt{s.index}" if multi else ""
             meter.listeners.append(functools.partial(self._on_reading, suffix=suffix))
             self.meters[s.index] = meter

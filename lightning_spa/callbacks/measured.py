@@ -22,6 +22,7 @@ from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
+from lightning_spa.callbacks.diagnostics import log_step
 from lightning_spa.decision import DEFAULT_THRESHOLD, MomentumOffDecision
 from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import MomentumRemoval
@@ -245,7 +246,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         for index, clock in self._clocks.items():
             if self.decisions[index].decided:
                 continue
-            meter = MomentumMeter(clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay)
+            meter = MomentumMeter(clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay,
+                                  cosine_every_n_steps=None)  # the ratio alone: the cheap measurement
             if index in self._loaded_meters:
                 meter.load_state_dict(self._loaded_meters.pop(index))
             meter.listeners.append(partial(self._on_reading, index))
@@ -280,7 +282,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         suffix = f"/opt{index}" if self._suffix else ""
         if self.log_ratio and math.isfinite(ratio):
             for logger in self._loggers:
-                logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=k)
+                logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=log_step(self._trainer, k))
         if not decision.observe(k, ratio):
             return
         start = decision.transition_start
@@ -288,7 +290,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._removals[index].start = start  # the clock's post-hook writes step k + 1's values next
         metrics = {f"spa/momentum_off_step{suffix}": float(start)}
         for logger in self._loggers:
-            logger.log_metrics(metrics, step=k)
+            logger.log_metrics(metrics, step=log_step(self._trainer, k))
         if self._trainer is not None:  # for callbacks that read it (e.g. a ModelCheckpoint filename)
             self._trainer.callback_metrics.update({key: torch.tensor(v) for key, v in metrics.items()})
         if ratio < _OSCILLATION:
