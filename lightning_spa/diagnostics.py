@@ -297,7 +297,7 @@ class Sums:
         self._dots: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] = ([], [])
         self._dot_meta: tuple[list[Any], list[Any]] = ([], [])
         self.tensor_weights: list[Tensor] = []
-        self.values: Tensor | None = None
+        self.values = torch.zeros(0)  # set by compute()
         self.n_sharded = 0
         self.meta: list[tuple[int, int, float, int | None]] = []
 
@@ -352,9 +352,7 @@ class Sums:
         return out
 
 
-def read_sums(
-    parts: list[Sums], sharded: bool, extras: Sequence[Tensor] = ()
-) -> tuple[list[list[float]], list[float]]:
+def read_sums(parts: list[Sums], sharded: bool, extras: Sequence[Tensor] = ()) -> tuple[list[list[float]], list[float]]:
     """Completes ``parts`` (computed) across ranks and reads them and ``extras`` (0-dim tensors: flags the
     caller wants with them) to the host in one transfer, the one device synchronisation.
 
@@ -366,25 +364,23 @@ def read_sums(
         ``(tables, extras)``: each part's table (:meth:`Sums.reduce`) and the values of ``extras``.
     """
     vectors = [p.values for p in parts]
-    assert all(v is not None for v in vectors), "Sums.compute() first"
     if sharded and any(p.n_sharded for p in parts):
-        reduced = reduce_partial_sums(torch.cat([p.values[: p.n_sharded] for p in parts]))  # type: ignore[index]
+        reduced = reduce_partial_sums(torch.cat([p.values[: p.n_sharded] for p in parts]))
         vectors, at = [], 0
         for p in parts:
-            vectors += [reduced[at : at + p.n_sharded], p.values[p.n_sharded :]]  # type: ignore[index]
+            vectors += [reduced[at : at + p.n_sharded], p.values[p.n_sharded :]]
             at += p.n_sharded
-    device = parts[0].values.device  # type: ignore[union-attr]
-    dtype = parts[0].values.dtype  # type: ignore[union-attr]
+    device, dtype = parts[0].values.device, parts[0].values.dtype
     weights = [w for p in parts for w in p.tensor_weights]
     scalars = [t.reshape(()).to(device, dtype) for t in (*weights, *extras)]
     if scalars:
         vectors.append(torch.stack(scalars))
-    flat = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).tolist()  # type: ignore[arg-type]
-    n_values = sum(p.values.numel() for p in parts)  # type: ignore[union-attr]
+    flat: list[float] = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).tolist()
+    n_values = sum(p.values.numel() for p in parts)
     tail = flat[n_values:]
     tables, at, wat = [], 0, 0
     for p in parts:
-        n, nw = p.values.numel(), len(p.tensor_weights)  # type: ignore[union-attr]
+        n, nw = p.values.numel(), len(p.tensor_weights)
         tables.append(p.reduce(flat[at : at + n], tail[wat : wat + nw]))
         at, wat = at + n, wat + nw
     return tables, tail[wat:]
@@ -517,6 +513,7 @@ def measure_cheap(
                 sums.square(g, gi, 0, placed)
             elif isinstance(a, Tensor):  # tensor mode: one parameter at a time (x_k = x_{k+1} + a m_{k+1})
                 x = local_tensor(p.detach())
+                assert m is not None  # a is a tensor only where a buffer is
                 sums.square(g + (sign * wd) * (x + a.to(x.dtype) * m), gi, 0, placed)
             else:
                 by_a.setdefault(a, []).append((g, local_tensor(p.detach()), m, placed))

@@ -332,9 +332,9 @@ class MomentumMeter:
         return self
 
     def _move_first(self) -> None:
-        hooks = getattr(self.optimizer, "_optimizer_step_post_hooks", None)
-        if self._handles and hasattr(hooks, "move_to_end") and next(iter(hooks)) != self._handles[0].id:  # type: ignore[call-overload]
-            hooks.move_to_end(self._handles[0].id, last=False)  # type: ignore[union-attr]
+        hooks: Any = getattr(self.optimizer, "_optimizer_step_post_hooks", None)
+        if self._handles and hasattr(hooks, "move_to_end") and next(iter(hooks)) != self._handles[0].id:
+            hooks.move_to_end(self._handles[0].id, last=False)
 
     def _before_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.before_step()

@@ -87,8 +87,11 @@ def main() -> None:
         strategy=strategy,  # type: ignore[arg-type]
         max_steps=STEPS,
         logger=TensorBoardLogger(out, name="tb", version=0),
-        callbacks=[diagnostics := MomentumDiagnostics(every_n_steps=1, per_group=True, ema_decay=0.9,
-                                                      cosine_every_n_steps=cosine_every)],
+        callbacks=[
+            diagnostics := MomentumDiagnostics(
+                every_n_steps=1, per_group=True, ema_decay=0.9, cosine_every_n_steps=cosine_every
+            )
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

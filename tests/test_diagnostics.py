@@ -16,7 +16,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, MomentumDiagnostics
-from lightning_spa.optim import SPASpikeWarning
 from lightning_spa.diagnostics import (
     cheap_samples,
     cheap_supported,
@@ -29,6 +28,7 @@ from lightning_spa.diagnostics import (
     read_sums,
 )
 from lightning_spa.meter import DiagnosticsEMA
+from lightning_spa.optim import SPASpikeWarning
 
 CPU = torch.device("cpu")
 

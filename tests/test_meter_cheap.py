@@ -45,12 +45,19 @@ class Pair:
 
 def _params() -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(30, 20, dtype=torch.float64)), torch.nn.Parameter(torch.randn(20, dtype=torch.float64))]
+    return [
+        torch.nn.Parameter(torch.randn(30, 20, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(20, dtype=torch.float64)),
+    ]
 
 
 def _loss(ps: list[torch.nn.Parameter]) -> torch.Tensor:
     w, b = ps
-    return (w**2).sum() + (w * torch.randn(30, 20, dtype=torch.float64)).sum() + (b * torch.randn(20, dtype=torch.float64)).sum()
+    return (
+        (w**2).sum()
+        + (w * torch.randn(30, 20, dtype=torch.float64)).sum()
+        + (b * torch.randn(20, dtype=torch.float64)).sum()
+    )
 
 
 def _displacement(ps: list[torch.nn.Parameter], x0: list[torch.Tensor]) -> float:
@@ -89,7 +96,9 @@ def test_cheap_equals_full_and_the_displacement(kind: str, clip: bool) -> None:
         _assert_rows_equal(full, cheap)
         assert cheap.values[-1][0] == pytest.approx(_displacement(ps, x0), rel=1e-10)
         if clip:
-            assert sum(float(g.square().sum()) for g in grads) == pytest.approx(1.0, rel=1e-6)  # clip_grad_norm_: eps 1e-6
+            assert sum(float(g.square().sum()) for g in grads) == pytest.approx(
+                1.0, rel=1e-6
+            )  # clip_grad_norm_: eps 1e-6
         # grad_sq: eta^2 ||g||^2 with g as the step used it (weight decay at x_k, maximize, clipping)
         expected = 0.0
         for group, h in zip(opt.param_groups, cheap.hypers, strict=True):
@@ -157,7 +166,7 @@ def test_step_sq_is_exact_per_parameter_after_skipped_steps(cosine_every: int | 
     # others' move on. step_sq sums each parameter's own ||x_{k+1} - x_k||^2 (issue 16 item 6); one
     # scale per group (the first parameter's) was 7.7% off in the issue's run.
     ps = _params()
-    w, b = ps
+    b = ps[1]
     opt = SPA(ps, lr=1.0, c=0.1)
     meter = MomentumMeter(opt, every_n_steps=1, ema_decay=0.0, cosine_every_n_steps=cosine_every).attach()
     scales = set()
@@ -174,3 +183,28 @@ def test_step_sq_is_exact_per_parameter_after_skipped_steps(cosine_every: int | 
         assert meter.latest is not None and meter.latest.step == k
         assert meter.latest.values[-1][0] == pytest.approx(_displacement(ps, x0), rel=1e-10), k
     assert any(len(set(s)) == 2 for s in scales)  # the two parameters really had different histories
+
+
+def test_tensor_histories_are_read_with_the_sums() -> None:
+    # SPA's tensor mode (a tensor lr under torch.compile or on an accelerator) keeps prev_eta / prev_c as
+    # 0-dim tensors: the full path reads each such scale with the sums, the cheap one weighs each
+    # buffer by its tensor a = prev_c * prev_eta. Simulated on the CPU by converting the histories.
+    ps = _params()
+    opt = SPA(ps, lr=0.5, c=0.2, weight_decay=0.1)
+    pair = Pair(opt)
+    for k in range(5):
+        if k == 2:
+            for p in ps:
+                state = opt.state[p]
+                state["prev_eta"] = torch.tensor(float(state["prev_eta"]), dtype=torch.float64)
+                state["prev_c"] = torch.tensor(float(state["prev_c"]), dtype=torch.float64)
+        opt.zero_grad()
+        _loss(ps).backward()
+        pair.before_step()
+        x0 = [p.detach().clone() for p in ps]
+        opt.step()
+        if k >= 2:
+            assert isinstance(opt.state[ps[0]]["prev_eta"], torch.Tensor)  # still tensors after the step
+        full, cheap = pair.readings["full"][-1], pair.readings["cheap"][-1]
+        _assert_rows_equal(full, cheap)
+        assert cheap.values[-1][0] == pytest.approx(_displacement(ps, x0), rel=1e-10)

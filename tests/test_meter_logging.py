@@ -72,7 +72,9 @@ def modules(package_name: str) -> Any:
     return L, Drop, TwoClocks
 
 
-def _fit(package: ModuleType, tmp_path: Path, model: Any, batches: int, callbacks: list[Any]) -> dict[str, dict[int, float]]:
+def _fit(
+    package: ModuleType, tmp_path: Path, model: Any, batches: int, callbacks: list[Any]
+) -> dict[str, dict[int, float]]:
     trainer = package.Trainer(
         accelerator="cpu", max_epochs=1, callbacks=callbacks, log_every_n_steps=1,
         logger=package.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0), enable_progress_bar=False,

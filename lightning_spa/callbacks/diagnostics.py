@@ -212,8 +212,9 @@ class MomentumDiagnostics(Callback):
         multi = len(selected) > 1
         self.meters = {}
         for s in selected:
-            meter = MomentumMeter(s.optimizer, every_n_steps=n, ema_decay=self.ema_decay,
-                                  cosine_every_n_steps=self.cosine_every_n_steps)
+            meter = MomentumMeter(
+                s.optimizer, every_n_steps=n, ema_decay=self.ema_decay, cosine_every_n_steps=self.cosine_every_n_steps
+            )
             suffix = f"/opt{s.index}" if multi else ""
             meter.listeners.append(functools.partial(self._on_reading, suffix=suffix))
             self.meters[s.index] = meter

@@ -246,8 +246,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         for index, clock in self._clocks.items():
             if self.decisions[index].decided:
                 continue
-            meter = MomentumMeter(clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay,
-                                  cosine_every_n_steps=None)  # the ratio alone: the cheap measurement
+            meter = MomentumMeter(
+                clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay, cosine_every_n_steps=None
+            )  # the ratio alone: the cheap measurement
             if index in self._loaded_meters:
                 meter.load_state_dict(self._loaded_meters.pop(index))
             meter.listeners.append(partial(self._on_reading, index))
