@@ -7,7 +7,8 @@ logger, validation, checkpointing or progress bar. Configurations:
 - ``baseline``: no callback;
 - ``measuring``: ``MeasuredMomentumOff(warmup=0, patience=10**9, unit="step")``: the rule never
   decides, so every step is measured, the cost of the phase between the warm-up and the decision
-  (the default measures every step there);
+  (the default measures every step there, with the meter's cheap measurement: two squared norms
+  per parameter after the step, :mod:`lightning_spa.diagnostics`);
 - ``decided``: ``MeasuredMomentumOff(warmup=0, patience=0, unit="step", transition_steps=10**9)``:
   decided at step 0, so no step after it is measured (the meter is detached; ``c`` moves so slowly
   that the step itself is unchanged): the cost after the decision.
