@@ -36,8 +36,8 @@ Two ways to measure a step, both exact per parameter (each parameter's own histo
   and ``a = alpha_k`` for torch SGD, so ``step_sq = sum_p a_p^2 ||m_{k+1,p}||^2`` and
   ``grad_sq = eta_k^2 sum_p ||g_{k,p}||^2``: two squared norms per parameter (one ``foreach`` norm),
   of the gradient the step consumed (after clipping), no copy of the parameters. With weight decay
-  ``g_k = +-(grad + +-wd (x_{k+1} + a m_{k+1}))`` is formed in one gradient-sized temporary (the one
-  torch's foreach SGD allocates at every step with weight decay). No cosine. It needs a buffer
+  ``||g_k|| = ||grad +- wd x_k||`` with ``x_k = x_{k+1} + a m_{k+1}``, formed in one gradient-sized
+  temporary (the one torch's foreach SGD allocates at every step with weight decay). No cosine. It needs a buffer
   after the step (:func:`cheap_supported`): not for SPA at ``c = 1`` (buffers dropped), torch SGD
   at momentum 0, sparse gradients, or optimizers that unscale AMP gradients inside their step.
 

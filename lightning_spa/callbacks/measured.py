@@ -111,8 +111,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     averaging, the same step may diverge.
 
     Cost: nothing before ``W`` and after the decision (one tiny optimizer post-hook counts steps);
-    in between, one measurement per measured step, like ``MomentumDiagnostics(every_n_steps=1)``
-    without its logging (``benchmarks/measured_off_overhead.py``).
+    in between, one cheap measurement per measured step (two squared norms per parameter after the
+    step, no cosine: :class:`~lightning_spa.meter.MomentumMeter` with ``cosine_every_n_steps=None``)
+    (``benchmarks/measured_off_overhead.py``).
 
     Args:
         threshold: the smoothed ratio at or below which momentum counts as not helping (1 is the
