@@ -299,6 +299,7 @@ class Sums:
         self.tensor_weights: list[Tensor] = []
         self.values = torch.zeros(0)  # set by compute()
         self.n_sharded = 0
+        self.norms = False  # values are norms, not yet squared (of_norms)
         self.meta: list[tuple[int, int, float, int | None]] = []
 
     def _weight(self, weight: float | Tensor, factor: float) -> tuple[float, int | None]:
@@ -347,9 +348,24 @@ class Sums:
         of :attr:`tensor_weights`."""
         out = [0.0] * (self.rows * self.cols)
         cols = self.cols
+        if self.norms:  # plain norms (:meth:`of_norms`): squared here, in float64
+            for v, (row, col, w, _) in zip(values, self.meta, strict=True):
+                out[row * cols + col] += v * v * w
+            return out
         for v, (row, col, w, j) in zip(values, self.meta, strict=True):
             out[row * cols + col] += v * (w if j is None else w * tensor_values[j])
         return out
+
+    @classmethod
+    def of_norms(cls, rows: int, cols: int, ts: list[Tensor], meta: list[tuple[int, int, float, None]]) -> Sums:
+        """The common case in one ``foreach`` norm: ordinary dense tensors, float weights. :attr:`values`
+        holds the norms themselves (no cast, no squaring on the device); :meth:`reduce` squares them."""
+        sums = cls(rows, cols, dense=True)
+        if ts:
+            wide = torch.float32 if any(t.dtype in _HALF for t in ts) else None
+            sums.values = torch.stack(torch._foreach_norm(ts, 2, dtype=wide))
+        sums.meta, sums.norms = meta, True
+        return sums
 
 
 def read_sums(parts: list[Sums], sharded: bool, extras: Sequence[Tensor] = ()) -> tuple[list[list[float]], list[float]]:
@@ -482,6 +498,11 @@ def measure_cheap(
     :func:`~lightning_spa.distributed.has_sharded_params`) skips the per-tensor DTensor checks.
     Reads only detached tensors (no autograd).
     """
+    groups = optimizer.param_groups
+    if not sharded and not any(g.get("weight_decay", 0.0) for g in groups):
+        fast = _cheap_norms(optimizer)
+        if fast is not None:
+            return fast
     sums = Sums(len(optimizer.param_groups), 2, dense=True)
     spa = isinstance(optimizer, SPA)
     state_of = optimizer.state
@@ -525,6 +546,38 @@ def measure_cheap(
             for t, (_, _, _, placed) in zip(tmp, items, strict=True):
                 sums.square(t, gi, 0, placed)
     return sums.compute(device, dtype)
+
+
+def _cheap_norms(optimizer: Optimizer) -> Sums | None:
+    """:func:`measure_cheap` without weight decay or sharding, float histories: the entries built in one
+    pass, no per-entry method calls (the measured steps of ``MeasuredMomentumOff`` are every step).
+    None where a history is a tensor (SPA's tensor mode: the general path weighs it)."""
+    spa, state_of = isinstance(optimizer, SPA), optimizer.state
+    ts: list[Tensor] = []
+    meta: list[tuple[int, int, float, None]] = []
+    add, note = ts.append, meta.append
+    for gi, group in enumerate(optimizer.param_groups):
+        lr = 0.0 if spa else _as_float(group["lr"])
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            add(g)
+            note((gi, 0, 1.0, None))
+            state = state_of.get(p)
+            buf = state.get("momentum_buffer") if state else None
+            if buf is None:
+                continue
+            if spa:
+                e, q = state["prev_eta"], state["prev_c"]  # type: ignore[index]
+                if isinstance(e, Tensor) or isinstance(q, Tensor):
+                    return None
+                a = q * e
+            else:
+                a = lr
+            add(buf)
+            note((gi, 1, a * a, None))
+    return Sums.of_norms(len(optimizer.param_groups), 2, ts, meta)
 
 
 # ----------------------------------------------------------------------------- host arithmetic

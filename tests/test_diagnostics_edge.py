@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, MomentumDiagnostics
 from lightning_spa.meter import MomentumMeter
+from lightning_spa.optim import SPASpikeWarning
 
 CPU = torch.device("cpu")
 
@@ -82,7 +83,8 @@ def test_spa_eta_zero_step_is_measured_from_the_scale() -> None:
         opt.step()
     opt.param_groups[0]["lr"] = 0.0
     w.grad = torch.randn(20, dtype=torch.float64)
-    row, step_sq, _ = _measured_step(opt, [w])
+    with pytest.warns(SPASpikeWarning, match="eta fell to 0"):
+        row, step_sq, _ = _measured_step(opt, [w])
     assert step_sq > 0 and row[0] == pytest.approx(step_sq, rel=1e-9)
     assert row[1] == 0.0 and not math.isfinite(row[4])  # no noise level at eta = 0: no ratio (not logged)
 
@@ -147,7 +149,8 @@ def test_16_mixed_fused_optimizer_measures_unscaled_gradients(tmp_path: Path, ma
 def test_16_mixed_fused_sgd_overflow_step_is_not_counted(tmp_path: Path) -> None:
     make = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)  # noqa: E731
     clock: list[int] = []
-    s = _fit(tmp_path, "overflow", _Noise(make, overflow_at=2), amp=True, clock=clock)
+    with pytest.warns(UserWarning, match="AMP grad scaler skipped optimizer step 2"):
+        s = _fit(tmp_path, "overflow", _Noise(make, overflow_at=2), amp=True, clock=clock)
     # Batch 2's step is skipped inside the fused kernel: 5 steps taken (clock 0..4), logged on the
     # trainer's axis like train_loss (batches 0, 1, 3, 4, 5), all finite.
     assert sorted(s["spa/grad_sq"]) == [0, 1, 3, 4, 5] and clock == [5]
