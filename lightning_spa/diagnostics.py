@@ -357,7 +357,7 @@ class Sums:
         return out
 
     @classmethod
-    def of_norms(cls, rows: int, cols: int, ts: list[Tensor], meta: list[tuple[int, int, float, None]]) -> Sums:
+    def of_norms(cls, rows: int, cols: int, ts: list[Tensor], meta: list[tuple[int, int, float, int | None]]) -> Sums:
         """The common case in one ``foreach`` norm: ordinary dense tensors, float weights. :attr:`values`
         holds the norms themselves (no cast, no squaring on the device); :meth:`reduce` squares them."""
         sums = cls(rows, cols, dense=True)
@@ -554,7 +554,7 @@ def _cheap_norms(optimizer: Optimizer) -> Sums | None:
     None where a history is a tensor (SPA's tensor mode: the general path weighs it)."""
     spa, state_of = isinstance(optimizer, SPA), optimizer.state
     ts: list[Tensor] = []
-    meta: list[tuple[int, int, float, None]] = []
+    meta: list[tuple[int, int, float, int | None]] = []
     add, note = ts.append, meta.append
     for gi, group in enumerate(optimizer.param_groups):
         lr = 0.0 if spa else _as_float(group["lr"])
