@@ -403,6 +403,8 @@ class MomentumMeter:
     # -- measurement ----------------------------------------------------------------------------
 
     def _sync_groups(self) -> None:
+        if len(self.optimizer.param_groups) == len(self.groups):
+            return
         names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         if len(names) != len(self.groups):  # groups added mid-run (e.g. BaseFinetuning): extend the EMAs
             self.groups = names
