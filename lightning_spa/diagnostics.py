@@ -71,6 +71,7 @@ everything after them is host arithmetic in float64 on the numbers of one transf
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,7 +257,8 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return _dense_dot(a.values(), b.sparse_mask(a).values())
 
 
-_HALF = (torch.float16, torch.bfloat16, torch.complex32)
+_HALF = frozenset((torch.float16, torch.bfloat16, torch.complex32))
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _square_norms(ts: list[Tensor], dtype: torch.dtype, dense: bool = False) -> Tensor:
@@ -362,7 +364,7 @@ class Sums:
         holds the norms themselves (no cast, no squaring on the device); :meth:`reduce` squares them."""
         sums = cls(rows, cols, dense=True)
         if ts:
-            wide = torch.float32 if any(t.dtype in _HALF for t in ts) else None
+            wide = None if _HALF.isdisjoint(map(_DTYPE, ts)) else torch.float32
             sums.values = torch.stack(torch._foreach_norm(ts, 2, dtype=wide))
         sums.meta, sums.norms = meta, True
         return sums
@@ -658,7 +660,7 @@ def cheap_samples(sums: list[float], hypers: list[GroupHyper]) -> list[list[floa
     return _rows([[sums[2 * i + 1], sums[2 * i], 0.0, 0.0] for i in range(len(hypers))], hypers)
 
 
-def cosine_of(row: list[float]) -> float | None:
+def cosine_of(row: Sequence[float]) -> float | None:
     """The cosine of a sample row (:data:`SAMPLE_FIELDS`); None where ``m_k`` or ``g_k`` is zero (undefined)."""
     denom = math.sqrt(row[4] * row[5]) if row[4] * row[5] > 0 else 0.0
     return row[3] / denom if denom > 0 else None

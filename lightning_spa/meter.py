@@ -137,19 +137,24 @@ class DiagnosticsEMA:
         if accept is not None and not bool(accept):
             return False
         new: list[tuple[float, float, float, float | None]] = []
+        isfinite = math.isfinite
         for row in rows:
-            cos = cosine_of(list(row))
-            if not all(math.isfinite(v) for v in row[:3]) or (cos is not None and not math.isfinite(cos)):
+            a, b, c = row[0], row[1], row[2]
+            cos = cosine_of(row)
+            if not (isfinite(a) and isfinite(b) and isfinite(c)) or (cos is not None and not isfinite(cos)):
                 return False
-            new.append((row[0], row[1], row[2], cos))
-        step = float(step)
+            new.append((a, b, c, cos))
+        step, decay = float(step), self.decay
+        weight_of: dict[float, float] = {}  # 1 - decay**gap, once per gap
         for values, weights, last, sample in zip(self.values, self.weights, self.last, new, strict=True):
             for j, value in enumerate(sample):
                 if value is None:
                     continue
                 prev = last[j]
                 gap = max(float(default_gap) if prev is None else step - prev, 1.0)
-                w = 1.0 - self.decay**gap
+                w = weight_of.get(gap)
+                if w is None:
+                    w = weight_of[gap] = 1.0 - decay**gap
                 values[j] = values[j] * (1.0 - w) + w * value
                 weights[j] = weights[j] * (1.0 - w) + w
                 last[j] = step

@@ -208,3 +208,25 @@ def test_tensor_histories_are_read_with_the_sums() -> None:
         full, cheap = pair.readings["full"][-1], pair.readings["cheap"][-1]
         _assert_rows_equal(full, cheap)
         assert cheap.values[-1][0] == pytest.approx(_displacement(ps, x0), rel=1e-10)
+
+
+def test_half_precision_norms_accumulate_in_float32() -> None:
+    # bf16 parameters: the norms are taken in float32 (a bf16 norm keeps 3 significant digits), so the
+    # cheap step_sq is a^2 ||m_{k+1}||^2 of the stored bf16 buffer to float32 precision.
+    torch.manual_seed(0)
+    ps = [
+        torch.nn.Parameter(torch.randn(300, dtype=torch.bfloat16)),
+        torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16)),
+    ]
+    opt = SPA(ps, lr=0.5, c=0.2, foreach=True)
+    pair = Pair(opt)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        pair.before_step()
+        opt.step()
+        full, cheap = pair.readings["full"][-1], pair.readings["cheap"][-1]
+        _assert_rows_equal(full, cheap, rel=5e-3)  # the full path uses m_k and g, the cheap one m_{k+1} in bf16
+    bufs = [opt.state[p]["momentum_buffer"].double() for p in ps]
+    expected = (0.2 * 0.5) ** 2 * sum(float(b.square().sum()) for b in bufs)  # a^2 ||m'||^2 in float64
+    assert cheap.values[-1][0] == pytest.approx(expected, rel=1e-6)
