@@ -85,8 +85,10 @@ PATHS: dict[str, dict[str, Any]] = {
     "fused": {"fused": True},
     "default": {},
 }
-# torch SGD counterpart of each SPA path (SPA's default picks the fused kernel where it exists).
-SGD_PATHS: dict[str, dict[str, Any]] = {**PATHS, "default": {"fused": True}}
+# torch SGD counterpart of each SPA path. "default" against torch SGD's own default: SPA's default takes the fused
+# kernel where it updates the parameters and torch SGD's default where it does not (bfloat16/float16 on the CPU,
+# pytorch/pytorch#191763), so the two defaults agree to round-off on every dtype.
+SGD_PATHS: dict[str, dict[str, Any]] = {**PATHS, "default": {}}
 
 
 def _spa_fused(params: Any) -> Any:
