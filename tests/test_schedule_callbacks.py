@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_spa import SPA, GradualSchedule, MomentumOff
-from lightning_spa.optim import SPASpikeWarning
 from lightning_spa.demos import DigitsCNN, DigitsDataModule
+from lightning_spa.optim import SPASpikeWarning
 
 CONFIGS = Path(__file__).parent / "configs"
 
