@@ -16,6 +16,11 @@ Runs offline on 2 CPU cores in seconds. The optimizer can be given in both Light
           class_path: lightning_spa.GroupedSPA
           init_args: {lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
 
+A scheduler goes with its optimizer: top-level ``lr_scheduler:`` in automatic mode,
+``model.lr_scheduler:`` (``LRSchedulerCallable``) in dependency injection. LightningCLI would
+silently drop a scheduler given in the other mode (and ``model.optimizer`` beside a top-level
+``optimizer``); the app refuses those mixes before building anything, naming the fix.
+
 In automatic mode the model (:func:`digits_model`) is a ``DigitsClassifier`` with no
 ``configure_optimizers`` of its own, so LightningCLI has nothing to override (and prints no
 warning); in dependency-injection mode it is :class:`DigitsModel`. With neither, the app uses
@@ -44,10 +49,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
-
-from lightning_spa._lightning import app_cli, main_args
-from lightning_spa.demos.digits import DigitsClassifier, DigitsCNN, DigitsDataModule, OptimizerFactory
+from lightning_spa._lightning import app_cli, injected_optimizers, main_args
+from lightning_spa.demos.digits import (
+    DigitsClassifier,
+    DigitsCNN,
+    DigitsDataModule,
+    LRSchedulerFactory,
+    OptimizerFactory,
+)
 
 __all__ = ["DigitsModel", "cli_main", "digits_model"]
 
@@ -59,26 +68,31 @@ class DigitsModel(DigitsCNN):
     from weight decay by module type and apply ``lr_multipliers`` (``{"net.8": 2.0}``: the head).
     """
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(self.named_parameters())
+            return injected_optimizers(self.optimizer_factory(self.named_parameters()), self.lr_scheduler_factory)
         return super().configure_optimizers()
 
 
-def digits_model(channels: int = 16, optimizer: OptimizerFactory | None = None) -> DigitsClassifier:
+def digits_model(
+    channels: int = 16, optimizer: OptimizerFactory | None = None, lr_scheduler: LRSchedulerFactory | None = None
+) -> DigitsClassifier:
     """The app's model (LightningCLI's ``model:`` section).
 
     Args:
         channels: width of the conv layers.
         optimizer: dependency-injection mode: the optimizer, given ``named_parameters()``. Leave it
             unset in automatic mode (a top-level ``optimizer:``), which LightningCLI configures.
+        lr_scheduler: dependency-injection mode's scheduler (``--model.lr_scheduler``) of
+            ``optimizer`` (unset: of :data:`DEFAULT_OPTIMIZER`); in automatic mode use the top-level
+            ``lr_scheduler:``. The app refuses the mix of the modes, which LightningCLI would drop.
 
     In automatic mode the model has no ``configure_optimizers`` of its own, so LightningCLI's
     replaces nothing (and does not warn that it overrides ``DigitsModel.configure_optimizers``).
     """
-    if optimizer is None:
+    if optimizer is None and lr_scheduler is None:
         return DigitsClassifier(channels)
-    return DigitsModel(channels, optimizer)
+    return DigitsModel(channels, optimizer, lr_scheduler)
 
 
 # Neither mode given: the demo's default, SPA eta 1.0, c 0.1 (SGD+M lr 0.1, momentum 0.9), in automatic mode.
@@ -87,16 +101,19 @@ DEFAULT_OPTIMIZER = {"class_path": "lightning_spa.SPA", "init_args": {"lr": 1.0,
 
 def _digits_cli(package: str) -> Any:
     """The package's ``LightningCLI`` (:func:`~lightning_spa._lightning.app_cli`), falling back to
-    :data:`DEFAULT_OPTIMIZER` when no optimizer is given."""
+    :data:`DEFAULT_OPTIMIZER` when no optimizer is given (in automatic mode; with ``model.lr_scheduler``,
+    the model's own, the same SPA)."""
     from jsonargparse import Namespace
 
     class DigitsCLI(app_cli(package)):  # type: ignore[misc]
         def before_instantiate_classes(self) -> None:
             config = self.config.get(str(self.subcommand), self.config)
-            if config.get("optimizer") is None and config.get("model.optimizer") is None:
+            given = ("optimizer", "model.optimizer", "model.lr_scheduler")
+            if all(config.get(key) is None for key in given):
                 config["optimizer"] = Namespace(
                     class_path=DEFAULT_OPTIMIZER["class_path"], init_args=Namespace(**DEFAULT_OPTIMIZER["init_args"])
                 )
+            super().before_instantiate_classes()
 
     return DigitsCLI
 

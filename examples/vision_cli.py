@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from models import build_model
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_spa import GroupedSPA
 from lightning_spa import _lightning as pl  # classes of both Lightning packages
-from lightning_spa._lightning import app_cli, main_args
+from lightning_spa._lightning import app_cli, injected_optimizers, main_args
 
 OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], LRScheduler | ReduceLROnPlateau]
 
 __all__ = ["CIFAR10DataModule", "ImageClassifier", "ImageNetDataModule", "cli_main"]
 
@@ -181,15 +183,23 @@ class ImageClassifier(pl.LightningModule):
         num_classes: 10 (CIFAR-10) or 1000 (ImageNet).
         optimizer: ``params -> Optimizer`` (LightningCLI dependency injection); called with
             ``named_parameters()``. ``None``: ``GroupedSPA(eta=1.0, c=0.1, weight_decay=1e-4)``.
+        lr_scheduler: ``optimizer -> scheduler`` (``--model.lr_scheduler``) of that optimizer, stepped
+            once per epoch as LightningCLI's ``--lr_scheduler`` (which goes with a top-level
+            ``--optimizer`` only; the app refuses it otherwise). ``None``: no scheduler.
     """
 
     def __init__(
-        self, arch: str = "preact_resnet152", num_classes: int = 10, optimizer: OptimizerCallable | None = None
+        self,
+        arch: str = "preact_resnet152",
+        num_classes: int = 10,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = build_model(arch, num_classes)
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,10 +218,12 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(self.named_parameters())
-        return GroupedSPA(self, eta=1.0, c=0.1, weight_decay=1e-4, no_decay=())
+            optimizer = self.optimizer_factory(self.named_parameters())
+        else:
+            optimizer = GroupedSPA(self, eta=1.0, c=0.1, weight_decay=1e-4, no_decay=())
+        return injected_optimizers(optimizer, self.lr_scheduler_factory)
 
 
 def cli_main(

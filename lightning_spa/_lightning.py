@@ -24,9 +24,11 @@ import contextvars
 import importlib
 import inspect
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 __all__ = [
     "PACKAGE_NAMES",
@@ -36,6 +38,7 @@ __all__ = [
     "LightningModule",
     "Trainer",
     "app_cli",
+    "injected_optimizers",
     "is_tensorboard_logger",
     "lightning_cli",
     "main_args",
@@ -209,11 +212,95 @@ class _AppCLI:
         finally:
             sys.argv = argv
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)  # type: ignore[attr-defined]
+        _check_optimizer_modes(config)
+        super().before_instantiate_classes()  # type: ignore[misc]
+
+
+def _class_name(value: Any) -> str:
+    return str(getattr(value, "class_path", value))
+
+
+def _check_optimizer_modes(config: Any) -> None:
+    """Refuses the optimizer and scheduler arguments that LightningCLI would silently drop.
+
+    LightningCLI's automatic mode (top-level ``optimizer`` and ``lr_scheduler``) replaces the model's
+    ``configure_optimizers`` when ``optimizer`` is given, dropping the model's injected ``model.optimizer``
+    and ``model.lr_scheduler``; without ``optimizer`` it ignores ``lr_scheduler``.
+
+    Raises:
+        ValueError: naming the arguments and the fix.
+    """
+    optimizer, scheduler = config.get("optimizer"), config.get("lr_scheduler")
+    injected, injected_scheduler = config.get("model.optimizer"), config.get("model.lr_scheduler")
+    takes_scheduler = "model.lr_scheduler" in config
+    if optimizer is not None and injected is not None:
+        raise ValueError(
+            f"Both `optimizer` ({_class_name(optimizer)}, LightningCLI's automatic mode) and `model.optimizer` "
+            f"({_class_name(injected)}, dependency injection) are given: LightningCLI would build the top-level one "
+            "and drop `model.optimizer` (its warning names only configure_optimizers). Give the optimizer once: e.g. "
+            f"`--model.optimizer {_class_name(optimizer)}` in place of `--optimizer`, or remove `model.optimizer`."
+        )
+    if scheduler is not None and optimizer is None:
+        where = (
+            f"the optimizer is injected as `model.optimizer` ({_class_name(injected)})"
+            if injected is not None
+            else "no top-level `optimizer` is given (the model's own optimizer is used)"
+        )
+        fix = (
+            f"give it to the model: `--model.lr_scheduler {_class_name(scheduler)}` (its init_args as "
+            "`--model.lr_scheduler.<name>`)"
+            if takes_scheduler
+            else "give a top-level `--optimizer` too"
+        )
+        raise ValueError(
+            f"`lr_scheduler` ({_class_name(scheduler)}) is LightningCLI's automatic-mode scheduler and applies only "
+            f"with a top-level `optimizer`; here {where}, so it would be silently ignored. Instead, {fix}."
+        )
+    if injected_scheduler is not None and optimizer is not None:
+        raise ValueError(
+            f"`model.lr_scheduler` ({_class_name(injected_scheduler)}) schedules the model's optimizer, but the "
+            f"top-level `optimizer` ({_class_name(optimizer)}) replaces the model's configure_optimizers, so it would "
+            f"be silently ignored. Give the scheduler as `--lr_scheduler {_class_name(injected_scheduler)}` with the "
+            "top-level optimizer, or the optimizer as `--model.optimizer`."
+        )
+
+
+def injected_optimizers(optimizer: Optimizer, lr_scheduler: Callable[[Optimizer], Any] | None = None) -> Any:
+    """``configure_optimizers``' value in LightningCLI's dependency-injection mode, shaped as its automatic mode's.
+
+    Args:
+        optimizer: the optimizer (built from ``model.optimizer`` or the model's default).
+        lr_scheduler: ``model.lr_scheduler`` (``optimizer -> scheduler``), stepped once per epoch as
+            LightningCLI's ``--lr_scheduler``; ``None``: no scheduler. A ``ReduceLROnPlateau`` needs a
+            ``monitor`` attribute (the CLI's own ``ReduceLROnPlateau`` takes it as an init argument).
+
+    Raises:
+        ValueError: a ``ReduceLROnPlateau`` without ``monitor``, before any training step.
+    """
+    if lr_scheduler is None:
+        return optimizer
+    scheduler = lr_scheduler(optimizer)
+    if isinstance(scheduler, ReduceLROnPlateau):
+        monitor = getattr(scheduler, "monitor", None)
+        if monitor is None:
+            raise ValueError(
+                "`model.lr_scheduler` is torch's ReduceLROnPlateau, which needs a metric to monitor: use the CLI's "
+                "subclass, which takes it: `--model.lr_scheduler lightning.pytorch.cli.ReduceLROnPlateau "
+                "--model.lr_scheduler.monitor val/loss` (or `pytorch_lightning.cli.ReduceLROnPlateau`)."
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor}}
+    return [optimizer], [scheduler]
+
 
 def app_cli(package: str) -> type:
     """``package``'s ``LightningCLI`` for the example apps (``examples/*_cli.py``).
 
-    Two differences, both about warnings Lightning would print on every run:
+    It refuses, before building anything, the optimizer and scheduler arguments LightningCLI would
+    silently drop (``optimizer`` with ``model.optimizer``; ``lr_scheduler`` without ``optimizer``;
+    ``model.lr_scheduler`` with ``optimizer``): a ``ValueError`` naming them and the fix. Two
+    more differences, both about warnings Lightning would print on every run:
 
     - given ``args``, it parses them as the whole command line: ``sys.argv`` is hidden while
       they are parsed (LightningCLI warns when it sees both: a script's own options,

@@ -243,14 +243,6 @@ def test_app_builds_without_warning(
         assert (opt.param_groups[0]["lr"], opt.param_groups[0]["c"]) == (1.0, 0.1)
 
 
-def test_both_optimizer_modes_at_once_is_reported(package: ModuleType, tmp_path: Path) -> None:
-    """A top-level optimizer replaces the injected one: Lightning's warning then says so, truthfully."""
-    args = [*QUIET, "--config", str(CONFIGS / "digits_grouped.yaml"), "--optimizer", "torch.optim.Adam"]
-    with pytest.warns(UserWarning, match=r"`DigitsModel.configure_optimizers` will be overridden"):
-        cli = digits_cli.cli_main(args, run=False, package=package.__name__)
-    assert type(cli.model.configure_optimizers()) is torch.optim.Adam
-
-
 def test_plain_script_run_prints_no_warning(package: ModuleType, tmp_path: Path) -> None:
     """`python examples/digits_cli.py [--lightning] fit --config examples/configs/digits_spa.yaml`, shortened: the
     only warning left is GradualSchedule's about the shortening (the config's milestone is at epoch 10)."""

@@ -133,9 +133,10 @@ def check_swa(clock: OptimizerClock, swa_start: int, per_epoch: int) -> None:
         "let GradualSchedule's milestones and transitions (and warmup_steps) end before swa_epoch_start, or start "
         "SWA later"
         if clock.kind == "spa"
-        else "let every schedule end before swa_epoch_start (MomentumOff: after_epochs and transition_steps), start "
-        "SWA later, or build the optimizer as lightning_spa.SPA.from_sgdm(...): on SPA momentum removal writes c "
-        "only, so it goes on under SWALR"
+        else "let every schedule end before swa_epoch_start (MomentumOff: after_epochs and transition_steps; its "
+        "guard watches one epoch after c reaches 1: MomentumOff(guard=MomentumGuard(watch_steps=0)) ends the watch "
+        "with the removal), start SWA later, or build the optimizer as lightning_spa.SPA.from_sgdm(...): on SPA "
+        "momentum removal writes c only, so it goes on under SWALR"
     )
     raise ValueError(
         f"{clock.owner} changes {what} of optimizer {clock.index} ({clock.kind.upper()}) {until}, but "
@@ -172,6 +173,15 @@ class SPAScheduleCallback(Callback):
         """This callback's schedule on optimizer ``index``: the one built at fit start, shared by all of them."""
         assert self.schedule is not None
         return self.schedule
+
+    def _schedule_on(self, index: int) -> SPASchedule:
+        """The schedule that ``_schedule_for(index)`` gave optimizer ``index``'s clock (the shared one here)."""
+        assert self.schedule is not None
+        return self.schedule
+
+    def _rebind(self, index: int, built: SPASchedule, per_epoch: int) -> SPASchedule:
+        """Optimizer ``index``'s schedule after ``_build(per_epoch)`` gave ``built`` (manual optimization)."""
+        return built
 
     def _check(self, clock: OptimizerClock) -> None:
         """Checks of this callback's schedule on ``clock``'s composition (optional)."""
@@ -300,13 +310,14 @@ class SPAScheduleCallback(Callback):
             return
         peers = [cb for cb in trainer.callbacks if isinstance(cb, SPAScheduleCallback)]  # type: ignore[attr-defined]
         members = [peer for peer in peers if clock.index in peer._clocks]
-        rebuilt: dict[int, tuple[SPAScheduleCallback, SPASchedule]] = {}
+        rebuilt: dict[int, tuple[SPAScheduleCallback, SPASchedule, SPASchedule]] = {}
         for peer in members:
             epoch_based = getattr(peer, "unit", "step") == "epoch" or getattr(peer, "transition_steps", 0) is None
             if not epoch_based:
                 continue
             if isinstance(peer.schedule, (StepDecay, MomentumRemoval)):  # built purely from the arguments
-                rebuilt[id(peer.schedule)] = (peer, peer._build(per_epoch))
+                current, built = peer._schedule_on(clock.index), peer._build(per_epoch)
+                rebuilt[id(current)] = (peer, built, peer._rebind(clock.index, built, per_epoch))
             elif not peer._retime(clock.index, per_epoch, resumed):
                 rank_zero_warn(
                     f"{peer._name}: optimizer {clock.index} took {per_epoch} steps in the trainer's first epoch of "
@@ -318,7 +329,7 @@ class SPAScheduleCallback(Callback):
             return
         taken = range(0 if resumed else clock.steps)
         before = [clock.values(g, k) for g in range(len(clock.groups)) for k in taken]
-        clock.schedules = sorted([rebuilt[id(s)][1] if id(s) in rebuilt else s for s in clock.schedules], key=repr)
+        clock.schedules = sorted([rebuilt[id(s)][2] if id(s) in rebuilt else s for s in clock.schedules], key=repr)
         clock.writes_eta = clock.kind == "sgd" or any(changes_eta(s) for s in clock.schedules)
         if [clock.values(g, k) for g in range(len(clock.groups)) for k in taken] != before:
             rank_zero_warn(
@@ -327,7 +338,7 @@ class SPAScheduleCallback(Callback):
                 "inside the first epoch was already converted with one step per batch. Give such points in "
                 "optimizer steps (unit='step')."
             )
-        for peer, schedule in rebuilt.values():  # the fit-start checks, for this optimizer's schedule
+        for peer, schedule, _ in rebuilt.values():  # the fit-start checks, for this optimizer's schedule
             template, peer.schedule = peer.schedule, schedule
             try:
                 peer._check(clock)

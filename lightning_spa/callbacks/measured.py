@@ -20,9 +20,11 @@ import torch
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
+from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
 from lightning_spa.decision import DEFAULT_THRESHOLD, MomentumOffDecision
+from lightning_spa.guard import GuardedRemoval, MomentumGuard
 from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import MomentumRemoval
 
@@ -40,18 +42,34 @@ class _DecidedRemoval:
     Before the decision it asks for nothing (``eta`` factor 1, ``c = c0``); after it, it is exactly
     ``MomentumRemoval(start, transition_steps)``, a pure function of the optimizer step, so a
     resumed run that restores ``start`` continues bit-exactly.
+
+    With a guard (``guarded``), setting ``start`` plans the guard's removal there (unless its state,
+    from a checkpoint, already has one) and the guard's schedule decides every step.
     """
 
     changes_eta = False  # on SPA only c is written: the lr stays free for an LR scheduler
 
-    def __init__(self, transition_steps: int) -> None:
+    def __init__(self, transition_steps: int, guarded: GuardedRemoval | None = None) -> None:
         self.transition_steps = transition_steps
-        self.start: int | None = None
+        self.guarded = guarded
+        self._start: int | None = None
+
+    @property
+    def start(self) -> int | None:
+        return self._start
+
+    @start.setter
+    def start(self, value: int | None) -> None:
+        self._start = value
+        if value is not None and self.guarded is not None and self.guarded.guard.planned_start is None:
+            self.guarded.guard.plan(value)
 
     def eta_factor(self, k: int) -> float:
         return 1.0
 
     def c_value(self, k: int, c0: float, joined: int = 0) -> float:
+        if self.guarded is not None:
+            return self.guarded.c_value(k, c0, joined)
         if self.start is None:
             return c0
         return MomentumRemoval(self.start, self.transition_steps).c_value(k, c0, joined)
@@ -111,6 +129,16 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     below 0.9: the iterates oscillate (the step is large for the model) and, without momentum's
     averaging, the same step may diverge.
 
+    The guard (on by default, as in :class:`MomentumOff`; :class:`~lightning_spa.guard.MomentumGuard`,
+    ``THEORY.md`` section 11): its reference is ``||g||^2`` smoothed over the measured steps of the
+    decision window (read after the meter's own sync: no extra one); from the decision it watches
+    the transition and ``watch_steps`` (one epoch) after it, and aborts the removal when the smoothed
+    ``||g||^2`` exceeds ``factor`` (10) times that reference or is not finite: ``c`` is back at its
+    value before the removal from the next step, ``spa/momentum_off_aborted`` (the step of the abort)
+    is logged and put in ``trainer.callback_metrics``, with a console line. The decision stays taken;
+    the removal is retried (``spa/momentum_off_step`` logs the new start) once ``eta`` has fallen to
+    ``retry_factor`` (0.5) times its value at the abort, never otherwise. ``guard=False`` turns it off.
+
     Cost: nothing before ``W`` and after the decision (one tiny optimizer post-hook counts steps);
     in between, one measurement per measured step, like ``MomentumDiagnostics(every_n_steps=1)``
     without its logging (``benchmarks/measured_off_overhead.py``).
@@ -131,6 +159,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         optimizers: which optimizers: None (every SPA / torch SGD+M optimizer; others skipped with a
             warning), or a list of indices and names (an optimizer class name or a param group's
             ``"name"``).
+        guard: True (default): the guard above with its defaults; a
+            :class:`~lightning_spa.guard.MomentumGuard` to choose its parameters; False: no guard.
 
     Raises:
         ValueError: at construction, an invalid argument (the message names it and the valid
@@ -162,9 +192,14 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         ema_decay: float = 0.95,
         log_ratio: bool = False,
         optimizers: OptimizerSelection = None,
+        guard: bool | MomentumGuard = True,
     ) -> None:
         super().__init__(optimizers)
         check_unit(unit)
+        template = check_guard(guard, "MeasuredMomentumOff")
+        self.guard = template
+        self._guards = None if template is None else GuardRunner("MeasuredMomentumOff", template)
+        self._per_epoch = 0
         MomentumOffDecision(threshold)  # validates `threshold`, naming it
         self.threshold = float(threshold)
         self.warmup = _check_amount(warmup, "warmup", unit)
@@ -215,12 +250,15 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self.warmup_steps = to_steps(self.warmup, self.unit, steps_per_epoch)
         self.patience_steps = to_steps(self.patience, self.unit, steps_per_epoch)
         length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
+        self._per_epoch = steps_per_epoch
         return _DecidedRemoval(length)
 
     def _schedule_for(self, index: int) -> _DecidedRemoval:
         # One removal per optimizer (its start is set by that optimizer's own decision), built from the template.
         assert isinstance(self.schedule, _DecidedRemoval)
-        self._removals[index] = _DecidedRemoval(self.schedule.transition_steps)
+        length = self.schedule.transition_steps
+        guarded = None if self._guards is None else self._guards.bind(index, length, self._per_epoch, None)
+        self._removals[index] = _DecidedRemoval(length, guarded)
         return self._removals[index]
 
     def _check(self, clock: OptimizerClock) -> None:
@@ -244,6 +282,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._loggers = list(trainer.loggers)
         self._trainer = trainer
         self._suffix = len(self._clocks) > 1
+        if self._guards is not None:
+            self._guards.start_fit(trainer, self._clocks)
         self._detach_meters()
         for index, clock in self._clocks.items():
             if self.decisions[index].decided:
@@ -276,6 +316,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     # ----- measuring and deciding ---------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._guards is not None:
+            guard_index = index_of(trainer, optimizer)
+            if guard_index is not None and guard_index in self._clocks:
+                self._guards.before_step(guard_index, self._clocks[guard_index])  # after the decision: watch
         if not self._meters:
             return
         index = index_of(trainer, optimizer)
@@ -287,6 +331,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if k >= warmup and (k - warmup) % self.every_n_steps == 0:
             meter.measure_next_step()
             meter.before_step()  # the first half now; the meter's step post-hook finishes it (runs first)
+            if self._guards is not None:  # the guard's reference: ||g||^2, read after the meter's sync
+                self._guards.stash(index, self._clocks[index])
 
     def _on_reading(self, index: int, reading: Reading) -> None:
         """Called by the meter in its step post-hook, before the clock's: the decision reaches step ``k + 1``."""
@@ -294,6 +340,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if reading.status != "ok" or decision.decided:
             return
         k = self._clocks[index].steps  # the step just taken (the clock advances in its own post-hook, next)
+        if self._guards is not None and reading.hypers:
+            self._guards.fold_stashed(index, k, reading.hypers[0].eta)
         ratio = reading.ratio
         suffix = f"/opt{index}" if self._suffix else ""
         if self.log_ratio and math.isfinite(ratio):
@@ -336,21 +384,39 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._meter_states = self._live_meter_states()
         self._detach_meters()
         self._trainer = None
+        if self._guards is not None:
+            self._guards.end_fit()
 
     # ----- checkpoints --------------------------------------------------------------------
     def _live_meter_states(self) -> dict[str, Any]:
         return {str(i): m.state_dict() for i, m in self._meters.items() if not self.decisions[i].decided}
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run holds what the uninterrupted one would (issue 17: callback_metrics after a resume).
+        starts = {i: d.transition_start for i, d in self.decisions.items() if d.transition_start is not None}
+        if self._guards is not None:
+            self._guards.publish(trainer, starts)
+        elif starts:
+            suffix = {i: f"/opt{i}" if self._suffix else "" for i in starts}
+            trainer.callback_metrics.update(
+                {f"spa/momentum_off_step{suffix[i]}": torch.tensor(float(s)) for i, s in starts.items()}
+            )
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if not state:  # not set up yet: nothing to save
             return state
+        if self._guards is not None:
+            state["guards"] = self._guards.state_dict()
         state["decisions"] = {str(i): d.state_dict() for i, d in self.decisions.items()}
         state["meters"] = self._live_meter_states() if self._in_fit else self._meter_states
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self._guards is not None:  # before the decisions: a loaded guard keeps its own plan
+            self._guards.load_state_dict(state_dict.get("guards", {}), self._in_fit and bool(self._clocks))
         decisions = {int(i): s for i, s in state_dict.get("decisions", {}).items()}
         meters = {int(i): s for i, s in state_dict.get("meters", {}).items()}
         if not (self._in_fit and self._clocks):  # not set up yet (the set-up, at on_train_start, follows every restore)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import _lightning as pl
@@ -20,6 +21,7 @@ from lightning_spa import _lightning as pl
 __all__ = ["DigitsCNN", "DigitsClassifier", "DigitsDataModule", "load_digits_tensors"]
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+LRSchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler | ReduceLROnPlateau]
 
 
 def load_digits_tensors(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,7 @@ class DigitsClassifier(pl.LightningModule):
 
     def __init__(self, channels: int = 16) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1),
             nn.BatchNorm2d(channels),
@@ -120,15 +122,23 @@ class DigitsCNN(DigitsClassifier):
         channels: width of the conv layers.
         optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``);
             ``None`` uses ``SPA(lr=1.0, c=0.1)`` (SGD+M ``lr 0.1, momentum 0.9``).
+        lr_scheduler: a callable ``optimizer -> scheduler`` (LightningCLI's ``LRSchedulerCallable``),
+            stepped once per epoch like LightningCLI's ``--lr_scheduler``; ``None``: no scheduler.
     """
 
-    def __init__(self, channels: int = 16, optimizer: OptimizerFactory | None = None) -> None:
+    def __init__(
+        self,
+        channels: int = 16,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: LRSchedulerFactory | None = None,
+    ) -> None:
         super().__init__(channels)
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self.optimizer_factory is not None:
-            return self.optimizer_factory(self.parameters())
+            return pl.injected_optimizers(self.optimizer_factory(self.parameters()), self.lr_scheduler_factory)
         from lightning_spa.optim import SPA
 
-        return SPA(self.parameters(), lr=1.0, c=0.1)
+        return pl.injected_optimizers(SPA(self.parameters(), lr=1.0, c=0.1), self.lr_scheduler_factory)
