@@ -1,5 +1,9 @@
 r"""Insight 1 of the paper as numbers: is momentum helping? (``THEORY.md`` section 4.)
 
+The math layer of the diagnostics: :mod:`lightning_spa.meter` (the state machine: clock, EMAs)
+calls it, :mod:`lightning_spa.callbacks.diagnostics` (the Lightning adapter) logs what the meter
+reads, :mod:`lightning_spa.distributed` completes sums over shards. No Lightning import.
+
 For optimizer step ``k`` of SPA (``eta_k``, ``c_k``) or of torch SGD+M (``alpha_k``, ``beta_k``)::
 
     g_k      = +-grad_k + weight_decay * x_k          (the gradient the optimizer uses; - if maximize)
@@ -13,43 +17,63 @@ For optimizer step ``k`` of SPA (``eta_k``, ``c_k``) or of torch SGD+M (``alpha_
     ratio          = EMA(step_sq) / EMA(grad_sq_scaled)
 
 ``ratio`` is 1 when the gradients are noise uncorrelated with the past step, above 1 when they
-are aligned with the momentum buffer (momentum helps) and below 1 when the iterates oscillate.
-The first step has no momentum yet, so its ratio is ``c (2 - c)``.
+are aligned with the momentum buffer (momentum accelerates) and below 1 when consecutive
+gradients are anti-correlated (momentum damps: ``THEORY.md`` section 10). The first step has no
+momentum yet, so its ratio is ``c (2 - c)``.
 
-Everything comes from dot products of the parameters ``x_k``, their gradients and the momentum
-buffers ``m_k``, without a parameter-sized allocation (half-precision tensors are upcast tensor by
-tensor so that the sums accumulate in float32), e.g.
-``||g||^2 = ||grad||^2 +- 2 wd <grad, x> + wd^2 ||x||^2``, taken in two halves around the step:
-:func:`measure_before_step` (after backward: ``x_k``, ``m_k``, the gradient as it stands) and
-:func:`measure_after_step` (the gradient the step consumed, e.g. after clipping by a factor
-``kappa`` that the second half recovers). The hyper-parameters are read *during* the step
-(:func:`group_hyper`, from a step post-hook), so they are the ones the step used. The
-displacement is expanded the same way, which holds whatever the optimizer stores: for SPA
-``x_{k+1} - x_k = -c_k (eta_k g_k + s_k m_k)`` with ``z_k = x_k - s_k m_k``
-(:meth:`~lightning_spa.SPA.momentum_history`, :func:`prev_scales`), so ``b_k = c_k s_k``, finite
-even at ``eta_k = 0``, where ``beta_k`` is not (``THEORY.md`` section 9).
+Two ways to measure a step, both exact per parameter (each parameter's own history, see below):
+
+- **full** (:func:`measure_before_step` after backward, :func:`measure_after_step` right after
+  ``optimizer.step()``, :func:`full_samples` on the host): dot products of ``x_k``, the gradient and
+  ``m_k`` per parameter, without a parameter-sized allocation (half-precision tensors are upcast
+  tensor by tensor so that the sums accumulate in float32), e.g.
+  ``||g||^2 = ||grad||^2 +- 2 wd <grad, x> + wd^2 ||x||^2``. Gradient clipping between the halves
+  rescales the gradient by ``kappa``, recovered from ``||grad||^2`` before and after. Gives the
+  cosine too.
+- **cheap** (:func:`measure_cheap` right after the step, :func:`cheap_samples`): the step is
+  ``x_{k+1} - x_k = -a m_{k+1}`` with the buffer after the step, ``a = c_k t_k`` for SPA
+  (``t_k = max(s_k, eta_k)`` is the ``prev_eta`` the step leaves, :func:`lightning_spa.theorem.spa_step`)
+  and ``a = alpha_k`` for torch SGD, so ``step_sq = sum_p a_p^2 ||m_{k+1,p}||^2`` and
+  ``grad_sq = eta_k^2 sum_p ||g_{k,p}||^2``: two squared norms per parameter (one ``foreach`` norm),
+  of the gradient the step consumed (after clipping), no copy of the parameters. With weight decay
+  ``||g_k|| = ||grad +- wd x_k||`` with ``x_k = x_{k+1} + a m_{k+1}``, formed in one gradient-sized
+  temporary (the one torch's foreach SGD allocates at every step with weight decay). No cosine. It needs a buffer
+  after the step (:func:`cheap_supported`): not for SPA at ``c = 1`` (buffers dropped), torch SGD
+  at momentum 0, sparse gradients, or optimizers that unscale AMP gradients inside their step.
+
+Per parameter: SPA keeps each parameter's history ``z = x - s m`` (a parameter that skipped steps
+while ``eta`` changed has its own ``s``), so ``x_{k+1} - x_k = -c_k (eta_k g_k + s m_k)`` and
+``b = c_k s`` per parameter: the full path sums per history bucket ``(group, s)``, the cheap one
+weighs each parameter by its own ``a``. ``b`` stays finite at ``eta_k = 0``, where ``beta_k`` is not
+(``THEORY.md`` section 9).
+
+The hyper-parameters are read *during* the step (:func:`group_hyper`, from a step post-hook), so
+they are the ones the step used. The logged SGD+M momentum of an SPA step is the Theorem-1 one,
+``beta_k = (1 - c_{k-1}) eta_{k-1} / eta_k`` from the group's previous step (``1 - c_0`` without
+one), not the buffer scale over ``eta``, which after an instant drop decays over many steps. For
+SGD+M the SPA values are those of a constant schedule at the current values
+(:func:`lightning_spa.theorem.constant_sgdm_to_spa`).
 
 - Complex parameters: ``<a, b> = Re(vdot(a, b))``, the real inner product of ``C^n = R^{2n}``.
-- Sparse gradients (torch SGD; its momentum buffer is then sparse too): the sums run over the
-  stored entries (coalesced), so they are exact and cost ``O(nnz)``.
+- Sparse gradients (torch SGD; its momentum buffer is then sparse too): the full path's sums run
+  over the stored entries (coalesced), so they are exact and cost ``O(nnz)``.
 - Gradients still multiplied by an AMP loss scale ``S`` (optimizers that unscale inside their
-  step, ``_step_supports_amp_scaling``: torch's fused SGD): :func:`step_samples` divides the
+  step, ``_step_supports_amp_scaling``: torch's fused SGD): :func:`full_samples` divides the
   gradient sums by ``S`` and ``S^2``.
+- Sharded parameters (DTensor, FSDP2) contribute local sums (each divided by its replication
+  factor) that :func:`read_sums` sums across ranks with one small ``all_reduce``.
 
-For SGD+M the SPA values are those of a constant schedule at the current values (Theorem 1,
-:func:`lightning_spa.theorem.constant_sgdm_to_spa`); for SPA the SGD+M values are the exact
-Theorem-1 ones of the step, ``lr = c_k eta_k`` and ``momentum = (1 - c_{k-1}) eta_{k-1} / eta_k``
-(``1 - c_0`` without history). The EMAs and the step clock live in :mod:`lightning_spa.meter`.
-
-Sharded parameters (DTensor, FSDP2) contribute local dot products that
-:func:`lightning_spa.distributed.reduce_partial_sums` sums across ranks; this module imports no
-Lightning.
+The device computes one value per entry (a squared norm or a dot product: :class:`Sums`);
+everything after them is host arithmetic in float64 on the numbers of one transfer
+(:func:`read_sums`, which :mod:`lightning_spa.meter` also hands the step's flags).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,21 +87,27 @@ from lightning_spa.theorem import constant_sgdm_to_spa, constant_spa_to_sgdm, st
 __all__ = [
     "FIELDS",
     "SAMPLE_FIELDS",
+    "FirstHalf",
     "GroupHyper",
+    "cheap_samples",
+    "cheap_supported",
+    "cosine_of",
+    "full_samples",
     "group_hyper",
     "has_spa_form",
-    "prev_scales",
-    "measure_before_step",
     "measure_after_step",
-    "complete_sums",
-    "step_samples",
-    "cosine_of",
+    "measure_before_step",
+    "measure_cheap",
+    "prev_scales",
+    "read_sums",
+    "Sums",
 ]
 
-# Columns of the per-group partial sums.
+# Columns of the full path's per-bucket sums.
 FIELDS = ("grad_sq", "grad_x", "x_sq", "grad_m", "x_m", "m_sq")
-# Columns of step_samples.
+# Columns of full_samples / cheap_samples rows.
 SAMPLE_FIELDS = ("step_sq", "grad_sq", "grad_sq_scaled", "g_m", "g_sq", "m_sq")
+_SGD = "sgd"  # the history marker of a torch SGD buffer (weight lr * momentum, the same for every parameter)
 
 
 @dataclass(frozen=True)
@@ -88,8 +118,8 @@ class GroupHyper:
         eta: SPA step size ``eta_k`` (NaN for a torch SGD step with ``momentum >= 1``).
         c: SPA averaging weight ``c_k`` (NaN likewise).
         lr: SGD+M step size ``alpha_k = c_k * eta_k``.
-        momentum: SGD+M momentum ``beta_k`` (``inf`` for SPA at ``eta_k = 0`` after a step with momentum).
-        carry: ``b_k = alpha_k * beta_k``, the weight of ``m_k`` in the step (``0`` without history).
+        momentum: SGD+M momentum ``beta_k``; for SPA the Theorem-1 value
+            ``(1 - c_{k-1}) eta_{k-1} / eta_k`` (``inf`` at ``eta_k = 0`` after a step with momentum).
         weight_decay: coupled weight decay added to the gradient.
         sign: ``-1.0`` when the optimizer maximizes, else ``1.0``.
     """
@@ -98,7 +128,6 @@ class GroupHyper:
     c: float
     lr: float
     momentum: float
-    carry: float
     weight_decay: float
     sign: float
 
@@ -107,25 +136,29 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
-def _history(optimizer: Optimizer, p: Tensor, group: dict[str, Any]) -> Tensor | None:
-    """``m_k`` of ``p`` if the coming step folds it in, else ``None``.
+def _history(optimizer: Optimizer, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, float | Tensor | str] | None:
+    """``(m_k, s)`` of ``p`` if the coming step folds ``m_k`` in, else ``None``.
 
-    SPA keeps no state for a parameter without history (before its first step, after a step at
-    ``c = 1``): :meth:`~lightning_spa.SPA.momentum_history`. A torch SGD group with momentum 0
-    leaves its old buffer in place but does not use it.
+    ``s`` is SPA's buffer scale (``z = x - s m``; a float, or a 0-dim tensor in tensor mode), or
+    :data:`_SGD` for a torch SGD buffer. SPA keeps no state for a parameter without history
+    (before its first step, after a step at ``c = 1``): :meth:`~lightning_spa.SPA.momentum_history`.
+    A torch SGD group with momentum 0 leaves its old buffer in place but does not use it.
     """
     if isinstance(optimizer, SPA):
         history = optimizer.momentum_history(p)
-        return None if history is None else history[0]
+        if history is None or (not isinstance(history[1], Tensor) and not history[1]):
+            return None
+        return history
     state = optimizer.state.get(p)
     buf = state.get("momentum_buffer") if state else None
-    return buf if buf is not None and float(group.get("momentum", 0.0)) != 0.0 else None
+    return (buf, _SGD) if buf is not None and float(group.get("momentum", 0.0)) != 0.0 else None
 
 
 def prev_scales(optimizer: Optimizer) -> list[float | None]:
-    """SPA's scale ``s = (1 - c_{k-1}) eta_{k-1}`` (``z = x - s m``) per param group, read before the
-    step (``None``: no history, or not SPA). Read from the group's first parameter with a gradient
-    and history: the parameters of one group are assumed to share their step history."""
+    """SPA's buffer scale ``s`` of each param group's first parameter with a gradient and history, read
+    before the step (``None``: none, or not SPA). Only a fallback for the logged momentum when the
+    group's previous hyper-parameters are unknown (:func:`group_hyper`); the measurement itself
+    reads every parameter's own scale."""
     if not isinstance(optimizer, SPA):
         return [None] * len(optimizer.param_groups)
     out: list[float | None] = []
@@ -140,33 +173,64 @@ def prev_scales(optimizer: Optimizer) -> list[float | None]:
     return out
 
 
-def group_hyper(optimizer: Optimizer, group: dict[str, Any], prev_scale: float | None = None) -> GroupHyper:
+def group_hyper(
+    optimizer: Optimizer,
+    group: dict[str, Any],
+    prev: tuple[float, float] | None = None,
+    prev_scale: float | None = None,
+) -> GroupHyper:
     """The hyper-parameters ``group`` uses on the step (read them while the step is being taken).
 
     Args:
         optimizer: an SPA or torch SGD optimizer without Nesterov and dampening
             (:func:`lightning_spa.callbacks._select.unsupported_reason`).
         group: one of ``optimizer.param_groups``.
-        prev_scale: for SPA, the group's entry of :func:`prev_scales` read before the step.
+        prev: for SPA, ``(eta_{k-1}, c_{k-1})`` of the group's previous step: the momentum is then
+            Theorem 1's ``(1 - c_{k-1}) eta_{k-1} / eta_k``.
+        prev_scale: for SPA without ``prev``, the buffer scale read before the step
+            (:func:`prev_scales`); the momentum is then ``prev_scale / eta_k``. Neither: ``1 - c_k``
+            (the convention for step 0).
     """
     wd, sign = float(group.get("weight_decay", 0.0)), -1.0 if group.get("maximize", False) else 1.0
     if isinstance(optimizer, SPA):
         eta, c = _as_float(group["lr"]), _as_float(group["c"])
         lr, beta = constant_spa_to_sgdm(eta, c)  # beta_0 is reported as 1 - c_0 (no effect)
-        if prev_scale is not None:  # Theorem 1 with (1 - c_{k-1}) eta_{k-1} = prev_scale
+        if prev is not None:
+            beta = step_momentum(eta, prev[0], prev[1])
+        elif prev_scale is not None:
             beta = step_momentum(eta, prev_scale, 0.0)
-        return GroupHyper(eta, c, lr, beta, c * prev_scale if prev_scale is not None else 0.0, wd, sign)
+        return GroupHyper(eta, c, lr, beta, wd, sign)
     lr, beta = _as_float(group["lr"]), float(group.get("momentum", 0.0))
     try:
         eta, c = constant_sgdm_to_spa(lr, beta)
     except ValueError:  # momentum >= 1: the one-step spike of an instant change (see has_spa_form)
         eta, c = math.nan, math.nan
-    return GroupHyper(eta, c, lr, beta, lr * beta, wd, sign)
+    return GroupHyper(eta, c, lr, beta, wd, sign)
 
 
 def has_spa_form(hyper: GroupHyper) -> bool:
     """False for a torch SGD step with ``momentum >= 1``, which such a step cannot be measured by."""
     return not math.isnan(hyper.eta)
+
+
+def cheap_supported(optimizer: Optimizer) -> bool:
+    """Whether the coming step can be measured by :func:`measure_cheap` (every parameter with a gradient
+    keeps a buffer that describes the step): SPA with every ``c < 1`` (or a tensor ``c``), torch SGD
+    with every momentum non-zero and dense gradients; not an optimizer that unscales AMP gradients
+    inside its step (the gradients it leaves are then the kernel's business)."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    if isinstance(optimizer, SPA):
+        return all(_as_float(g["c"]) < 1.0 for g in optimizer.param_groups)
+    for group in optimizer.param_groups:
+        if float(group.get("momentum", 0.0)) == 0.0:
+            return False
+        if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- device sums
 
 
 def _dense_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -193,148 +257,410 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return _dense_dot(a.values(), b.sparse_mask(a).values())
 
 
-def _square_norms(ts: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """``||t||^2`` of each tensor (one ``foreach`` norm for the dense ones)."""
+_HALF = frozenset((torch.float16, torch.bfloat16, torch.complex32))
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _square_norms(ts: list[Tensor], dtype: torch.dtype, dense: bool = False) -> Tensor:
+    """``||t||^2`` of each tensor in ``dtype`` (one ``foreach`` norm for the dense ones; half precision
+    accumulates in float32). ``dense=True``: the caller knows none is sparse."""
     if not ts:
         return torch.zeros(0, dtype=dtype)
-    if not any(t.is_sparse for t in ts):
-        return torch.stack(torch._foreach_norm(ts, 2)).to(dtype).square()
+    if dense or not any(t.is_sparse for t in ts):
+        wide = torch.float32 if any(t.dtype in _HALF for t in ts) else None
+        return torch.stack(torch._foreach_norm(ts, 2, dtype=wide)).to(dtype).square()
     norms = [torch.linalg.vector_norm(t.coalesce().values() if t.is_sparse else t) for t in ts]
     return torch.stack(norms).to(dtype).square()
 
 
-def _group_fields(optimizer: Optimizer, group: dict[str, Any], ps: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The :data:`FIELDS` sums of the local parts of ``ps`` (parameters of ``group`` with a gradient)."""
-    wd = bool(group.get("weight_decay", 0.0))
-    g = [local_tensor(p.grad) for p in ps]  # type: ignore[arg-type]
-    x = [local_tensor(p.detach()) for p in ps]
-    hist = [(gi, local_tensor(h), xi) for gi, h, xi in
-            zip(g, (_history(optimizer, p, group) for p in ps), x, strict=True) if h is not None]  # fmt: skip
-    m = [h for _, h, _ in hist]
-    squares = _square_norms(g + (x if wd else []) + m, dtype)
-    n_g, n_x = len(g), len(x) if wd else 0
-    zero = torch.zeros((), dtype=dtype, device=squares.device)
+class Sums:
+    """The per-entry values of one measurement (squared norms, dot products) and where each one goes.
 
-    def dots(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-        return torch.stack([_dot(a, b).to(dtype) for a, b in pairs]).sum() if pairs else zero
+    Entry ``i`` adds ``weight_i * value_i`` to cell ``(row, col)`` of a ``rows x cols`` table. The
+    device computes the values (one ``foreach`` norm for the squares, one product per dot); the
+    weights (a DTensor's ``1 / replication factor``, the cheap path's ``a^2``) are applied on the host
+    after one transfer (:func:`read_sums`), so the device does no bookkeeping. Entries of sharded
+    (DTensor) parameters come first in :attr:`values` and are summed across ranks before that.
 
-    return torch.stack([
-        squares[:n_g].sum(),
-        dots(list(zip(g, x, strict=True))) if wd else zero,
-        squares[n_g : n_g + n_x].sum(),
-        dots([(gi, h) for gi, h, _ in hist]),
-        dots([(xi, h) for _, h, xi in hist]) if wd else zero,
-        squares[n_g + n_x :].sum(),
-    ])  # fmt: skip
-
-
-def _bucketed(optimizer: Optimizer, fields: Any, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``(2, n_groups, n)`` sums of ``fields(group, params) -> (n,)`` over the parameters with a gradient:
-    ``[0]`` over sharded (DTensor) parameters, each divided by its replication factor (their local
-    shards, summed over all ranks, count each entry that many times), ``[1]`` over ordinary ones."""
-    out = torch.zeros(2, len(optimizer.param_groups), n, device=device, dtype=dtype)
-    for gi, group in enumerate(optimizer.param_groups):
-        buckets: dict[int, list[Tensor]] = {}  # replication factor (0: ordinary tensor) -> parameters
-        for p in group["params"]:
-            if p.grad is not None:
-                buckets.setdefault(replication_factor(p) if is_sharded(p) else 0, []).append(p)
-        for factor, ps in buckets.items():
-            row = fields(group, ps).to(device)
-            if factor:
-                out[0, gi] += row / factor
-            else:
-                out[1, gi] += row
-    return out
-
-
-@torch.no_grad()
-def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Local partial sums of :data:`FIELDS` per param group, after backward and before ``optimizer.step()``.
-
-    Returns a ``(2, n_groups, 6)`` tensor (see :func:`complete_sums`). The ``x`` terms are zero for
-    a group without weight decay. Gradients are read as they are (still scaled under fused AMP,
-    not yet clipped: :func:`step_samples` corrects both).
+    Attributes:
+        values: the raw values (a flat tensor on the measuring device; sharded entries first).
+        n_sharded: how many leading entries are local parts of sharded parameters.
+        meta: per entry ``(row, col, weight, j)``: ``j`` indexes ``tensor_weights`` (a device-side
+            factor read with the values, SPA's tensor mode) or is None.
+        rows, cols: the table's shape.
+        tensor_weights: 0-dim tensors the host multiplies entries with.
     """
-    return _bucketed(optimizer, lambda group, ps: _group_fields(optimizer, group, ps, dtype), len(FIELDS), device,
-                     dtype)  # fmt: skip
+
+    def __init__(self, rows: int, cols: int, dense: bool = False) -> None:
+        self.rows, self.cols, self.dense = rows, cols, dense
+        # [sharded, ordinary] lists of (tensor(s), meta)
+        self._squares: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._square_meta: tuple[list[Any], list[Any]] = ([], [])
+        self._dots: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] = ([], [])
+        self._dot_meta: tuple[list[Any], list[Any]] = ([], [])
+        self.tensor_weights: list[Tensor] = []
+        self.values = torch.zeros(0)  # set by compute()
+        self.n_sharded = 0
+        self.norms = False  # values are norms, not yet squared (of_norms)
+        self.meta: list[tuple[int, int, float, int | None]] = []
+
+    def _weight(self, weight: float | Tensor, factor: float) -> tuple[float, int | None]:
+        if isinstance(weight, Tensor):
+            self.tensor_weights.append(weight)
+            return factor, len(self.tensor_weights) - 1
+        return weight * factor, None
+
+    def square(self, t: Tensor, row: int, col: int, placed: tuple[int, float], weight: float | Tensor = 1.0) -> None:
+        """Adds ``weight * ||t||^2`` at ``(row, col)``; ``placed`` is :func:`_placement` of its parameter."""
+        self._squares[placed[0]].append(t)
+        self._square_meta[placed[0]].append((row, col, *self._weight(weight, placed[1])))
+
+    def dot(self, a: Tensor, b: Tensor, row: int, col: int, placed: tuple[int, float]) -> None:
+        """Adds ``Re<a, b>`` at ``(row, col)``."""
+        self._dots[placed[0]].append((a, b))
+        self._dot_meta[placed[0]].append((row, col, placed[1], None))
+
+    def compute(self, device: torch.device, dtype: torch.dtype) -> Sums:
+        """Runs the device work (sets :attr:`values`); returns ``self``."""
+        squares = self._squares[0] + self._squares[1]
+        dots = self._dots[0] + self._dots[1]
+        pieces = []
+        if squares:
+            sq = _square_norms(squares, dtype, self.dense).to(device)
+        if dots:
+            dt = torch.stack([_dot(a, b).to(dtype) for a, b in dots]).to(device)
+        ns, nd = len(self._squares[0]), len(self._dots[0])
+        for part, n, both in ((0, ns, squares), (0, nd, dots), (1, ns, squares), (1, nd, dots)):
+            if not both:
+                continue
+            values = sq if both is squares else dt
+            piece = values[:n] if part == 0 else values[n:]
+            if piece.numel():
+                pieces.append(piece)
+        if not pieces:
+            self.values = torch.zeros(0, device=device, dtype=dtype)
+        else:
+            self.values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        self.n_sharded = ns + nd
+        self.meta = [*self._square_meta[0], *self._dot_meta[0], *self._square_meta[1], *self._dot_meta[1]]
+        return self
+
+    def reduce(self, values: Sequence[float], tensor_values: Sequence[float] = ()) -> list[float]:
+        """The ``rows * cols`` table (row-major) from the completed host values of :attr:`values` and
+        of :attr:`tensor_weights`."""
+        out = [0.0] * (self.rows * self.cols)
+        cols = self.cols
+        if self.norms:  # plain norms (:meth:`of_norms`): squared here, in float64
+            for v, (row, col, w, _) in zip(values, self.meta, strict=True):
+                out[row * cols + col] += v * v * w
+            return out
+        for v, (row, col, w, j) in zip(values, self.meta, strict=True):
+            out[row * cols + col] += v * (w if j is None else w * tensor_values[j])
+        return out
+
+    @classmethod
+    def of_norms(cls, rows: int, cols: int, ts: list[Tensor], meta: list[tuple[int, int, float, int | None]]) -> Sums:
+        """The common case in one ``foreach`` norm: ordinary dense tensors, float weights. :attr:`values`
+        holds the norms themselves (no cast, no squaring on the device); :meth:`reduce` squares them."""
+        sums = cls(rows, cols, dense=True)
+        if ts:
+            wide = None if _HALF.isdisjoint(map(_DTYPE, ts)) else torch.float32
+            sums.values = torch.stack(torch._foreach_norm(ts, 2, dtype=wide))
+        sums.meta, sums.norms = meta, True
+        return sums
 
 
-@torch.no_grad()
-def measure_after_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Local partial sums of ``||grad||^2`` per param group right after ``optimizer.step()``: the gradient
-    the step consumed (after clipping). A ``(2, n_groups, 1)`` tensor like :func:`measure_before_step`."""
-
-    def fields(group: dict[str, Any], ps: list[Tensor]) -> Tensor:
-        return _square_norms([local_tensor(p.grad) for p in ps], dtype).sum().reshape(1)  # type: ignore[arg-type]
-
-    return _bucketed(optimizer, fields, 1, device, dtype)
-
-
-def complete_sums(before: Tensor, after: Tensor, sharded: bool) -> tuple[Tensor, Tensor]:
-    """Completes the partial sums of :func:`measure_before_step` and :func:`measure_after_step`.
+def read_sums(parts: list[Sums], sharded: bool, extras: Sequence[Tensor] = ()) -> tuple[list[list[float]], list[float]]:
+    """Completes ``parts`` (computed) across ranks and reads them and ``extras`` (0-dim tensors: flags the
+    caller wants with them) to the host in one transfer, the one device synchronisation.
 
     With ``sharded=True`` (the optimizer holds DTensor parameters; the same answer on every rank)
-    the sharded halves are summed across ranks by one ``all_reduce`` of a small vector, which
-    every rank must call at the same step; otherwise nothing is communicated.
+    the sharded entries are summed across ranks by one ``all_reduce`` of a small vector, which every
+    rank must call at the same step; otherwise nothing is communicated.
 
     Returns:
-        ``(before, after)`` of shapes ``(n_groups, 6)`` and ``(n_groups, 1)``.
+        ``(tables, extras)``: each part's table (:meth:`Sums.reduce`) and the values of ``extras``.
     """
-    if sharded:
-        n = before[0].numel()
-        flat = reduce_partial_sums(torch.cat([before[0].reshape(-1), after[0].reshape(-1)]))
-        return flat[:n].view_as(before[0]) + before[1], flat[n:].view_as(after[0]) + after[1]
-    return before[0] + before[1], after[0] + after[1]
+    vectors = [p.values for p in parts]
+    if sharded and any(p.n_sharded for p in parts):
+        reduced = reduce_partial_sums(torch.cat([p.values[: p.n_sharded] for p in parts]))
+        vectors, at = [], 0
+        for p in parts:
+            vectors += [reduced[at : at + p.n_sharded], p.values[p.n_sharded :]]
+            at += p.n_sharded
+    device, dtype = parts[0].values.device, parts[0].values.dtype
+    weights = [w for p in parts for w in p.tensor_weights]
+    scalars = [t.reshape(()).to(device, dtype) for t in (*weights, *extras)]
+    if scalars:
+        vectors.append(torch.stack(scalars))
+    flat: list[float] = (torch.cat(vectors) if len(vectors) > 1 else vectors[0]).tolist()
+    n_values = sum(p.values.numel() for p in parts)
+    tail = flat[n_values:]
+    tables, at, wat = [], 0, 0
+    for p in parts:
+        n, nw = p.values.numel(), len(p.tensor_weights)
+        tables.append(p.reduce(flat[at : at + n], tail[wat : wat + nw]))
+        at, wat = at + n, wat + nw
+    return tables, tail[wat:]
 
 
-def _to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A small host table on ``device`` without a device synchronisation (``torch.tensor(..., device=cuda)``
-    would wait for the queued kernels; a non-blocking copy from the host does not)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+_ORDINARY = (1, 1.0)
 
 
-def step_samples(before: Tensor, after: Tensor, hypers: list[GroupHyper], grad_scale: Tensor | None = None) -> Tensor:
-    """One step's raw samples per group from the complete sums.
+def _placement(p: Tensor) -> tuple[int, float]:
+    """``(part, weight)`` of ``p``'s entries: ``(0, 1 / replication factor)`` for a DTensor (its local
+    shards summed over all ranks count each entry that many times), else ``(1, 1)``."""
+    return (0, 1.0 / replication_factor(p)) if is_sharded(p) else _ORDINARY
 
-    Gradient clipping between the two halves rescales the gradient by ``kappa``, recovered
-    exactly from ``||grad||^2`` after and before (clipping by value is approximated by the same
-    factor).
+
+@dataclass
+class FirstHalf:
+    """The first half of a full measurement (:func:`measure_before_step`).
+
+    Attributes:
+        sums: per-entry sums of :data:`FIELDS`, one table row per history bucket.
+        buckets: per bucket ``(group index, s)``: ``s`` the SPA buffer scale of its parameters (a
+            float, or an int ``j``: the ``j``-th entry of ``tensor_scales``), ``"sgd"`` for torch
+            SGD buffers, None without history.
+        tensor_scales: SPA tensor-mode scales (0-dim tensors), read with the rest after the step.
+    """
+
+    sums: Sums
+    buckets: list[tuple[int, float | int | str | None]]
+    tensor_scales: list[Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def measure_before_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> FirstHalf:
+    """Sums of :data:`FIELDS` per history bucket, after backward and before ``optimizer.step()``.
+
+    The ``x`` terms are zero for a group without weight decay, the ``m`` terms for a bucket without
+    history. Gradients are read as they are (still scaled under fused AMP, not yet clipped:
+    :func:`full_samples` corrects both).
+    """
+    keys: dict[tuple[int, Any], int] = {}
+    buckets: list[tuple[int, float | int | str | None]] = []
+    tensor_scales: list[Tensor] = []
+    entries: list[tuple[int, Tensor, Tensor, Tensor | None, bool, tuple[int, float]]] = []
+    for gi, group in enumerate(optimizer.param_groups):
+        wd = bool(group.get("weight_decay", 0.0))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            history = _history(optimizer, p, group)
+            scale: float | int | str | None
+            key: Any
+            if history is None:
+                scale = key = None
+            elif isinstance(history[1], Tensor):  # tensor mode: its own bucket, the value read later
+                scale, key = len(tensor_scales), ("tensor", len(tensor_scales))
+                tensor_scales.append(history[1])
+            else:
+                scale = key = history[1] if isinstance(history[1], str) else float(history[1])
+            b = keys.get((gi, key))
+            if b is None:
+                b = keys[(gi, key)] = len(buckets)
+                buckets.append((gi, scale))
+            m = None if history is None else local_tensor(history[0])
+            entries.append((b, local_tensor(p.grad), local_tensor(p.detach()), m, wd, _placement(p)))
+    sums = Sums(len(buckets), len(FIELDS))
+    for b, g, x, m, wd, placed in entries:
+        sums.square(g, b, 0, placed)
+        if wd:
+            sums.dot(g, x, b, 1, placed)
+            sums.square(x, b, 2, placed)
+        if m is not None:
+            sums.dot(g, m, b, 3, placed)
+            if wd:
+                sums.dot(x, m, b, 4, placed)
+            sums.square(m, b, 5, placed)
+    return FirstHalf(sums.compute(device, dtype), buckets, tensor_scales)
+
+
+@torch.no_grad()
+def measure_after_step(optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64) -> Sums:
+    """``||grad||^2`` per param group right after ``optimizer.step()``: the gradient the step consumed
+    (after clipping). One table column, one row per group."""
+    sums = Sums(len(optimizer.param_groups), 1)
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if p.grad is not None:
+                sums.square(local_tensor(p.grad), gi, 0, _placement(p))
+    return sums.compute(device, dtype)
+
+
+def measure_cheap(
+    optimizer: Optimizer, device: torch.device, dtype: torch.dtype = torch.float64, sharded: bool = True
+) -> Sums:
+    """``[||g_k||^2, ||x_{k+1} - x_k||^2]`` per param group (table rows), right after ``optimizer.step()``.
+
+    Only for a step that :func:`cheap_supported` allowed (see the module docstring): every parameter
+    with a gradient moved by ``-a m_{k+1}`` (or did not move and keeps no buffer: SPA at ``eta = 0``
+    without history). ``sharded=False`` (no DTensor parameter:
+    :func:`~lightning_spa.distributed.has_sharded_params`) skips the per-tensor DTensor checks.
+    Reads only detached tensors (no autograd).
+    """
+    groups = optimizer.param_groups
+    if not sharded and not any(g.get("weight_decay", 0.0) for g in groups):
+        fast = _cheap_norms(optimizer)
+        if fast is not None:
+            return fast
+    sums = Sums(len(optimizer.param_groups), 2, dense=True)
+    spa = isinstance(optimizer, SPA)
+    state_of = optimizer.state
+    for gi, group in enumerate(optimizer.param_groups):
+        wd, sign = float(group.get("weight_decay", 0.0)), -1.0 if group.get("maximize", False) else 1.0
+        lr = None if spa else _as_float(group["lr"])
+        by_a: dict[float, list[tuple[Tensor, Tensor, Tensor | None, tuple[int, float]]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = state_of.get(p)
+            buf = state.get("momentum_buffer") if state else None
+            a: float | Tensor
+            if buf is None:
+                a = 0.0
+            elif spa:
+                e, q = state["prev_eta"], state["prev_c"]  # type: ignore[index]
+                a = q * e if isinstance(e, Tensor) or isinstance(q, Tensor) else float(q) * float(e)
+            else:
+                a = lr  # type: ignore[assignment]
+            if sharded:
+                placed = _placement(p)
+                g, m = local_tensor(p.grad), None if buf is None else local_tensor(buf)
+            else:
+                placed, g, m = _ORDINARY, p.grad, buf
+            if m is not None:
+                sums.square(m, gi, 1, placed, a * a)
+            if not wd:
+                sums.square(g, gi, 0, placed)
+            elif isinstance(a, Tensor):  # tensor mode: one parameter at a time (x_k = x_{k+1} + a m_{k+1})
+                x = local_tensor(p.detach())
+                assert m is not None  # a is a tensor only where a buffer is
+                sums.square(g + (sign * wd) * (x + a.to(x.dtype) * m), gi, 0, placed)
+            else:
+                by_a.setdefault(a, []).append((g, local_tensor(p.detach()), m, placed))
+        for a, items in by_a.items():  # with weight decay: g = grad + sign wd x_k in one temporary per tensor
+            tmp = list(torch._foreach_add([g for g, _, _, _ in items], [x for _, x, _, _ in items], alpha=sign * wd))
+            with_buf = [(t, m) for t, (_, _, m, _) in zip(tmp, items, strict=True) if m is not None]
+            if with_buf and a:
+                torch._foreach_add_([t for t, _ in with_buf], [m for _, m in with_buf], alpha=sign * wd * a)
+            for t, (_, _, _, placed) in zip(tmp, items, strict=True):
+                sums.square(t, gi, 0, placed)
+    return sums.compute(device, dtype)
+
+
+def _cheap_norms(optimizer: Optimizer) -> Sums | None:
+    """:func:`measure_cheap` without weight decay or sharding, float histories: the entries built in one
+    pass, no per-entry method calls (the measured steps of ``MeasuredMomentumOff`` are every step).
+    None where a history is a tensor (SPA's tensor mode: the general path weighs it)."""
+    spa, state_of = isinstance(optimizer, SPA), optimizer.state
+    ts: list[Tensor] = []
+    meta: list[tuple[int, int, float, int | None]] = []
+    add, note = ts.append, meta.append
+    for gi, group in enumerate(optimizer.param_groups):
+        lr = 0.0 if spa else _as_float(group["lr"])
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            add(g)
+            note((gi, 0, 1.0, None))
+            state = state_of.get(p)
+            buf = state.get("momentum_buffer") if state else None
+            if buf is None:
+                continue
+            if spa:
+                e, q = state["prev_eta"], state["prev_c"]  # type: ignore[index]
+                if isinstance(e, Tensor) or isinstance(q, Tensor):
+                    return None
+                a = q * e
+            else:
+                a = lr
+            add(buf)
+            note((gi, 1, a * a, None))
+    return Sums.of_norms(len(optimizer.param_groups), 2, ts, meta)
+
+
+# ----------------------------------------------------------------------------- host arithmetic
+
+
+def _rows(per_group: list[list[float]], hypers: list[GroupHyper]) -> list[list[float]]:
+    """Sample rows from per-group ``[step_sq, g_sq, g_m, m_sq]``, then the whole optimizer's row."""
+    rows = []
+    for (step_sq, g_sq, g_m, m_sq), h in zip(per_group, hypers, strict=True):
+        grad_sq = h.eta * h.eta * g_sq
+        rows.append([step_sq, grad_sq, h.c / (2.0 - h.c) * grad_sq, g_m, g_sq, m_sq])
+    rows.append([sum(col) for col in zip(*rows, strict=True)] if rows else [0.0] * len(SAMPLE_FIELDS))
+    return rows
+
+
+def full_samples(
+    first: FirstHalf,
+    before: list[float],
+    after: list[float],
+    hypers: list[GroupHyper],
+    grad_scale: float | None = None,
+    tensor_scales: list[float] | None = None,
+) -> list[list[float]]:
+    """One step's raw samples from the complete sums of a full measurement.
 
     Args:
-        before: ``(n_groups, 6)`` sums of :data:`FIELDS`, complete across ranks.
-        after: ``(n_groups, 1)`` sums of :func:`measure_after_step`, complete across ranks.
+        first: the first half (its ``buckets``).
+        before: its table (:func:`read_sums`), ``n_buckets * 6`` floats (row-major).
+        after: the table of :func:`measure_after_step`, one float per group.
         hypers: the groups' hyper-parameters of this step (:func:`group_hyper`).
-        grad_scale: the AMP loss scale ``before``'s gradients still carry (``optimizer.grad_scale``
+        grad_scale: the AMP loss scale the first half's gradients still carry (``optimizer.grad_scale``
             of an optimizer that unscales inside its step; Lightning refuses clipping there, so
             ``kappa = 1``), or None.
+        tensor_scales: the values of ``first.tensor_scales``.
 
     Returns:
-        ``(n_groups + 1, 6)``: rows are the groups then the whole optimizer; columns are
-        :data:`SAMPLE_FIELDS`. The cosine is ``g_m / sqrt(g_sq * m_sq)``; the optimizer row's is
-        the cosine of the concatenated vectors.
+        Rows: the groups then the whole optimizer; columns :data:`SAMPLE_FIELDS`. The cosine is
+        ``g_m / sqrt(g_sq * m_sq)`` (:func:`cosine_of`); the optimizer row's is the cosine of the
+        concatenated vectors.
     """
-    gsq, gx, xsq, gm, xm, msq = before.unbind(-1)
-    table = [[h.eta, h.c, h.lr, h.carry, h.weight_decay, h.sign] for h in hypers]
-    eta, c, alpha, carry, wd, sign = _to_device(table, before.device, before.dtype).unbind(-1)
+    n = len(hypers)
+    raw_gsq = [0.0] * n
+    for b, (gi, _) in enumerate(first.buckets):
+        raw_gsq[gi] += before[6 * b]
     if grad_scale is not None:
-        inv = 1.0 / grad_scale.to(before.device, before.dtype)
-        gsq, gx, gm = gsq * inv.square(), gx * inv, gm * inv
-        kappa = torch.ones_like(gsq)
+        inv, kappa = 1.0 / grad_scale, [1.0] * n
     else:
-        kappa = torch.where(gsq > 0, after[:, 0] / gsq, 1.0).sqrt()
-    g_sq = kappa.square() * gsq + 2.0 * sign * wd * kappa * gx + wd.square() * xsq
-    history = carry != 0  # m_k folded into this step (a torch SGD buffer left at momentum 0 is not)
-    g_m = torch.where(history, sign * kappa * gm + wd * xm, 0.0)
-    msq = torch.where(history, msq, 0.0)
-    step_sq = (alpha.square() * g_sq + 2.0 * alpha * carry * g_m + carry.square() * msq).clamp(min=0.0)
-    grad_sq = eta.square() * g_sq
-    rows = torch.stack([step_sq, grad_sq, c / (2.0 - c) * grad_sq, g_m, g_sq, msq], dim=-1)
-    return torch.cat([rows, rows.sum(0, keepdim=True)])
+        inv = 1.0
+        kappa = [math.sqrt(a / g) if g > 0 else 1.0 for a, g in zip(after, raw_gsq, strict=True)]
+    acc = [[0.0, 0.0, 0.0, 0.0] for _ in range(n)]
+    for b, (gi, scale) in enumerate(first.buckets):
+        gsq, gx, xsq, gm, xm, msq = before[6 * b : 6 * b + 6]
+        h, k = hypers[gi], kappa[gi]
+        wd, sign = h.weight_decay, h.sign
+        g_sq = k * k * gsq * inv * inv + 2.0 * sign * wd * k * gx * inv + wd * wd * xsq
+        if scale is None:
+            carry, g_m, msq = 0.0, 0.0, 0.0
+        else:
+            if scale == _SGD:
+                carry = h.lr * h.momentum
+            else:
+                s = tensor_scales[scale] if isinstance(scale, int) and tensor_scales is not None else scale
+                carry = h.c * float(s)  # type: ignore[arg-type]
+            g_m = sign * k * gm * inv + wd * xm
+        alpha = h.lr
+        step_sq = max(alpha * alpha * g_sq + 2.0 * alpha * carry * g_m + carry * carry * msq, 0.0)
+        row = acc[gi]
+        row[0] += step_sq
+        row[1] += g_sq
+        row[2] += g_m
+        row[3] += msq
+    return _rows(acc, hypers)
 
 
-def cosine_of(samples: Tensor) -> tuple[Tensor, Tensor]:
-    """``(cosine, valid)`` per row of :func:`step_samples`; invalid where ``m_k`` or ``g_k`` is zero."""
-    g_m, g_sq, m_sq = samples[:, 3], samples[:, 4], samples[:, 5]
-    denom = (g_sq * m_sq).sqrt()
-    valid = denom > 0
-    return torch.where(valid, g_m / torch.where(valid, denom, torch.ones_like(denom)), torch.zeros_like(denom)), valid
+def cheap_samples(sums: list[float], hypers: list[GroupHyper]) -> list[list[float]]:
+    """One step's raw samples from the table of :func:`measure_cheap` (``2 * n_groups`` floats):
+    rows as :func:`full_samples`, with ``g_m = m_sq = 0`` (the cosine is not measured)."""
+    return _rows([[sums[2 * i + 1], sums[2 * i], 0.0, 0.0] for i in range(len(hypers))], hypers)
+
+
+def cosine_of(row: Sequence[float]) -> float | None:
+    """The cosine of a sample row (:data:`SAMPLE_FIELDS`); None where ``m_k`` or ``g_k`` is zero (undefined)."""
+    denom = math.sqrt(row[4] * row[5]) if row[4] * row[5] > 0 else 0.0
+    return row[3] / denom if denom > 0 else None

@@ -1,6 +1,9 @@
 r"""The measuring half of :class:`~lightning_spa.callbacks.MomentumDiagnostics`, usable without Lightning.
 
-:class:`MomentumMeter` attaches to one SPA or torch SGD optimizer and
+The state-machine layer of the diagnostics: :mod:`lightning_spa.diagnostics` holds the math, the
+Lightning adapters (:class:`~lightning_spa.callbacks.MomentumDiagnostics`,
+:class:`~lightning_spa.callbacks.MeasuredMomentumOff`) drive it. :class:`MomentumMeter` attaches to
+one SPA or torch SGD optimizer and
 
 - counts the steps it actually takes (its *clock*, :attr:`MomentumMeter.step`: ``optimizer.step()``
   calls seen by its step post-hook; a step skipped by an AMP grad scaler, or never called, does
@@ -9,11 +12,15 @@ r"""The measuring half of :class:`~lightning_spa.callbacks.MomentumDiagnostics`,
   schedule runs one step ahead per such skip, while every reading is labelled with its exact step);
 - measures step ``k`` (:mod:`lightning_spa.diagnostics`) when ``(k + 1) % every_n_steps == 0``,
   the convention of Lightning's ``log_every_n_steps``, or the next step after
-  :meth:`MomentumMeter.measure_next_step`: the first half after backward
-  (:meth:`MomentumMeter.before_step`), the second in the step post-hook, which reads the
-  hyper-parameters the step really used, whoever wrote them and whenever;
-- keeps bias-corrected EMAs (:class:`DiagnosticsEMA`) and hands every measurement to its
-  listeners as a :class:`Reading` (host floats).
+  :meth:`MomentumMeter.measure_next_step`. A *full* measurement (the cosine too) takes its first
+  half after backward (:meth:`MomentumMeter.before_step`) and its second in the step post-hook; a
+  *cheap* one (``step_sq``, ``grad_sq`` and the ratio, exactly; no cosine) happens entirely in the
+  post-hook: two squared norms per parameter. ``cosine_every_n_steps`` says which steps get the
+  full one. The post-hook reads the hyper-parameters the step really used, whoever wrote them and
+  whenever, and keeps each SPA group's ``(eta, c)`` for the next step's Theorem-1 momentum;
+- keeps bias-corrected EMAs (:class:`DiagnosticsEMA`, host floats) and hands every measurement to
+  its listeners as a :class:`Reading` (host floats). A measurement synchronises with the device
+  once: the sums and the step's flags travel in one transfer.
 
 On an unmeasured step it costs one tiny step post-hook (the clock, which also sets
 :attr:`MomentumMeter.due` for the next step); a driver tests ``due`` before calling
@@ -28,7 +35,7 @@ On an unmeasured step it costs one tiny step post-hook (the clock, which also se
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +45,22 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spa.diagnostics import (
+    FirstHalf,
     GroupHyper,
-    complete_sums,
+    cheap_samples,
+    cheap_supported,
     cosine_of,
+    full_samples,
     group_hyper,
     has_spa_form,
     measure_after_step,
     measure_before_step,
+    measure_cheap,
     prev_scales,
-    step_samples,
+    read_sums,
 )
 from lightning_spa.distributed import has_sharded_params, local_tensor
+from lightning_spa.optim import SPA
 
 __all__ = ["EMA_NAMES", "DiagnosticsEMA", "MomentumMeter", "Reading"]
 
@@ -56,93 +68,131 @@ __all__ = ["EMA_NAMES", "DiagnosticsEMA", "MomentumMeter", "Reading"]
 EMA_NAMES = ("step_sq", "grad_sq", "grad_sq_scaled", "cosine", "ratio")
 
 
-def _insert_empty_rows(table: Tensor, extra: int) -> Tensor:
-    """``table`` with ``extra`` zero rows inserted before its last row (the whole optimizer's): the rows
-    of param groups added mid-run."""
-    pad = torch.zeros(extra, table.shape[1], device=table.device, dtype=table.dtype)
-    return torch.cat([table[:-1], pad, table[-1:]])
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` as float64 tensors divide it (``x / 0`` is ``+-inf``, ``0 / 0`` NaN)."""
+    if den != 0.0 or math.isnan(num):
+        return num / den if den != 0.0 else math.nan
+    return math.nan if num == 0.0 else math.copysign(math.inf, num)
 
 
 class DiagnosticsEMA:
     """Bias-corrected exponential moving averages of ``step_sq``, ``grad_sq``, ``grad_sq_scaled`` and
-    ``cosine`` for ``n_rows`` series (param groups, then the whole optimizer), kept on one device.
+    ``cosine`` for ``n_rows`` series (param groups, then the whole optimizer), as host floats (float64).
 
-    ``decay`` is per optimizer step: a sample taken ``n`` steps after the previous one weighs
-    ``1 - decay**n``. Dividing by the accumulated weight removes the bias towards the start value,
-    so the first reported value is the first sample. Updates never synchronise with the host.
+    ``decay`` is per optimizer step: a sample taken ``n`` steps after the previous one of the same
+    series weighs ``1 - decay**n`` (each column keeps its own last step, so a cosine sampled less
+    often than the ratio weighs for its own gap). Dividing by the accumulated weight removes the
+    bias towards the start value, so the first reported value is the first sample.
 
     Args:
         n_rows: number of series (param groups + the whole optimizer).
         decay: per-step decay in ``[0, 1)``.
-        device: where the state lives.
-        dtype: the state's dtype (``float64`` unless the device lacks it).
+        device: where :meth:`corrected` puts its tensor (default CPU).
+        dtype: its dtype (default float64).
     """
 
-    def __init__(self, n_rows: int, decay: float, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self, n_rows: int, decay: float, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         self.decay = decay
-        self.values = torch.zeros(n_rows, 4, device=device, dtype=dtype)
-        self.weights = torch.zeros(n_rows, 4, device=device, dtype=dtype)
-        # The step of the last accepted sample, on the device (NaN: none yet), so that rejecting a
-        # sample needs no host sync.
-        self._last = torch.full((), math.nan, device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        self.values = [[0.0] * 4 for _ in range(n_rows)]
+        self.weights = [[0.0] * 4 for _ in range(n_rows)]
+        self.last: list[list[float | None]] = [[None] * 4 for _ in range(n_rows)]  # step of each last sample
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.values)
 
     @property
     def last_step(self) -> int | None:
-        """The optimizer step of the last sample folded in (a host sync; for checkpoints and tests)."""
-        last = float(self._last.item())
-        return None if math.isnan(last) else int(last)
+        """The optimizer step of the last sample folded in (None: none yet)."""
+        steps = [s for row in self.last for s in row if s is not None]
+        return int(max(steps)) if steps else None
 
     def extend(self, n_rows: int) -> None:
         """Grows to ``n_rows`` series: new param groups get empty rows, inserted before the last row."""
-        extra = n_rows - self.values.shape[0]
+        extra = n_rows - self.n_rows
         if extra > 0:
-            self.values = _insert_empty_rows(self.values, extra)
-            self.weights = _insert_empty_rows(self.weights, extra)
+            at = max(self.n_rows - 1, 0)
+            self.values[at:at] = [[0.0] * 4 for _ in range(extra)]
+            self.weights[at:at] = [[0.0] * 4 for _ in range(extra)]
+            self.last[at:at] = [[None] * 4 for _ in range(extra)]
 
-    def update(self, samples: Tensor, step: int | Tensor, default_gap: int = 1, accept: Tensor | None = None) -> Tensor:
-        """Folds one step's :func:`~lightning_spa.diagnostics.step_samples` in; returns the 0-dim bool ``ok``.
+    def update(
+        self,
+        samples: Tensor | Sequence[Sequence[float]],
+        step: int | float | Tensor,
+        default_gap: int = 1,
+        accept: bool | Tensor | None = None,
+    ) -> bool:
+        """Folds one step's sample rows (:data:`lightning_spa.diagnostics.SAMPLE_FIELDS`) in; returns ``ok``.
 
         ``ok`` is ``accept`` (default true) and all samples finite. A rejected step leaves the
         state unchanged (its weight is not spent either: the next accepted sample weighs for the
         steps since the last accepted one), and so do rows whose cosine is undefined for the
-        cosine column. No host sync.
+        cosine column.
         """
-        gap = torch.where(torch.isnan(self._last), float(default_gap), step - self._last).clamp(min=1.0)
-        weight = 1.0 - self.decay**gap
-        cos, cos_valid = cosine_of(samples)
-        new = torch.stack([samples[:, 0], samples[:, 1], samples[:, 2], cos], dim=-1)
-        ok = torch.isfinite(new).all()
-        if accept is not None:
-            ok = ok & accept
-        valid = ok & torch.ones_like(new, dtype=torch.bool)
-        valid[:, 3] &= cos_valid
-        w = torch.where(valid, weight, 0.0).to(self.values.dtype)
-        self.values = self.values * (1 - w) + w * torch.where(valid, new, 0.0)
-        self.weights = self.weights * (1 - w) + w
-        # torch.full, not torch.as_tensor(step, device=...): the latter is a blocking host-to-device copy
-        self._last = torch.where(ok, torch.full((), float(step), dtype=self._last.dtype, device=self._last.device),
-                                 self._last)  # fmt: skip
-        return ok
+        rows = samples.tolist() if isinstance(samples, Tensor) else samples
+        if accept is not None and not bool(accept):
+            return False
+        new: list[tuple[float, float, float, float | None]] = []
+        isfinite = math.isfinite
+        for row in rows:
+            a, b, c = row[0], row[1], row[2]
+            cos = cosine_of(row)
+            if not (isfinite(a) and isfinite(b) and isfinite(c)) or (cos is not None and not isfinite(cos)):
+                return False
+            new.append((a, b, c, cos))
+        step, decay = float(step), self.decay
+        weight_of: dict[float, float] = {}  # 1 - decay**gap, once per gap
+        for values, weights, last, sample in zip(self.values, self.weights, self.last, new, strict=True):
+            for j, value in enumerate(sample):
+                if value is None:
+                    continue
+                prev = last[j]
+                gap = max(float(default_gap) if prev is None else step - prev, 1.0)
+                w = weight_of.get(gap)
+                if w is None:
+                    w = weight_of[gap] = 1.0 - decay**gap
+                values[j] = values[j] * (1.0 - w) + w * value
+                weights[j] = weights[j] * (1.0 - w) + w
+                last[j] = step
+        return True
+
+    def rows(self) -> list[list[float]]:
+        """``n_rows`` lists of the bias-corrected :data:`EMA_NAMES` (NaN where nothing was folded in)."""
+        out = []
+        for values, weights in zip(self.values, self.weights, strict=True):
+            avg = [v / w if w > 0 else math.nan for v, w in zip(values, weights, strict=True)]
+            out.append([*avg, _ratio(avg[0], avg[2])])
+        return out
 
     def corrected(self) -> Tensor:
-        """``(n_rows, 5)``: the bias-corrected :data:`EMA_NAMES` (NaN where nothing was folded in)."""
-        nan = torch.full_like(self.values, math.nan)
-        avg = torch.where(self.weights > 0, self.values / torch.where(self.weights > 0, self.weights, 1.0), nan)
-        ratio = avg[:, 0] / avg[:, 2]
-        return torch.cat([avg, ratio[:, None]], dim=-1)
+        """``(n_rows, 5)``: :meth:`rows` as a tensor."""
+        table = torch.tensor(self.rows(), dtype=torch.float64)
+        return table.to(self.device or table.device, self.dtype or table.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"values": self.values.tolist(), "weights": self.weights.tolist(), "last_step": self.last_step}
+        return {
+            "values": [list(r) for r in self.values],
+            "weights": [list(r) for r in self.weights],
+            "last_step": self.last_step,
+            "last": [list(r) for r in self.last],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads a saved state; one with fewer rows (param groups added since) is padded, not refused."""
-        kw = dict(device=self.values.device, dtype=self.values.dtype)
-        values, weights = torch.tensor(state["values"], **kw), torch.tensor(state["weights"], **kw)  # type: ignore[arg-type]
-        n_rows = max(values.shape[0], self.values.shape[0])
-        self.values, self.weights = values, weights
+        """Loads a saved state; one with fewer rows (param groups added since) is padded, not refused.
+        A state without per-column steps (before they existed) gives every column ``last_step``."""
+        n_rows = max(len(state["values"]), self.n_rows)
+        self.values = [[float(v) for v in r] for r in state["values"]]
+        self.weights = [[float(v) for v in r] for r in state["weights"]]
+        if "last" in state:
+            self.last = [[None if v is None else float(v) for v in r] for r in state["last"]]
+        else:
+            last = state["last_step"]
+            self.last = [[None if last is None else float(last)] * 4 for _ in self.values]
         self.extend(n_rows)
-        last = state["last_step"]
-        self._last = torch.tensor(math.nan if last is None else float(last), **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -173,8 +223,13 @@ class Reading:
 
     @property
     def cosine(self) -> float:
-        """The whole optimizer's ``cosine`` EMA (NaN if undefined)."""
+        """The whole optimizer's ``cosine`` EMA (NaN if undefined, or never measured)."""
         return self.values[-1][3] if self.values else math.nan
+
+
+def _check_every(value: Any, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
 
 
 class MomentumMeter:
@@ -182,8 +237,9 @@ class MomentumMeter:
 
     The driver calls :meth:`before_step` after backward and before ``optimizer.step()`` (the
     callback does it in ``on_before_optimizer_step``; ``attach(before_hook=True)`` does it from a
-    step pre-hook, for loops without a closure). On a due step it takes the first half of the
-    measurement there, and the step post-hook finishes it with the hyper-parameters the step used.
+    step pre-hook, for loops without a closure). On a due step that gets the full measurement it
+    takes the first half there; the step post-hook finishes every measurement with the
+    hyper-parameters the step used.
 
     Args:
         optimizer: :class:`~lightning_spa.SPA`, or :class:`torch.optim.SGD` without Nesterov and
@@ -191,6 +247,12 @@ class MomentumMeter:
         every_n_steps: measure step ``k`` when ``(k + 1) % every_n_steps == 0``; ``None`` measures
             only after :meth:`measure_next_step`.
         ema_decay: per-step decay of the EMAs, in ``[0, 1)``.
+        cosine_every_n_steps: a measured step ``k`` gets the full measurement (the cosine too) when
+            ``(k + 1) % cosine_every_n_steps == 0``, the cheap one otherwise (same ``step_sq``,
+            ``grad_sq`` and ratio, at a fraction of the cost; :mod:`lightning_spa.diagnostics`).
+            ``1`` (default): always full; ``None``: never (no cosine). Steps the cheap one cannot
+            measure (SPA at ``c = 1``, torch SGD at momentum 0, sparse gradients, fused AMP
+            unscaling) always get the full one.
 
     Attributes:
         listeners: callables that receive each :class:`Reading` (called inside ``optimizer.step()``).
@@ -198,18 +260,27 @@ class MomentumMeter:
         ema: the :class:`DiagnosticsEMA`.
     """
 
-    def __init__(self, optimizer: Optimizer, every_n_steps: int | None = 1, ema_decay: float = 0.99) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be a positive int or None, got {every_n_steps!r}.")
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        every_n_steps: int | None = 1,
+        ema_decay: float = 0.99,
+        cosine_every_n_steps: int | None = 1,
+    ) -> None:
+        _check_every(every_n_steps, "every_n_steps")
+        _check_every(cosine_every_n_steps, "cosine_every_n_steps")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}.")
         self.optimizer, self.every_n_steps = optimizer, every_n_steps
+        self.cosine_every_n_steps = cosine_every_n_steps
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.sharded = has_sharded_params(params)
         self.device = local_tensor(params[0]).device if params else torch.device("cpu")
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        #: dtype of the device-side sums (float64 unless the device lacks it); the EMAs are host float64.
+        self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._spa = isinstance(optimizer, SPA)
         self.groups: list[str] = []
-        self.ema = DiagnosticsEMA(1, ema_decay, self.device, dtype)
+        self.ema = DiagnosticsEMA(1, ema_decay)
         self._sync_groups()
         self.listeners: list[Callable[[Reading], None]] = []
         self.latest: Reading | None = None
@@ -218,7 +289,10 @@ class MomentumMeter:
         self._unsure: list[Tensor] = []  # skip flags (or a count) of unmeasured fused-AMP steps, not read yet
         self._handles: list[RemovableHandle] = []
         self._requested = False
-        self._pending: tuple[Tensor, list[float | None]] | None = None  # the first half of a measurement
+        # A measurement under way: (first half of a full one, or None for a cheap one; fallback scales)
+        self._pending: tuple[FirstHalf | None, list[float | None] | None] | None = None
+        # SPA: each group's (eta, c) of the previous step (the Theorem-1 momentum of the next one)
+        self._prev: list[tuple[Any, Any]] | None = None
         #: Whether the coming step is to be measured (kept up to date by the step post-hook).
         self.due = False
         self._update_due()
@@ -236,7 +310,7 @@ class MomentumMeter:
         """How many of the unread fused-AMP steps were skipped, as a device tensor (no sync); None if none."""
         if not self._unsure:
             return None
-        dtype = self.ema.values.dtype
+        dtype = self.dtype
         return torch.stack([f.reshape(()).to(self.device, dtype) for f in self._unsure]).gt(0).sum().to(dtype)
 
     def _reconcile(self, count: float | None = None) -> None:
@@ -251,14 +325,21 @@ class MomentumMeter:
     # -- hooks ----------------------------------------------------------------------------------
 
     def attach(self, before_hook: bool = False) -> MomentumMeter:
-        """Registers the clock (a step post-hook); ``before_hook=True`` also calls :meth:`before_step`
-        from a step pre-hook (only for loops where the gradients exist before ``step()`` is called,
-        i.e. no closure)."""
+        """Registers the clock (a step post-hook, moved ahead of the optimizer's other post-hooks so that
+        it reads the hyper-parameters as the step used them); ``before_hook=True`` also calls
+        :meth:`before_step` from a step pre-hook (only for loops where the gradients exist before
+        ``step()`` is called, i.e. no closure)."""
         self.detach()
         self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+        self._move_first()
         if before_hook:  # a pre-hook must return None (anything else replaces step()'s arguments)
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_hook))
         return self
+
+    def _move_first(self) -> None:
+        hooks: Any = getattr(self.optimizer, "_optimizer_step_post_hooks", None)
+        if self._handles and hasattr(hooks, "move_to_end") and next(iter(hooks)) != self._handles[0].id:
+            hooks.move_to_end(self._handles[0].id, last=False)
 
     def _before_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.before_step()
@@ -280,18 +361,21 @@ class MomentumMeter:
         self.due = self._requested or (n is not None and (self._taken - self._skipped + 1) % n == 0)
 
     def before_step(self) -> bool:
-        """Call after backward, before ``optimizer.step()``; takes the first half of the measurement
-        if the coming step is :attr:`due` (returns whether it did). Cheap otherwise."""
+        """Call after backward, before ``optimizer.step()``; prepares the measurement if the coming step
+        is :attr:`due` (returns whether it did): the first half of a full one, nothing for a cheap one.
+        Cheap otherwise."""
         if self._pending is not None:
             self._pending = None  # the step measured last time never ran (AMP scaler, a skipping user)
         if not self.due:  # a plain attribute: drivers may test it before calling
             return False
         self._sync_groups()
         optimizer = self.optimizer
-        self._pending = (measure_before_step(optimizer, self.device, self.ema.values.dtype), prev_scales(optimizer))
-        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
-        if self._handles and hasattr(hooks, "move_to_end"):  # run first: read the hyper-parameters as used
-            hooks.move_to_end(self._handles[0].id, last=False)  # type: ignore[union-attr]
+        n = self.cosine_every_n_steps
+        full = (n is not None and (self._taken - self._skipped + 1) % n == 0) or not cheap_supported(optimizer)
+        prev = self._prev
+        fallback = prev_scales(optimizer) if self._spa and (prev is None or len(prev) < len(self.groups)) else None
+        self._pending = (measure_before_step(optimizer, self.device, self.dtype) if full else None, fallback)
+        self._move_first()  # run first: read the hyper-parameters as used
         return True
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -305,55 +389,90 @@ class MomentumMeter:
             status = self._finish()
             if status == "skipped":
                 self._skipped += 1
+            elif status == "unmeasured":
+                self._requested = True  # the step changed what it needs: measure the next one instead
             else:
                 self._requested = False
         self._taken += 1
+        if self._spa:  # the (eta, c) this step used, for the next step's Theorem-1 momentum
+            prev = []
+            for g in optimizer.param_groups:
+                eta, c = g["lr"], g["c"]
+                # a tensor may be updated in place by a scheduler: keep a copy (SPA's tensor mode only)
+                prev.append((eta.detach().clone() if isinstance(eta, Tensor) else eta,
+                             c.detach().clone() if isinstance(c, Tensor) else c))  # fmt: skip
+            self._prev = prev
         n = self.every_n_steps  # _update_due, inlined
         self.due = self._requested or (n is not None and (self._taken - self._skipped + 1) % n == 0)
 
     # -- measurement ----------------------------------------------------------------------------
 
     def _sync_groups(self) -> None:
+        if len(self.optimizer.param_groups) == len(self.groups):
+            return
         names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         if len(names) != len(self.groups):  # groups added mid-run (e.g. BaseFinetuning): extend the EMAs
             self.groups = names
             self.ema.extend(len(names) + 1)
 
-    def _fit_rows(self, samples: Tensor) -> Tensor:
+    def _fit_rows(self, samples: list[list[float]]) -> list[list[float]]:
         """Pads ``samples`` with empty group rows when the EMAs have more (a checkpoint saved after
         groups were added that this run has not added yet)."""
-        extra = self.ema.values.shape[0] - samples.shape[0]
-        return _insert_empty_rows(samples, extra) if extra > 0 else samples
+        extra = self.ema.n_rows - len(samples)
+        if extra <= 0:
+            return samples
+        return [*samples[:-1], *([[0.0] * len(samples[0])] * extra), samples[-1]]
 
-    @torch.no_grad()
+    def _hypers(self, fallback: list[float | None] | None) -> list[GroupHyper]:
+        optimizer, prev = self.optimizer, self._prev
+        out = []
+        for i, group in enumerate(optimizer.param_groups):
+            before = None if prev is None or i >= len(prev) else (float(prev[i][0]), float(prev[i][1]))
+            scale = fallback[i] if before is None and fallback is not None and i < len(fallback) else None
+            out.append(group_hyper(optimizer, group, before, scale))
+        return out
+
+    def _cheap_ok(self, hypers: list[GroupHyper]) -> bool:
+        """Whether the step, with the values it used, left buffers that describe it (the check of
+        :func:`~lightning_spa.diagnostics.cheap_supported` on values that may have changed since)."""
+        if self._spa:
+            return all(h.c < 1.0 for h in hypers)
+        return all(h.momentum != 0.0 for h in hypers)
+
     def _finish(self) -> str:
-        """The second half, in the step post-hook: hyper-parameters as used, the EMAs, one host sync."""
+        """The measurement in the step post-hook: hyper-parameters as used, the sums, one host sync."""
         assert self._pending is not None
-        (before, prevs), self._pending = self._pending, None
+        (first, fallback), self._pending = self._pending, None
         optimizer = self.optimizer
-        hypers = [group_hyper(optimizer, g, prev) for g, prev in zip(optimizer.param_groups, prevs, strict=True)]
+        hypers = self._hypers(fallback)
         if not all(has_spa_form(h) for h in hypers):
             self._emit(Reading(self.step, hypers, list(self.groups), [], "spike"))
             return "spike"
-        # The step's index: the host clock less the fused-AMP skips not read yet, read with the rest.
-        unsure = self._unsure_count()
-        step: int | Tensor = self._taken - self._skipped if unsure is None else self._taken - self._skipped - unsure
+        if first is None and not self._cheap_ok(hypers):  # e.g. c written to 1 inside the step
+            return "unmeasured"
+        device, dtype = self.device, self.dtype
+        if first is None:  # measure_cheap reads detached tensors only: no grad-mode switch needed
+            parts = [measure_cheap(optimizer, device, dtype, self.sharded)]
+        else:
+            parts = [first.sums, measure_after_step(optimizer, device, dtype)]
+        # The step's flags travel with the sums: the one host-device sync of a measurement.
         grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-        dtype = self.ema.values.dtype
-        after = measure_after_step(optimizer, self.device, dtype)
-        samples = step_samples(*complete_sums(before, after, self.sharded), hypers, grad_scale)
-        accept = None if found_inf is None else found_inf.to(self.device).reshape(()) == 0
-        ok = self.ema.update(self._fit_rows(samples), step, default_gap=self.every_n_steps or 1, accept=accept)
-        zero = torch.zeros((), device=self.device, dtype=dtype)
-        taken = zero + 1 if accept is None else accept.to(dtype)
-        flags = torch.stack([ok.to(dtype), taken, zero if unsure is None else unsure])
-        host = torch.cat([self.ema.corrected().reshape(-1), flags]).tolist()  # the one host-device sync
-        table, (ok_value, taken_value, unsure_value) = host[:-3], host[-3:]
+        unsure = self._unsure_count()
+        flags = [t for t in (found_inf, unsure, grad_scale) if t is not None]
+        tables, tail = read_sums(parts, self.sharded, [*flags, *(first.tensor_scales if first else ())])
+        inf_value = tail.pop(0) if found_inf is not None else 0.0
+        unsure_value = tail.pop(0) if unsure is not None else 0.0
+        scale_value = tail.pop(0) if grad_scale is not None else None
+        if first is None:
+            samples = cheap_samples(tables[0], hypers)
+        else:
+            samples = full_samples(first, tables[0], tables[1], hypers, scale_value, tail)
         self._reconcile(unsure_value)
-        step = self._taken - self._skipped
-        status = "ok" if ok_value else "nonfinite" if taken_value else "skipped"
-        width = len(EMA_NAMES)
-        rows = [table[i : i + width] for i in range(0, len(table), width)]
+        step = self._taken - self._skipped  # the step's index (this step is not counted yet)
+        taken = inf_value == 0.0
+        ok = self.ema.update(self._fit_rows(samples), step, default_gap=self.every_n_steps or 1, accept=taken)
+        status = "ok" if ok else "nonfinite" if taken else "skipped"
+        rows = self.ema.rows()
         rows = [*rows[: len(hypers)], rows[-1]]  # the groups this optimizer has now, then the total
         self._emit(Reading(step, hypers, list(self.groups), rows, status))
         return status
@@ -366,9 +485,12 @@ class MomentumMeter:
     # -- checkpointing --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "ema": self.ema.state_dict()}
+        prev = None if self._prev is None else [[float(e), float(c)] for e, c in self._prev]
+        return {"step": self.step, "ema": self.ema.state_dict(), "prev": prev}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._taken, self._skipped, self._unsure, self._pending = int(state["step"]), 0, [], None
         self.ema.load_state_dict(state["ema"])
+        prev = state.get("prev")  # absent in checkpoints from before it was saved: the buffer scale stands in
+        self._prev = None if prev is None else [(float(e), float(c)) for e, c in prev]
         self._update_due()

@@ -1,6 +1,8 @@
 """Trains a data-independent objective with MomentumDiagnostics; run by tests/test_diagnostics_distributed.py.
 
-Usage: python tests/diagnostics_dist_script.py {single,ddp,fsdp} {spa,sgd} OUT_DIR
+Usage: python tests/diagnostics_dist_script.py {single,ddp,fsdp} {spa,sgd} OUT_DIR [cheap]
+
+``cheap``: ``MomentumDiagnostics(cosine_every_n_steps=None)``, the cheap measurement on every step.
 
 The objective ``0.5 * ||W - T||^2 + <W, noise_k>`` (noise seeded by the step) gives every rank
 the same gradient, so DDP and FSDP2 runs must log the single-process numbers.
@@ -69,6 +71,7 @@ class Objective(pl.LightningModule):
 
 def main() -> None:
     mode, optimizer, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    cosine_every = None if sys.argv[4:] == ["cheap"] else 1
     strategy: object = "auto"
     devices = 1
     if mode == "ddp":
@@ -84,7 +87,11 @@ def main() -> None:
         strategy=strategy,  # type: ignore[arg-type]
         max_steps=STEPS,
         logger=TensorBoardLogger(out, name="tb", version=0),
-        callbacks=[diagnostics := MomentumDiagnostics(every_n_steps=1, per_group=True, ema_decay=0.9)],
+        callbacks=[
+            diagnostics := MomentumDiagnostics(
+                every_n_steps=1, per_group=True, ema_decay=0.9, cosine_every_n_steps=cosine_every
+            )
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

@@ -17,15 +17,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, MomentumDiagnostics
 from lightning_spa.diagnostics import (
-    complete_sums,
+    cheap_samples,
+    cheap_supported,
     cosine_of,
+    full_samples,
     group_hyper,
     measure_after_step,
     measure_before_step,
-    prev_scales,
-    step_samples,
+    measure_cheap,
+    read_sums,
 )
 from lightning_spa.meter import DiagnosticsEMA
+from lightning_spa.optim import SPASpikeWarning
 
 CPU = torch.device("cpu")
 
@@ -58,11 +61,25 @@ def _make(kind: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1)  # "sgd_plain": no momentum, m_{k+1} = g_k
 
 
+def measure_both(opt: torch.optim.Optimizer) -> tuple[list[list[float]], list[list[float]] | None]:
+    """Takes one step of ``opt`` measured both ways: the full rows and the cheap ones (None where the
+    cheap measurement does not apply)."""
+    first, cheap = measure_before_step(opt, CPU), cheap_supported(opt)
+    opt.step()
+    hypers = [group_hyper(opt, g) for g in opt.param_groups]
+    (before, after), scales = read_sums([first.sums, measure_after_step(opt, CPU)], False, first.tensor_scales)
+    full = full_samples(first, before, after, hypers, None, scales)
+    if not cheap:
+        return full, None
+    return full, cheap_samples(read_sums([measure_cheap(opt, CPU)], False)[0][0], hypers)
+
+
 @pytest.mark.parametrize("kind", ["spa", "spa_wd_max", "sgd", "sgd_wd_max", "sgd_plain"])
 def test_measurement_matches_explicit_vectors(kind: str) -> None:
     torch.manual_seed(0)
     w, b = torch.nn.Parameter(torch.randn(30, 20)), torch.nn.Parameter(torch.randn(20))
     opt = _make(kind, [w, b])
+    cheap_steps = 0
     for k in range(5):
         if kind == "spa" and k == 2:
             opt.param_groups[0]["lr"] = 0.1  # eta changes: beta_k = (1-c) eta_{k-1} / eta_k = 4
@@ -72,23 +89,29 @@ def test_measurement_matches_explicit_vectors(kind: str) -> None:
         ((w**2).sum() + (w * torch.randn(30, 20)).sum() + (b * torch.randn(20)).sum()).backward()
         x0 = [p.detach().double().clone() for p in (w, b)]
         gs, ms = _explicit(opt)
-        before, prevs = measure_before_step(opt, CPU), prev_scales(opt)
-        opt.step()
-        hypers = [group_hyper(opt, g, prev) for g, prev in zip(opt.param_groups, prevs, strict=True)]
-        samples = step_samples(*complete_sums(before, measure_after_step(opt, CPU), False), hypers)
-        h = hypers[0]
+        if kind == "spa" and k == 2:
+            with pytest.warns(SPASpikeWarning, match="momentum .* of 4 >= 1"):
+                samples, cheap = measure_both(opt)
+        else:
+            samples, cheap = measure_both(opt)
+        h = group_hyper(opt, opt.param_groups[0])
         step_sq = sum(float((p.detach().double() - x).square().sum()) for p, x in zip((w, b), x0, strict=True))
         g_sq = sum(float(g.square().sum()) for g in gs)
         m_sq = sum(float(m.square().sum()) for m in ms)
-        assert samples[-1, 0].item() == pytest.approx(step_sq, rel=1e-5)
-        assert samples[-1, 1].item() == pytest.approx(h.eta**2 * g_sq, rel=1e-5)
-        assert samples[-1, 2].item() == pytest.approx(h.c / (2 - h.c) * h.eta**2 * g_sq, rel=1e-5)
-        cos, valid = cosine_of(samples)
+        for rows in (samples, cheap) if cheap is not None else (samples,):
+            assert rows[-1][0] == pytest.approx(step_sq, rel=1e-5)
+            assert rows[-1][1] == pytest.approx(h.eta**2 * g_sq, rel=1e-5)
+            assert rows[-1][2] == pytest.approx(h.c / (2 - h.c) * h.eta**2 * g_sq, rel=1e-5)
+        cheap_steps += cheap is not None
+        assert cheap is None or cosine_of(cheap[-1]) is None  # the cheap measurement has no cosine
+        cos = cosine_of(samples[-1])
         if m_sq == 0.0:
-            assert not valid[-1]
+            assert cos is None
         else:
             g_m = sum(float((g * m).sum()) for g, m in zip(gs, ms, strict=True))
-            assert cos[-1].item() == pytest.approx(g_m / math.sqrt(g_sq * m_sq), abs=1e-5)
+            assert cos == pytest.approx(g_m / math.sqrt(g_sq * m_sq), abs=1e-5)
+    # every step but SPA's c = 1 steps and torch SGD at momentum 0 (no buffer describes the step)
+    assert cheap_steps == {"spa": 3, "sgd_plain": 0}.get(kind, 5)
 
 
 def test_hyperparameters_in_both_forms() -> None:
@@ -99,7 +122,7 @@ def test_hyperparameters_in_both_forms() -> None:
     p.grad = torch.ones(3)
     spa.step()
     spa.param_groups[0]["lr"] = 1.0
-    h1 = group_hyper(spa, spa.param_groups[0], prev_scales(spa)[0])
+    h1 = group_hyper(spa, spa.param_groups[0], prev=(2.0, 0.25))
     assert h1.momentum == pytest.approx((1 - 0.25) * 2.0 / 1.0)  # Theorem 1: (1 - c_{k-1}) eta_{k-1} / eta_k
     sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     hs = group_hyper(sgd, sgd.param_groups[0])
@@ -107,7 +130,7 @@ def test_hyperparameters_in_both_forms() -> None:
 
 
 def test_ema_bias_correction_gaps_and_nonfinite() -> None:
-    ema = DiagnosticsEMA(1, decay=0.9, device=CPU)
+    ema = DiagnosticsEMA(1, decay=0.9)
 
     def sample(step_sq: float, grad_sq: float) -> torch.Tensor:  # cosine 1/2 via <g,m>=1, |g|^2=|m|^2=2
         return torch.tensor([[step_sq, grad_sq, grad_sq / 3, 1.0, 2.0, 2.0]], dtype=torch.float64)
@@ -123,7 +146,7 @@ def test_ema_bias_correction_gaps_and_nonfinite() -> None:
     assert not bool(ema.update(sample(float("nan"), 3.0), step=6))  # not folded in
     assert torch.equal(ema.corrected(), before) and ema.last_step == 5
     state = ema.state_dict()
-    other = DiagnosticsEMA(1, decay=0.9, device=CPU)
+    other = DiagnosticsEMA(1, decay=0.9)
     other.load_state_dict(state)
     assert torch.equal(other.corrected(), before) and other.last_step == 5
     # The rejected step spent no weight: a sample at step 7 weighs for steps 6 and 7 (1 - 0.9**2).
@@ -353,15 +376,18 @@ def test_amp_step_skipped_by_grad_scaler_is_not_counted(tmp_path: Path) -> None:
             if self.global_step == 2:
                 self.w.grad[0] = float("inf")  # the scaler finds it and skips optimizer.step()
 
-    # 6 batches, the third skipped: the optimizer takes 5 steps, its clock reads 0..4, all measured.
+    # 6 batches, the third skipped: the optimizer takes 5 steps, its clock reads 0..4, all measured and
+    # logged on the trainer's axis, as train_loss is (batches 0, 1, 3, 4, 5).
+    diagnostics = MomentumDiagnostics(every_n_steps=1)
     _, s = _fit(
         tmp_path,
         Overflow("sgd", dim=64),
         6,
-        MomentumDiagnostics(every_n_steps=1),
+        diagnostics,
         plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
     )
-    assert sorted(s["spa/step_sq"]) == [0, 1, 2, 3, 4]
+    assert sorted(s["spa/step_sq"]) == [0, 1, 3, 4, 5]
+    assert diagnostics.meters[0].step == 5
     assert all(math.isfinite(v) for tag in s for v in s[tag].values())
 
 
@@ -387,8 +413,11 @@ def test_torch_sgd_momentum_spike_is_not_measured(tmp_path: Path) -> None:
     # An instant paper-mode drop writes momentum (1-c)/factor = 9 into torch SGD at step 5: that step
     # has no SPA form, so it is left out (one warning) and every logged value stays finite.
     schedule = GradualSchedule(milestones=[5], unit="step", transition="instant")
-    with pytest.warns(UserWarning, match="momentum >= 1 at optimizer step 5"):
+    with pytest.warns(UserWarning) as record:
         _, s = _fit(tmp_path, NoiseOrQuadratic("sgd"), 12, MomentumDiagnostics(every_n_steps=1), before=(schedule,))
+    messages = [str(w.message) for w in record]
+    assert any("momentum >= 1 at optimizer step 5" in m for m in messages)
+    assert any("transition='instant'" in m for m in messages)  # the schedule's own warning of the spike
     assert 5 not in s["spa/ratio"] and set(s["spa/ratio"]) == set(range(12)) - {5}
     assert all(math.isfinite(v) for tag in s.values() for v in tag.values())
     assert s["spa/eta"][6] == pytest.approx(0.1) and s["spa/c"][6] == pytest.approx(1.0)  # eta 10x down, c -> 1

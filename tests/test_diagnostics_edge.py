@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, MomentumDiagnostics
 from lightning_spa.meter import MomentumMeter
+from lightning_spa.optim import SPASpikeWarning
 
 CPU = torch.device("cpu")
 
@@ -82,7 +83,8 @@ def test_spa_eta_zero_step_is_measured_from_the_scale() -> None:
         opt.step()
     opt.param_groups[0]["lr"] = 0.0
     w.grad = torch.randn(20, dtype=torch.float64)
-    row, step_sq, _ = _measured_step(opt, [w])
+    with pytest.warns(SPASpikeWarning, match="eta fell to 0"):
+        row, step_sq, _ = _measured_step(opt, [w])
     assert step_sq > 0 and row[0] == pytest.approx(step_sq, rel=1e-9)
     assert row[1] == 0.0 and not math.isfinite(row[4])  # no noise level at eta = 0: no ratio (not logged)
 
@@ -105,15 +107,21 @@ class _Noise(pl.LightningModule):
 
 
 def _fit(
-    tmp_path: Path, name: str, model: pl.LightningModule, amp: bool, every: int = 1, steps: int = 6
-) -> dict[str, dict[int, float]]:
+    tmp_path: Path, name: str, model: pl.LightningModule, amp: bool, every: int = 1, steps: int = 6,
+    clock: list[int] | None = None,
+) -> dict[str, dict[int, float]]:  # fmt: skip
+    """Fits ``steps`` batches; logged values are keyed by the trainer's step (the batch); ``clock``
+    receives the optimizer's final step count."""
+    diagnostics = MomentumDiagnostics(every_n_steps=every, ema_decay=0.0)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=pl.loggers.TensorBoardLogger(tmp_path, name=name, version=0),
-        callbacks=[MomentumDiagnostics(every_n_steps=every, ema_decay=0.0)], enable_progress_bar=False,
+        callbacks=[diagnostics], enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
         plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if amp else None,
     )  # fmt: skip
     trainer.fit(model, DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1))
+    if clock is not None:
+        clock.append(diagnostics.meters[0].step)
     return read_scalars(tmp_path / name / "version_0")
 
 
@@ -140,24 +148,28 @@ def test_16_mixed_fused_optimizer_measures_unscaled_gradients(tmp_path: Path, ma
 
 def test_16_mixed_fused_sgd_overflow_step_is_not_counted(tmp_path: Path) -> None:
     make = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)  # noqa: E731
-    s = _fit(tmp_path, "overflow", _Noise(make, overflow_at=2), amp=True)
-    # Batch 2's step is skipped inside the fused kernel: 5 steps taken, clock 0..4, all finite.
-    assert sorted(s["spa/grad_sq"]) == [0, 1, 2, 3, 4]
+    clock: list[int] = []
+    with pytest.warns(UserWarning, match="AMP grad scaler skipped optimizer step 2"):
+        s = _fit(tmp_path, "overflow", _Noise(make, overflow_at=2), amp=True, clock=clock)
+    # Batch 2's step is skipped inside the fused kernel: 5 steps taken (clock 0..4), logged on the
+    # trainer's axis like train_loss (batches 0, 1, 3, 4, 5), all finite.
+    assert sorted(s["spa/grad_sq"]) == [0, 1, 3, 4, 5] and clock == [5]
     assert all(math.isfinite(v) for tag in s.values() for v in tag.values())
     noise = torch.randn(64, generator=torch.Generator().manual_seed(3)).double()  # step 2 is batch 3's
-    assert s["spa/grad_sq"][2] == pytest.approx(float(noise.square().sum()), rel=1e-5)
+    assert s["spa/grad_sq"][3] == pytest.approx(float(noise.square().sum()), rel=1e-5)
 
 
 def test_16_mixed_fused_sgd_unmeasured_overflow_is_read_at_the_next_measurement(tmp_path: Path) -> None:
     make = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)  # noqa: E731
-    s = _fit(tmp_path, "late", _Noise(make, overflow_at=2), amp=True, every=2, steps=8)
+    clock: list[int] = []
+    s = _fit(tmp_path, "late", _Noise(make, overflow_at=2), amp=True, every=2, steps=8, clock=clock)
     # Batch 2's skip happens inside the fused kernel on an unmeasured step; its flag stays on the
-    # device (no sync) until the next measurement reads it. So batch 3's step is measured with the
-    # clock one ahead, but labelled exactly (k = 2); from then on k = 3, 5 as usual.
-    assert sorted(s["spa/grad_sq"]) == [1, 2, 3, 5]
-    for k, batch in ((1, 1), (2, 3), (3, 4), (5, 6)):
+    # device (no sync) until the next measurement reads it. So batch 3's step (k = 2) is measured with
+    # the clock one ahead; from then on k = 3, 5 (batches 4, 6) as usual, and the clock ends exact.
+    assert sorted(s["spa/grad_sq"]) == [1, 3, 4, 6] and clock == [7]
+    for batch in (1, 3, 4, 6):
         noise = torch.randn(64, generator=torch.Generator().manual_seed(batch)).double()
-        assert s["spa/grad_sq"][k] == pytest.approx(float(noise.square().sum()), rel=1e-5)
+        assert s["spa/grad_sq"][batch] == pytest.approx(float(noise.square().sum()), rel=1e-5)
 
 
 def test_sparse_embedding_fit_is_measured(tmp_path: Path) -> None:

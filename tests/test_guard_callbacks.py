@@ -22,7 +22,7 @@ import torch.distributed as dist
 from guard_problem import X0, Stiff, loader
 from multiprocess import run_script
 
-from lightning_spa import GradualSchedule, MeasuredMomentumOff, MomentumGuard, MomentumOff
+from lightning_spa import SPA, GradualSchedule, MeasuredMomentumOff, MomentumGuard, MomentumOff
 from lightning_spa._lightning import Callback
 
 START, T = 100, 10  # the removal's first step and length
@@ -362,3 +362,17 @@ def test_guard_from_a_lightning_cli_yaml(tmp_path: Path, guard: str, expected: t
         assert isinstance(off.guard, MomentumGuard) and (off.guard.factor, off.guard.retry_factor) == expected
         assert guard_of(off).episodes == [[2, None]]
     assert cli.trainer.optimizers[0].param_groups[0]["c"] == 1.0
+
+
+def test_grad_square_norm_fallback_matches_the_dense_sum() -> None:
+    """A sparse gradient takes the meter's per-group path; both paths give sum ||g||^2 over the parameters."""
+    from lightning_spa.callbacks._guard import grad_square_norm
+
+    dense = torch.nn.Parameter(torch.arange(6, dtype=torch.float64).reshape(2, 3))
+    emb = torch.nn.Embedding(5, 2, sparse=True, dtype=torch.float64)
+    dense.grad = torch.full_like(dense, 2.0)
+    emb(torch.tensor([1, 3, 3])).sum().backward()  # rows 1 (once) and 3 (twice): ||g||^2 = 2 * 1 + 2 * 4
+    opt = SPA([{"params": [dense]}, {"params": list(emb.parameters())}], lr=0.1, c=0.5)
+    assert float(grad_square_norm(opt, sharded=False)) == pytest.approx(6 * 4.0 + 2 * 1.0 + 2 * 4.0, rel=1e-12)
+    emb.weight.grad = None
+    assert float(grad_square_norm(opt, sharded=False)) == pytest.approx(24.0, rel=1e-12)  # the foreach path

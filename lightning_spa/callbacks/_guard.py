@@ -34,8 +34,8 @@ from torch.optim import Optimizer
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import rank_zero_info
 from lightning_spa.callbacks._adapter import OptimizerClock
-from lightning_spa.diagnostics import measure_after_step
-from lightning_spa.distributed import has_sharded_params, local_tensor, reduce_partial_sums
+from lightning_spa.diagnostics import measure_after_step, read_sums
+from lightning_spa.distributed import has_sharded_params, local_tensor
 from lightning_spa.guard import GuardedRemoval, MomentumGuard
 
 __all__ = ["ABORTED", "GuardRunner", "check_guard", "grad_square_norm"]
@@ -76,11 +76,9 @@ def grad_square_norm(optimizer: Optimizer, sharded: bool) -> torch.Tensor:
     one_device = all(g.device == grads[0].device and not g.is_sparse for g in grads)
     if not sharded and grads and one_device:  # the common case: one foreach norm
         return torch.stack(torch._foreach_norm(grads, 2)).to(dtype).square().sum()
-    parts = measure_after_step(optimizer, device, dtype)  # (2, groups, 1): sharded, ordinary parameters
-    shards = parts[0].sum().reshape(1)
-    if sharded:
-        shards = reduce_partial_sums(shards)
-    return shards[0] + parts[1].sum()
+    # DTensor, sparse or several devices: the meter's per-group sums (sharded parts all-reduced), read on the host
+    tables, _ = read_sums([measure_after_step(optimizer, device, dtype)], sharded)
+    return torch.tensor(sum(tables[0]), dtype=torch.float64)
 
 
 class GuardRunner:

@@ -1,9 +1,10 @@
 """MomentumDiagnostics: the paper's alignment ratio (Insight 1, ``THEORY.md`` section 4), live.
 
-The math lives in :mod:`lightning_spa.diagnostics` (the measurement), :mod:`lightning_spa.meter`
-(the per-optimizer step clock, the measured-step pre-hook and the bias-corrected EMAs) and
-:mod:`lightning_spa.distributed` (sums over DTensor shards); this callback picks the optimizers,
-attaches one :class:`~lightning_spa.meter.MomentumMeter` to each and logs what they read.
+The Lightning-adapter layer of the diagnostics. The math lives in :mod:`lightning_spa.diagnostics`
+(the measurement), :mod:`lightning_spa.meter` (the per-optimizer step clock, the measured-step
+hooks and the bias-corrected EMAs) and :mod:`lightning_spa.distributed` (sums over DTensor shards);
+this callback picks the optimizers, attaches one :class:`~lightning_spa.meter.MomentumMeter` to
+each and logs what they read on the trainer's step axis (:func:`log_step`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lightning_spa.callbacks._select import (
 from lightning_spa.diagnostics import GroupHyper
 from lightning_spa.meter import EMA_NAMES, MomentumMeter, Reading
 
-__all__ = ["MomentumDiagnostics"]
+__all__ = ["MomentumDiagnostics", "log_step"]
 
 _HYPER_NAMES = ("eta", "c", "lr", "momentum")
 _OWNER = "MomentumDiagnostics"
@@ -36,6 +37,15 @@ _WARNINGS = {
     "spike": "torch SGD momentum >= 1 at optimizer {where} (the spike of an instant hyper-parameter change) has "
     "no SPA form; that step is not measured.",
 }
+
+
+def log_step(trainer: pl.Trainer | None, default: int) -> int:
+    """The step Lightning's ``self.log`` gives the loggers now (``train_loss``'s axis): the fit loop's count
+    of batches that stepped (``trainer.global_step`` counts every optimizer's steps under manual
+    optimization, so two optimizers would double it). ``default`` outside a fit loop."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)  # what LoggerConnector.log_metrics uses; no public name
+    return int(step) if isinstance(step, int) else default
 
 
 class MomentumDiagnostics(Callback):
@@ -51,16 +61,19 @@ class MomentumDiagnostics(Callback):
         spa/ratio           spa/step_sq / spa/grad_sq_scaled: ~1 noise, > 1 momentum helps, < 1 oscillation
         spa/cosine          EMA of cos(g_k, m_k) (m_k: the momentum buffer before the step)
         spa/eta, spa/c      the SPA hyper-parameters of the step (group 0)
-        spa/lr, spa/momentum  their SGD+M equivalents (Theorem 1)
+        spa/lr, spa/momentum  their SGD+M equivalents (Theorem 1: lr = c_k eta_k,
+                              momentum = (1 - c_{k-1}) eta_{k-1} / eta_k)
         spa/one             the constant 1, the reference line of the ratio chart
 
     with ``/<group name or index>`` variants when ``per_group=True``, and an ``/opt<i>`` part
     (``i``: the index in ``trainer.optimizers``) when several optimizers are measured. Values go to
-    ``trainer.loggers`` at step ``k`` and to ``trainer.callback_metrics`` (as CPU tensors), so
-    ``EarlyStopping(monitor="spa/ratio")`` and ``ModelCheckpoint`` can use them. For
-    SGD+M, ``eta = lr / (1 - momentum)`` and ``c = 1 - momentum`` (the constant-schedule mapping
-    at the current values). The whole-model ratio divides the summed ``step_sq`` by the summed
-    per-group ``grad_sq_scaled``.
+    ``trainer.loggers`` on the trainer's step axis, the step ``self.log("train_loss", ...)`` gets
+    (the batch count; with one optimizer and no skipped step it equals ``k``; with two optimizers
+    under manual optimization both series line up with ``train_loss``), and to
+    ``trainer.callback_metrics`` (as CPU tensors), so ``EarlyStopping(monitor="spa/ratio")`` and
+    ``ModelCheckpoint`` can use them. For SGD+M, ``eta = lr / (1 - momentum)`` and ``c = 1 - momentum``
+    (the constant-schedule mapping at the current values). The whole-model ratio divides the summed
+    ``step_sq`` by the summed per-group ``grad_sq_scaled``.
 
     When: each optimizer has its own clock ``k``, the steps it actually took (a step skipped by
     an AMP grad scaler does not count; a GAN's two optimizers each count their own). Step ``k``
@@ -73,8 +86,8 @@ class MomentumDiagnostics(Callback):
 
     Cost: on the other steps a dictionary look-up, an attribute test and one tiny step post-hook
     (the clock): under 10 microseconds of Python (``benchmarks/diagnostics_overhead.py``). A
-    measured step takes a few dot products per parameter tensor (no parameter-sized allocation),
-    updates EMAs kept on the device and synchronises once.
+    measured step takes a few dot products per parameter tensor (no parameter-sized allocation)
+    and synchronises once; the EMAs are host floats.
     ``ema_decay`` is per optimizer step, so a sample taken ``n`` steps after the previous one
     weighs ``1 - ema_decay**n``; the EMAs are bias-corrected (the first value is the first
     sample, whose ratio is ``c (2 - c)`` since the first step has no momentum yet).
@@ -102,9 +115,16 @@ class MomentumDiagnostics(Callback):
             class name, or a param group ``"name"``). ``None``: every supported one; the others
             (e.g. a GAN's Adam discriminator) are skipped with one warning. An explicitly selected
             unsupported optimizer is an error at fit start.
+        cosine_every_n_steps: measure the cosine (a few dot products per parameter before the
+            step) on measured steps ``k`` with ``(k + 1) % cosine_every_n_steps == 0``; the other
+            measured steps get the cheap measurement (two squared norms per parameter after the
+            step: the same ``step_sq``, ``grad_sq`` and ratio; :mod:`lightning_spa.diagnostics`).
+            ``1`` (default): every measured step; ``None``: never (``spa/cosine`` is not logged).
+            Worth it with ``every_n_steps=1`` on a small model.
 
     Raises:
-        ValueError: ``every_n_steps`` not a positive integer, ``ema_decay`` outside ``[0, 1)``, or
+        ValueError: ``every_n_steps`` or ``cosine_every_n_steps`` not a positive integer (or None),
+            ``ema_decay`` outside ``[0, 1)``, or
             ``optimizers`` not None or a list of indices and names. At fit start, before any step:
             an index out of range or a name that matches nothing, an explicitly selected torch SGD
             with Nesterov or dampening, or no supported optimizer at all.
@@ -133,7 +153,16 @@ class MomentumDiagnostics(Callback):
         per_group: bool = False,
         prog_bar: bool = False,
         optimizers: OptimizerSelection = None,
+        cosine_every_n_steps: int | None = 1,
     ) -> None:
+        if cosine_every_n_steps is not None and (
+            isinstance(cosine_every_n_steps, bool) or not isinstance(cosine_every_n_steps, int)
+            or cosine_every_n_steps < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"`cosine_every_n_steps` must be a positive int (1: every measured step) or None (never), "
+                f"got {cosine_every_n_steps!r}."
+            )
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
@@ -147,11 +176,14 @@ class MomentumDiagnostics(Callback):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
         self.every_n_steps, self.ema_decay = every_n_steps, float(ema_decay)
+        self.cosine_every_n_steps = cosine_every_n_steps
         self.per_group, self.prog_bar = per_group, prog_bar
         self.optimizers = check_selection(optimizers, _OWNER)
         key: dict[str, Any] = dict(every_n_steps=every_n_steps, ema_decay=self.ema_decay)
         if self.optimizers is not None:
             key["optimizers"] = self.optimizers
+        if cosine_every_n_steps != 1:  # the default keeps the state key of older checkpoints
+            key["cosine_every_n_steps"] = cosine_every_n_steps
         # Lightning reads state_key for every hook call (profiler names): computed once.
         self._state_key = self._generate_state_key(**key)
         #: The meter of each measured optimizer, by index in ``trainer.optimizers`` (set at fit start).
@@ -180,7 +212,9 @@ class MomentumDiagnostics(Callback):
         multi = len(selected) > 1
         self.meters = {}
         for s in selected:
-            meter = MomentumMeter(s.optimizer, every_n_steps=n, ema_decay=self.ema_decay)
+            meter = MomentumMeter(
+                s.optimizer, every_n_steps=n, ema_decay=self.ema_decay, cosine_every_n_steps=self.cosine_every_n_steps
+            )
             suffix = f"/opt{s.index}" if multi else ""
             meter.listeners.append(functools.partial(self._on_reading, suffix=suffix))
             self.meters[s.index] = meter
@@ -249,8 +283,9 @@ class MomentumDiagnostics(Callback):
         if not reading.values or reading.status == "skipped":
             return
         metrics = self._metrics(reading, suffix)
+        step = log_step(self._trainer, reading.step)
         for logger in self._loggers:
-            logger.log_metrics({**metrics, "spa/one": 1.0}, step=reading.step)
+            logger.log_metrics({**metrics, "spa/one": 1.0}, step=step)
         if self._trainer is not None:
             # For EarlyStopping / ModelCheckpoint(monitor="spa/ratio") and the progress bar. Written into
             # the trainer's dicts (reset only at fit start): LightningModule.log from a callback costs

@@ -23,6 +23,7 @@ from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
+from lightning_spa.callbacks.diagnostics import log_step
 from lightning_spa.decision import DEFAULT_THRESHOLD, MomentumOffDecision
 from lightning_spa.guard import GuardedRemoval, MomentumGuard
 from lightning_spa.meter import MomentumMeter, Reading
@@ -140,8 +141,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     ``retry_factor`` (0.5) times its value at the abort, never otherwise. ``guard=False`` turns it off.
 
     Cost: nothing before ``W`` and after the decision (one tiny optimizer post-hook counts steps);
-    in between, one measurement per measured step, like ``MomentumDiagnostics(every_n_steps=1)``
-    without its logging (``benchmarks/measured_off_overhead.py``).
+    in between, one cheap measurement per measured step (two squared norms per parameter after the
+    step, no cosine: :class:`~lightning_spa.meter.MomentumMeter` with ``cosine_every_n_steps=None``)
+    (``benchmarks/measured_off_overhead.py``).
 
     Args:
         threshold: the smoothed ratio at or below which momentum counts as not helping (1 is the
@@ -288,7 +290,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         for index, clock in self._clocks.items():
             if self.decisions[index].decided:
                 continue
-            meter = MomentumMeter(clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay)
+            meter = MomentumMeter(
+                clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay, cosine_every_n_steps=None
+            )  # the ratio alone: the cheap measurement
             if index in self._loaded_meters:
                 meter.load_state_dict(self._loaded_meters.pop(index))
             meter.listeners.append(partial(self._on_reading, index))
@@ -346,7 +350,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         suffix = f"/opt{index}" if self._suffix else ""
         if self.log_ratio and math.isfinite(ratio):
             for logger in self._loggers:
-                logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=k)
+                logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=log_step(self._trainer, k))
         if not decision.observe(k, ratio):
             return
         start = decision.transition_start
@@ -354,7 +358,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._removals[index].start = start  # the clock's post-hook writes step k + 1's values next
         metrics = {f"spa/momentum_off_step{suffix}": float(start)}
         for logger in self._loggers:
-            logger.log_metrics(metrics, step=k)
+            logger.log_metrics(metrics, step=log_step(self._trainer, k))
         if self._trainer is not None:  # for callbacks that read it (e.g. a ModelCheckpoint filename)
             self._trainer.callback_metrics.update({key: torch.tensor(v) for key, v in metrics.items()})
         if ratio < _OSCILLATION:
