@@ -49,6 +49,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def bare_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sys.argv`` without pytest's own arguments: a test that runs ``LightningCLI(args=...)`` would otherwise
+    get Lightning's warning that both ``args`` and command-line arguments were given."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
 @pytest.fixture(params=LIGHTNING_PACKAGES)
 def package(request: pytest.FixtureRequest) -> ModuleType:
     """The Lightning package (``pytorch_lightning`` or ``lightning.pytorch``) whose Trainer, loggers and CLI

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_spa import SPA, GradualSchedule, MomentumOff
 from lightning_spa.demos import DigitsCNN, DigitsDataModule
+from lightning_spa.optim import SPASpikeWarning
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -281,7 +282,16 @@ def test_two_optimizers_each_follow_their_own_step_count() -> None:
             seen.setdefault(id(optimizer), []).append(optimizer.param_groups[0]["lr"])
 
     cb = GradualSchedule([2, 4], factor=0.5, mode="lr", transition="instant", unit="step")
-    fit([cb, PerOptimizer()], model=TwoOptimizers(), max_steps=10)  # global_step counts both: 5 batches
+    # The instant halvings are warned once per optimizer, by the schedule (at fit start) and by SPA (at the step):
+    # the equivalent SGD momentum (1 - c) * eta_prev / eta = 0.5 * 2 = 1.
+    instant = r"reaches 1 at optimizer step 2 \(param group 0 of optimizer {}, c0=0.5\)"
+    with (
+        pytest.warns(UserWarning, match=instant.format(0)),
+        pytest.warns(UserWarning, match=instant.format(1)),
+        pytest.warns(SPASpikeWarning, match=r"SPA step 2 \(counted from 0\), param group 0: eta fell to 0.5 "),
+        pytest.warns(SPASpikeWarning, match=r"SPA step 2 \(counted from 0\), param group 0: eta fell to 1.5 "),
+    ):
+        fit([cb, PerOptimizer()], model=TwoOptimizers(), max_steps=10)  # global_step counts both: 5 batches
     body, head = seen.values()
     assert body == [1.0, 1.0, 0.5, 0.5, 0.25]
     assert head == [3.0, 3.0, 1.5, 1.5, 0.75]
@@ -322,7 +332,7 @@ class Meddler(pl.Callback):
 
 def test_a_foreign_write_is_detected() -> None:
     with pytest.raises(RuntimeError, match="changed between optimizer steps"):
-        fit([GradualSchedule([1]), Meddler()], spa(), max_steps=3)
+        fit([GradualSchedule([1], unit="step"), Meddler()], spa(), max_steps=3)
 
 
 @pytest.mark.parametrize(
@@ -353,12 +363,10 @@ def test_milestones_that_collide_in_steps_are_refused() -> None:
 def test_yaml_config_parses_and_fits(tmp_path: Path) -> None:
     from pytorch_lightning.cli import LightningCLI
 
-    cli = LightningCLI(
-        DigitsCNN,
-        DigitsDataModule,
-        args=["fit", "--config", str(CONFIGS / "schedules.yaml"), "--trainer.default_root_dir", str(tmp_path)],
-        save_config_kwargs={"overwrite": True},
-    )
+    args = ["fit", "--config", str(CONFIGS / "schedules.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    # The YAML's transition_steps: 0 is an instant switch, which the callback warns about on purpose.
+    with pytest.warns(UserWarning, match=r"MomentumOff\(transition_steps=0\) switches momentum off at once"):
+        cli = LightningCLI(DigitsCNN, DigitsDataModule, args=args, save_config_kwargs={"overwrite": True})
     gradual, off = [cb for cb in cli.trainer.callbacks if isinstance(cb, (GradualSchedule, MomentumOff))]
     assert isinstance(gradual, GradualSchedule) and gradual.milestones == [2.0] and gradual.transition_steps == 2
     assert isinstance(off, MomentumOff) and off.after_epochs == 6 and off.transition_steps == 0

@@ -9,8 +9,9 @@ models on random data: seconds each.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spa import SPA, GradualSchedule, MomentumOff
+from lightning_spa.optim import SPASpikeWarning
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -36,6 +38,22 @@ def pl() -> ModuleType:
     return importlib.import_module("pytorch_lightning")
 
 
+
+
+@contextlib.contextmanager
+def instant_halvings_warned(*drops: tuple[int, int, float]) -> Iterator[None]:
+    """Expects, per ``(optimizer, step, c0)`` of an instant lr halving, the two warnings it gets on purpose: the
+    schedule's (at fit start) and SPA's spike warning (at the step), both for the equivalent SGD momentum
+    ``(1 - c0) * 2``, which is at least 1 for ``c0 <= 0.5``."""
+    with contextlib.ExitStack() as stack:
+        for optimizer, step, c0 in drops:
+            momentum = f"{(1 - c0) * 2:g}"
+            group = rf"\(param group 0 of optimizer {optimizer}, c0={c0}\)"
+            schedule = rf"reaches {momentum} at optimizer step {step} {group}"
+            spike = rf"SPA step {step} \(counted from 0\), param group 0: .* momentum .* of {momentum} >= 1"
+            stack.enter_context(pytest.warns(UserWarning, match=schedule))
+            stack.enter_context(pytest.warns(SPASpikeWarning, match=spike))
+        yield
 
 
 def data(batches: int = 4, batch_size: int = 8) -> DataLoader:
@@ -182,7 +200,8 @@ def test_gan_style_two_spa_optimizers_each_on_its_own_clock(pl: ModuleType) -> N
     gradual = GradualSchedule([2], factor=0.5, mode="lr", transition="instant", unit="step")
     callbacks = [gradual, MomentumOff(3, 2, "step", guard=False)]  # the toy diverges without momentum (1e7x ||g||^2)
     module = make_module(pl, [spa(1.0, 0.5), spa(3.0, 0.25)], manual=True, plan=plan)
-    _, rec = fit(pl, module, callbacks, max_epochs=2)
+    with instant_halvings_warned((0, 2, 0.5), (1, 2, 0.25)):
+        _, rec = fit(pl, module, callbacks, max_epochs=2)
     assert [cb.state_dict()["clocks"] for cb in callbacks] == [
         {  # per_epoch: each optimizer's steps in the first epoch (manual optimization converts epochs with it)
             "0": {"steps": 8, "groups": [[1.0, 0.5, 0]], "per_epoch": 4},
@@ -198,7 +217,8 @@ def test_gan_style_two_spa_optimizers_each_on_its_own_clock(pl: ModuleType) -> N
 def test_spa_with_adam_schedules_spa_and_skips_adam_with_one_warning(pl: ModuleType) -> None:
     adam = lambda params: torch.optim.Adam(params, lr=0.01)  # noqa: E731
     module = make_module(pl, [spa(1.0, 0.5), adam], manual=True)
-    with pytest.warns(UserWarning, match=r"GradualSchedule skips optimizer 1 \(Adam\).*works on optimizers \[0\]"):
+    skip = r"GradualSchedule skips optimizer 1 \(Adam\).*works on optimizers \[0\]"
+    with pytest.warns(UserWarning, match=skip), instant_halvings_warned((0, 1, 0.5)):
         _, rec = fit(pl, module, [GradualSchedule([1], factor=0.5, mode="lr", transition="instant", unit="step")],
                      max_steps=6)  # fmt: skip
     assert rec.key("lr", 0) == [1.0, 0.5, 0.5]
@@ -219,7 +239,8 @@ def test_targeting_by_param_group_name(pl: ModuleType) -> None:
     named = lambda params: SPA([{"params": params, "name": "generator"}], lr=1.0, c=0.5)  # noqa: E731
     module = make_module(pl, [spa(1.0, 0.5), named], manual=True)
     cb = GradualSchedule([1], factor=0.5, mode="lr", transition="instant", unit="step", optimizers=["generator"])
-    _, rec = fit(pl, module, [cb], max_steps=6)
+    with instant_halvings_warned((1, 1, 0.5)):
+        _, rec = fit(pl, module, [cb], max_steps=6)
     assert rec.key("lr", 0) == [1.0] * 3 and rec.key("lr", 1) == [1.0, 0.5, 0.5]
     assert list(cb.state_dict()["clocks"]) == ["1"]
 
