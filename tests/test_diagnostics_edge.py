@@ -116,7 +116,7 @@ def _fit(
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, logger=pl.loggers.TensorBoardLogger(tmp_path, name=name, version=0),
         callbacks=[diagnostics], enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
         plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if amp else None,
     )  # fmt: skip
     trainer.fit(model, DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1))
@@ -187,7 +187,7 @@ def test_sparse_embedding_fit_is_measured(tmp_path: Path) -> None:
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=4, logger=pl.loggers.TensorBoardLogger(tmp_path, name="sparse", version=0),
         callbacks=[MomentumDiagnostics(every_n_steps=1)], enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=False, log_every_n_steps=1,
     )  # fmt: skip
     trainer.fit(Sparse(), DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1))
     s = read_scalars(tmp_path / "sparse" / "version_0")

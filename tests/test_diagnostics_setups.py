@@ -92,7 +92,7 @@ def fit(package: ModuleType, tmp_path: Path, model: Any, batches: int, callbacks
     trainer = package.Trainer(
         accelerator="cpu", max_epochs=kwargs.pop("max_epochs", 1), callbacks=callbacks,
         logger=package.loggers.TensorBoardLogger(str(tmp_path), name=name, version=0), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, **kwargs,
+        enable_model_summary=False, enable_checkpointing=False, **{"log_every_n_steps": 1, **kwargs},
     )  # fmt: skip
     trainer.fit(model, DataLoader(TensorDataset(torch.zeros(batches, 1)), batch_size=1), ckpt_path=ckpt_path)
     return trainer, read_scalars(tmp_path / name / "version_0")
