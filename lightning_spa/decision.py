@@ -24,10 +24,16 @@ is normalised so that gradients uncorrelated with the past step give 1. It has t
    an early ratio says nothing.
 2. **watching**: a finite ratio in ``[low, high]`` opens the *idle* window at its step ``s`` (if
    none is open); a ratio outside closes it. A ratio ``< low`` opens the *damping* window
-   instead; once it has lasted ``patience_steps`` the rule records :attr:`damping_step` (once: a
-   driver reports it) and keeps momentum. A non-finite ratio (nothing measured, e.g. a zero
+   instead; once it has lasted ``patience_steps`` the rule records :attr:`damping_step` (the first
+   time: a driver reports it) and the step size of that step, :attr:`damping_eta` (once per
+   episode: the EMA lags a cut of ``eta``, so the same episode often outlasts it), and keeps
+   momentum. A non-finite ratio (nothing measured, e.g. a zero
    gradient) leaves the state unchanged.
-3. **decided**: at the first measured step ``k`` with an open idle window and
+3. **after damping**: once momentum has damped at step size ``eta_d``, that step size needs it, and
+   a ratio that drifts back to 1 at the same ``eta`` does not make the removal safe. An idle ratio
+   then counts only once ``eta <= eta_drop * eta_d`` (``eta`` as passed to :meth:`observe`; without
+   it, never): typically after the next cut of the schedule, where the ratio is measured again.
+4. **decided**: at the first measured step ``k`` with an open idle window and
    ``k - s >= patience_steps`` the decision is taken at step ``k``; it is final. Momentum then
    goes from step ``k + 1`` (the measurement of step ``k`` exists only after that step).
 
@@ -61,12 +67,22 @@ import math
 import warnings
 from typing import Any
 
-__all__ = ["DEFAULT_HIGH", "DEFAULT_LOW", "MomentumOffDecision", "check_band", "reading"]
+__all__ = [
+    "DEFAULT_ETA_DROP",
+    "DEFAULT_HIGH",
+    "DEFAULT_LOW",
+    "MomentumOffDecision",
+    "check_band",
+    "check_eta_drop",
+    "reading",
+]
 
 #: Lower edge of the idle band: below it momentum damps (anti-correlated gradients) and is kept.
 DEFAULT_LOW = 0.9
 #: Upper edge of the idle band: above it the gradients are aligned and momentum accelerates.
 DEFAULT_HIGH = 1.25
+#: After momentum has damped at step size ``eta_d``, an idle ratio counts only at ``eta <= DEFAULT_ETA_DROP * eta_d``.
+DEFAULT_ETA_DROP = 0.5
 
 
 def reading(ratio: float, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH) -> str:
@@ -125,6 +141,16 @@ def check_band(
     return low, high
 
 
+def check_eta_drop(value: Any) -> float:
+    """Validates ``eta_drop`` (in ``(0, 1]``) and returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"`eta_drop` must be a number in (0, 1] (e.g. {DEFAULT_ETA_DROP}: after momentum damped at eta_d, switch "
+            f"only at eta <= {DEFAULT_ETA_DROP} * eta_d), got {value!r}."
+        )
+    return float(value)
+
+
 class MomentumOffDecision:
     """The warm-up / idle band / patience rule of the module docstring, with its state.
 
@@ -136,11 +162,13 @@ class MomentumOffDecision:
         warmup_steps: optimizer steps whose measurements are ignored (``k < warmup_steps``).
         patience_steps: optimizer steps the ratio must stay inside the band (from the first idle
             measurement to the deciding one); 0 decides at the first idle measurement.
+        eta_drop: in ``(0, 1]``: after a damping episode at step size ``eta_d``, an idle ratio counts
+            only once ``eta <= eta_drop * eta_d``. Default :data:`DEFAULT_ETA_DROP`.
         threshold: deprecated name of ``high`` (the one-sided rule it stood for is gone); warns.
 
     Raises:
-        ValueError: ``low``/``high`` not finite positive numbers, ``low > 1`` or ``high < 1``, or
-            ``warmup_steps`` / ``patience_steps`` not integers ``>= 0``.
+        ValueError: ``low``/``high`` not finite positive numbers, ``low > 1`` or ``high < 1``,
+            ``warmup_steps`` / ``patience_steps`` not integers ``>= 0``, or ``eta_drop`` not in ``(0, 1]``.
 
     Example::
 
@@ -157,14 +185,18 @@ class MomentumOffDecision:
         high: float = DEFAULT_HIGH,
         warmup_steps: int = 0,
         patience_steps: int = 0,
+        eta_drop: float = DEFAULT_ETA_DROP,
         threshold: float | None = None,
     ) -> None:
         self.low, self.high = check_band(low, high, threshold)
+        self.eta_drop = check_eta_drop(eta_drop)
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps", "0: measurements count from the first step")
         self.patience_steps = _check_int(patience_steps, "patience_steps", "0: decide at the first idle ratio")
         self.idle_since: int | None = None
         self.below_since: int | None = None
         self.damping_step: int | None = None
+        self.damping_eta: float | None = None
+        self.damping_episode: int | None = None
         self.decided_step: int | None = None
         self.last_step: int | None = None
         self.last_ratio: float = math.nan
@@ -179,12 +211,25 @@ class MomentumOffDecision:
         """The first optimizer step without full momentum: ``decided_step + 1``, or None before the decision."""
         return None if self.decided_step is None else self.decided_step + 1
 
-    def observe(self, step: int, ratio: float) -> bool:
+    @property
+    def waiting_for_eta(self) -> bool:
+        """Whether momentum damped earlier and ``eta`` has not yet fallen to ``eta_drop`` times that step size."""
+        return self.damping_eta is not None
+
+    def _eta_allows(self, eta: float | None) -> bool:
+        if self.damping_eta is None:
+            return True
+        if eta is None or not math.isfinite(eta) or not math.isfinite(self.damping_eta):
+            return False
+        return eta <= self.eta_drop * self.damping_eta
+
+    def observe(self, step: int, ratio: float, eta: float | None = None) -> bool:
         """Folds in the smoothed ratio measured at optimizer step ``step``; True when this takes the decision.
 
         Args:
             step: the optimizer step the measurement belongs to (strictly increasing).
             ratio: the smoothed alignment ratio after that step.
+            eta: the (largest) SPA step size of that step; needed to switch after a damping episode.
 
         Raises:
             ValueError: ``step`` not after the previous observation's step.
@@ -204,13 +249,17 @@ class MomentumOffDecision:
             self.idle_since = None
             if self.below_since is None:
                 self.below_since = step
-            if self.damping_step is None and step - self.below_since >= self.patience_steps:
-                self.damping_step = step
+            if step - self.below_since >= self.patience_steps and self.damping_episode != self.below_since:
+                if self.damping_step is None:
+                    self.damping_step = step
+                self.damping_episode = self.below_since  # once per episode: a cut inside it is what lets it end
+                self.damping_eta = math.nan if eta is None else float(eta)  # this eta needs momentum
             return False
         self.below_since = None
-        if ratio > self.high:  # aligned: momentum accelerates
+        if ratio > self.high or not self._eta_allows(eta):  # aligned (momentum accelerates), or eta not yet cut
             self.idle_since = None
             return False
+        self.damping_eta = None  # eta has fallen enough: measured again from here
         if self.idle_since is None:
             self.idle_since = step
         if step - self.idle_since >= self.patience_steps:
@@ -222,6 +271,7 @@ class MomentumOffDecision:
         """The state a resumed run needs (plain Python values)."""
         return {
             "idle_since": self.idle_since, "below_since": self.below_since, "damping_step": self.damping_step,
+            "damping_eta": self.damping_eta, "damping_episode": self.damping_episode,
             "decided_step": self.decided_step, "last_step": self.last_step, "last_ratio": self.last_ratio,
         }  # fmt: skip
 
@@ -240,6 +290,9 @@ class MomentumOffDecision:
         self.idle_since = opt_int("idle_since")
         self.below_since = opt_int("below_since") if band_state else None
         self.damping_step = opt_int("damping_step")
+        damping_eta = state.get("damping_eta")
+        self.damping_eta = None if damping_eta is None else float(damping_eta)
+        self.damping_episode = opt_int("damping_episode")
         self.decided_step = opt_int("decided_step")
         self.last_step = opt_int("last_step")
         self.last_ratio = float(state.get("last_ratio", math.nan))
@@ -247,5 +300,5 @@ class MomentumOffDecision:
     def __repr__(self) -> str:
         return (
             f"MomentumOffDecision(low={self.low:g}, high={self.high:g}, warmup_steps={self.warmup_steps}, "
-            f"patience_steps={self.patience_steps}, decided_step={self.decided_step})"
+            f"patience_steps={self.patience_steps}, eta_drop={self.eta_drop:g}, decided_step={self.decided_step})"
         )

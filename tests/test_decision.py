@@ -24,9 +24,9 @@ import pytest
 from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW, MomentumOffDecision, check_band, reading
 
 
-def _run(rule: MomentumOffDecision, ratios: dict[int, float]) -> int | None:
+def _run(rule: MomentumOffDecision, ratios: dict[int, float], eta: Callable[[int], float] | None = None) -> int | None:
     for step in sorted(ratios):
-        rule.observe(step, ratios[step])
+        rule.observe(step, ratios[step], None if eta is None else eta(step))
     return rule.decided_step
 
 
@@ -73,12 +73,38 @@ def test_damping_ratio_never_switches_and_is_reported_once_after_the_patience() 
     assert rule.damping_step == 15  # reported once
 
 
-def test_damping_then_idle_switches_once_idle_for_the_patience() -> None:
-    """The late phase: damping while eta is large, idle after a cut (ratio ~1): the switch follows the idle window."""
-    rule = MomentumOffDecision(warmup_steps=0, patience_steps=20)
+def test_damping_then_idle_switches_only_once_eta_has_fallen() -> None:
+    """The late phase: damping at eta 1 until step 100, idle from then on; eta cut 10x at step 150 (through 0.5 at
+    step 150 + 3 with a geometric cut 10**(-(k - 149) / 10)). The idle reading at eta 1 does not count: the switch
+    follows the idle window that opens once eta <= 0.5 * 1."""
     ratios = {k: (0.4 if k < 100 else 1.0) for k in range(300)}
-    assert _run(rule, ratios) == 120
-    assert rule.damping_step == 20 and rule.below_since is None
+
+    def eta(k: int) -> float:
+        return 10.0 ** (-min(max(k - 149, 0), 10) / 10)
+
+    first_allowed = next(k for k in range(300) if eta(k) <= 0.5)
+    assert first_allowed == 153
+    rule = MomentumOffDecision(warmup_steps=0, patience_steps=20)
+    assert _run(rule, ratios, eta) == first_allowed + 20
+    assert rule.damping_step == 20 and rule.damping_eta is None and rule.below_since is None
+    same_eta = MomentumOffDecision(warmup_steps=0, patience_steps=20)
+    assert _run(same_eta, ratios, lambda k: 1.0) is None  # idle again at the eta that needed momentum: kept
+    assert same_eta.damping_eta == 1.0 and same_eta.waiting_for_eta
+    no_memory = MomentumOffDecision(warmup_steps=0, patience_steps=20, eta_drop=1.0)
+    assert _run(no_memory, ratios, lambda k: 1.0) == 120  # eta_drop=1: an idle reading counts at the same eta
+    unknown = MomentumOffDecision(warmup_steps=0, patience_steps=20)
+    assert _run(unknown, ratios) is None  # after damping, no eta given: never
+
+
+def test_a_damping_episode_that_outlasts_the_cut_records_the_eta_it_started_at() -> None:
+    """The EMA lags a cut of eta, so the ratio stays low for a while after it: that episode's eta is the one of its
+    full patience window (1), not the cut one (0.1); idle from step 200 at eta 0.1 <= 0.5 switches at 200 + 20."""
+    rule = MomentumOffDecision(warmup_steps=0, patience_steps=20)
+    ratios = {k: (0.4 if k < 200 else 1.0) for k in range(300)}
+    assert _run(rule, ratios, lambda k: 1.0 if k < 150 else 0.1) == 220
+    second = MomentumOffDecision(warmup_steps=0, patience_steps=20)  # a new episode at 0.1 needs eta <= 0.05
+    ratios.update({k: 0.4 for k in range(205, 240)})
+    assert _run(second, ratios, lambda k: 1.0 if k < 150 else 0.1) is None and second.damping_eta == 0.1
 
 
 def test_aligned_ratio_never_switches_and_warmup_measurements_are_ignored() -> None:
@@ -114,16 +140,20 @@ def test_steps_must_increase() -> None:
 def test_state_dict_round_trip_anywhere_gives_the_same_decision(cut: int) -> None:
     ratios = {k: (2.0 if k < 10 else 0.5 if k < 20 else 1.0) for k in range(60)}
     ratios[23] = 1.5
+
+    def eta(k: int) -> float:
+        return 1.0 if k < 20 else 0.1  # cut at step 20, after the damping
+
     reference = MomentumOffDecision(warmup_steps=5, patience_steps=6)
-    expected = _run(reference, ratios)
+    expected = _run(reference, ratios, eta)
     assert expected == 30  # damping 10-19 (reported at 16), idle from 20, broken at 23, reopens at 24; 24 + 6
     assert reference.damping_step == 16
     first = MomentumOffDecision(warmup_steps=5, patience_steps=6)
-    _run(first, {k: v for k, v in ratios.items() if k < cut})
+    _run(first, {k: v for k, v in ratios.items() if k < cut}, eta)
     resumed = MomentumOffDecision(warmup_steps=5, patience_steps=6)
     resumed.load_state_dict(first.state_dict())
     assert resumed.state_dict() == first.state_dict() or cut == 0  # NaN last_ratio before any reading
-    assert _run(resumed, {k: v for k, v in ratios.items() if k >= cut}) == expected
+    assert _run(resumed, {k: v for k, v in ratios.items() if k >= cut}, eta) == expected
     assert resumed.damping_step == 16 and resumed.decided_step == 30
 
 
@@ -150,9 +180,9 @@ def test_threshold_is_deprecated_and_becomes_high() -> None:
     with pytest.warns(FutureWarning, match=r"threshold=...\) is deprecated.*`low`/`high`.*high=1.1"):
         rule = MomentumOffDecision(threshold=1.1, patience_steps=0)
     assert (rule.low, rule.high) == (DEFAULT_LOW, 1.1)
-    assert not rule.observe(0, 0.5)  # the old rule switched here (0.5 <= 1.1); momentum damps: kept
-    assert not rule.observe(1, 1.2)
-    assert rule.observe(2, 1.0)
+    assert not rule.observe(0, 0.5, 1.0)  # the old rule switched here (0.5 <= 1.1); momentum damps: kept
+    assert not rule.observe(1, 1.2, 0.1)  # above high = threshold
+    assert rule.observe(2, 1.0, 0.1)  # idle, eta cut since the damping
     with pytest.raises(ValueError, match="give `high` only"):
         check_band(high=1.3, threshold=1.1)
 
@@ -176,6 +206,8 @@ def test_positional_arguments_are_refused() -> None:
         ({"warmup_steps": 1.5}, "`warmup_steps` must be an integer >= 0"),
         ({"patience_steps": -3}, "`patience_steps` must be an integer >= 0"),
         ({"patience_steps": True}, "`patience_steps` must be an integer >= 0"),
+        ({"eta_drop": 0.0}, r"`eta_drop` must be a number in \(0, 1\]"),
+        ({"eta_drop": 1.5}, r"`eta_drop` must be a number in \(0, 1\]"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs: dict[str, object], match: str) -> None:

@@ -305,6 +305,26 @@ def test_damping_never_switches_and_warns_once() -> None:
     assert sum(ratios[-50:]) / 50 == pytest.approx(expected, rel=0.05)
 
 
+def test_after_damping_switches_only_once_eta_has_fallen() -> None:
+    """Damping at eta h = 4 (ratio 0.36), then eta cut 20x from step 60 (over 15 steps): eta h = 0.2, stationary ratio
+    1 / (1 + 0.8 * 0.2 / 1.8) = 0.918, idle. The switch waits for that: not before eta <= 0.5 * 0.5, and only once
+    the EMA has forgotten the damping phase (its old terms are 400x larger, so that takes ~120 steps)."""
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+    gradual = GradualSchedule(milestones=[60], factor=0.05, mode="lr", transition_steps=15, unit="step")
+    ratios: list[float] = []
+    record = Record()
+    with pytest.warns(UserWarning, match="keeps momentum"):
+        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.5, c=0.2), [gradual, callback, record,
+            _RatioTap(callback, ratios)], steps=300)  # fmt: skip
+    decided = callback.decided_steps[0]
+    assert decided is not None and decided >= 60 + 15
+    assert record.values[: decided + 1] == [0.2] * (decided + 1) and record.values[-1] == 1.0
+    expected = 1 / (1 + (1 - 0.2) * 0.5 * 0.05 * 8.0 / (2 - 0.2))
+    assert expected == pytest.approx(0.918, abs=1e-3)
+    assert ratios[-1] == pytest.approx(expected, rel=0.05)  # the reading at the decision
+    assert max(ratios[:50]) < DEFAULT_LOW  # damping at the full step
+
+
 def test_a_band_widened_below_the_oscillation_level_decides_and_warns() -> None:
     """eta h = 1.6: ratio 1 / (1 + 0.8 * 1.6 / 1.8) = 0.584; with ``low=0.5`` that reads idle, and the decision
     taken below 0.9 warns that momentum was damping."""

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_spa import SPA, GradualSchedule, MomentumOff
 from lightning_spa.callbacks.measured import MeasuredMomentumOff
-from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW, MomentumOffDecision
+from lightning_spa.decision import DEFAULT_ETA_DROP, DEFAULT_HIGH, DEFAULT_LOW, MomentumOffDecision
 from lightning_spa.demos import DigitsCNN, DigitsDataModule
 from lightning_spa.meter import MomentumMeter
 
@@ -214,7 +214,7 @@ class Trace(pl.Callback):
     def __init__(self, start: int | None) -> None:
         self.start = start
         self.bytes: list[int] = []
-        self.ratios: list[tuple[int, float]] = []
+        self.ratios: list[tuple[int, float, float]] = []
         self.meter: MomentumMeter | None = None
         self.steps = 0
 
@@ -224,7 +224,7 @@ class Trace(pl.Callback):
         if self.meter is None:
             self.meter = MomentumMeter(trainer.optimizers[0], every_n_steps=None, ema_decay=0.95).attach()
             start = self.start  # the meter's clock counts from its attachment, here step `start`
-            self.meter.listeners.append(lambda r: self.ratios.append((start + r.step, r.ratio)))
+            self.meter.listeners.append(lambda r: self.ratios.append((start + r.step, r.ratio, r.hypers[0].eta)))
         self.meter.measure_next_step()
         self.meter.before_step()
 
@@ -303,7 +303,7 @@ def phase_stats(results: list[dict[str, Any]], low: float, high: float) -> list[
     phases = (("epoch 1 .. first cut", spe, m1 * spe), ("between the cuts", m1 * spe, m2 * spe),
               ("after the second cut", m2 * spe, 10**9))  # fmt: skip
     for label, lo, hi in phases:
-        values = sorted(r for res in results for k, r in res["ratios"] if lo <= k < hi and math.isfinite(r))
+        values = sorted(r for res in results for k, r, _ in res["ratios"] if lo <= k < hi and math.isfinite(r))
         if not values:
             continue
         q = statistics.quantiles(values, n=20)
@@ -314,10 +314,11 @@ def phase_stats(results: list[dict[str, Any]], low: float, high: float) -> list[
     return rows
 
 
-RULES = (
-    ("ratio <= 1.1 (old)", 1e-9, 1.1, 1),
-    (f"[{DEFAULT_LOW:g}, {DEFAULT_HIGH:g}], patience 1 epoch", DEFAULT_LOW, DEFAULT_HIGH, 1),
-    (f"[{DEFAULT_LOW:g}, {DEFAULT_HIGH:g}], patience 2 epochs", DEFAULT_LOW, DEFAULT_HIGH, 2),
+RULES = (  # label, low, high, patience in epochs, eta_drop
+    ("ratio <= 1.1 (old)", 1e-9, 1.1, 1, 1.0),
+    (f"band [{DEFAULT_LOW:g}, {DEFAULT_HIGH:g}] only", DEFAULT_LOW, DEFAULT_HIGH, 1, 1.0),
+    ("band, patience 2 epochs", DEFAULT_LOW, DEFAULT_HIGH, 2, 1.0),
+    (f"band + eta_drop {DEFAULT_ETA_DROP:g} (default)", DEFAULT_LOW, DEFAULT_HIGH, 1, DEFAULT_ETA_DROP),
 )
 
 
@@ -325,11 +326,13 @@ def replay(results: list[dict[str, Any]]) -> list[str]:
     """Per rule of RULES: the decision step of each momentum-throughout trace, with its epoch and ``eta`` phase."""
     spe, (m1, m2) = results[0]["steps_per_epoch"], results[0]["milestones"]
     cells = []
-    for _, low, high, patience in RULES:
+    for _, low, high, patience, eta_drop in RULES:
         steps = []
         for res in results:
-            rule = MomentumOffDecision(low=low, high=high, warmup_steps=spe, patience_steps=patience * spe)
-            decided = next((k for k, r in res["ratios"] if rule.observe(k, r)), None)
+            rule = MomentumOffDecision(
+                low=low, high=high, warmup_steps=spe, patience_steps=patience * spe, eta_drop=eta_drop
+            )
+            decided = next((k for k, r, eta in res["ratios"] if rule.observe(k, r, eta)), None)
             if decided is None:
                 steps.append("-")
             else:
@@ -406,8 +409,7 @@ def plot(all_results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> 
     for j, name in enumerate(names):
         ax = axes[0][j]
         for n, res in enumerate(all_results[name][ARMS[0]]):
-            steps = [k for k, _ in res["ratios"]]
-            ax.plot(steps, [r for _, r in res["ratios"]], lw=0.8, color=f"C{n}")
+            ax.plot([t[0] for t in res["ratios"]], [t[1] for t in res["ratios"]], lw=0.8, color=f"C{n}")
         spe, ms = all_results[name][ARMS[0]][0]["steps_per_epoch"], all_results[name][ARMS[0]][0]["milestones"]
         ax.axhspan(DEFAULT_LOW, DEFAULT_HIGH, color="g", alpha=0.15, label="idle band")
         for m in ms:

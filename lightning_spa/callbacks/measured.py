@@ -22,7 +22,14 @@ from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
-from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW, MomentumOffDecision, check_band
+from lightning_spa.decision import (
+    DEFAULT_ETA_DROP,
+    DEFAULT_HIGH,
+    DEFAULT_LOW,
+    MomentumOffDecision,
+    check_band,
+    check_eta_drop,
+)
 from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import MomentumRemoval
 
@@ -85,8 +92,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     stayed inside the idle band ``[low, high]`` for ``patience`` it starts the gradual switch of
     :class:`MomentumOff` (``c -> 1`` geometrically over ``transition_steps`` with ``eta`` kept;
     SGD+M: ``lr / (1 - momentum)``, momentum 0), then stops measuring. While the ratio is below
-    ``low`` momentum is kept (a warning says so once); it may still go later, e.g. once a cut of
-    ``eta`` has brought the ratio back to 1.
+    ``low`` momentum is kept (a warning says so once), and once it has damped at a step size
+    ``eta_d`` an idle reading counts only after ``eta`` has fallen to ``eta_drop * eta_d`` (e.g. at
+    the next cut of the schedule): that step size needed momentum.
 
     The rule (:class:`~lightning_spa.decision.MomentumOffDecision`), with ``W``, ``P`` the warm-up
     and patience in optimizer steps of that optimizer's own clock (steps actually taken):
@@ -97,7 +105,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     - from ``W``, every ``every_n_steps``-th step is measured (every step by default: with
       heavy-tailed gradient norms a sparse sample misses the rare large ``||g||^2`` that the
       normaliser needs, and the ratio reads high: ``examples/reproduce/results/measured_off_sampling.md``);
-    - a ratio in ``[low, high]`` at step ``s`` opens a window, a ratio outside closes it; the decision
+    - a ratio in ``[low, high]`` at step ``s`` (after a damping episode: at ``eta <= eta_drop * eta_d``)
+      opens a window, a ratio outside closes it; the decision
       is taken at the first measured step ``k`` with ``k - s >= P``; momentum goes from step ``k + 1``.
       Measured every step, a ratio that stays idle decides at ``W + P`` exactly.
 
@@ -141,6 +150,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         low: lower edge of the idle band, in ``(0, 1]``; below it momentum damps and is kept.
             Default 0.9 (``docs/THEORY.md``, "When is momentum idle?").
         high: upper edge of the idle band, ``>= 1``; above it momentum accelerates. Default 1.25.
+        eta_drop: in ``(0, 1]``: after the ratio stayed below ``low`` for ``patience`` at step size
+            ``eta_d``, an idle ratio counts only at ``eta <= eta_drop * eta_d``. Default 0.5.
 
     Raises:
         ValueError: at construction, an invalid argument (the message names it and the valid
@@ -174,10 +185,12 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         optimizers: OptimizerSelection = None,
         low: float = DEFAULT_LOW,
         high: float = DEFAULT_HIGH,
+        eta_drop: float = DEFAULT_ETA_DROP,
     ) -> None:
         super().__init__(optimizers)
         check_unit(unit)
         self.low, self.high = check_band(low, high, threshold, "MeasuredMomentumOff")  # names a bad edge
+        self.eta_drop = check_eta_drop(eta_drop)
         self.warmup = _check_amount(warmup, "warmup", unit)
         self.patience = _check_amount(patience, "patience", unit)
         if transition_steps is not None and (
@@ -206,8 +219,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._trainer: pl.Trainer | None = None
         self._suffix = False
         self._state_key = self._generate_state_key(
-            low=self.low, high=self.high, warmup=self.warmup, patience=self.patience, unit=self.unit,
-            transition_steps=self.transition_steps, optimizers=self.optimizers,
+            low=self.low, high=self.high, eta_drop=self.eta_drop, warmup=self.warmup, patience=self.patience,
+            unit=self.unit, transition_steps=self.transition_steps, optimizers=self.optimizers,
         )  # fmt: skip
 
     @property
@@ -237,8 +250,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     def _check(self, clock: OptimizerClock) -> None:
         removal = self._removals[clock.index]
         decision = MomentumOffDecision(
-            low=self.low, high=self.high, warmup_steps=self.warmup_steps, patience_steps=self.patience_steps
-        )
+            low=self.low, high=self.high, warmup_steps=self.warmup_steps, patience_steps=self.patience_steps,
+            eta_drop=self.eta_drop,
+        )  # fmt: skip
         if clock.index in self._loaded_decisions:
             decision.load_state_dict(self._loaded_decisions.pop(clock.index))
         removal.start = decision.transition_start
@@ -297,14 +311,16 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             for logger in self._loggers:
                 logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=k)
         damping = decision.damping_step
-        if not decision.observe(k, ratio):
+        etas = [h.eta for h in reading.hypers if math.isfinite(h.eta)]
+        if not decision.observe(k, ratio, max(etas) if etas else None):
             if damping is None and decision.damping_step is not None:
                 rank_zero_warn(
                     f"MeasuredMomentumOff: optimizer {index} keeps momentum: the smoothed alignment ratio has been "
                     f"below {self.low:g} since step {decision.below_since} ({ratio:.3g} at step {k}). Below 1 momentum "
                     "damps (the iterates oscillate, or batches drawn without replacement anti-correlate the "
                     "gradients); removing it at this eta is unsafe (THEORY.md section 10). Momentum goes if the "
-                    f"ratio comes into [{self.low:g}, {self.high:g}] (idle) for the patience, e.g. after eta is cut."
+                    f"ratio comes into [{self.low:g}, {self.high:g}] (idle) for the patience once eta has fallen to "
+                    f"{self.eta_drop:g} times its value now (e.g. at the next cut of the schedule)."
                 )
             return
         start = decision.transition_start
