@@ -48,7 +48,8 @@ class MomentumDiagnostics(Callback):
         spa/grad_sq         EMA of eta_k^2 ||g_k||^2     (g_k as the optimizer uses it: weight decay,
                                                            maximize and gradient clipping included)
         spa/grad_sq_scaled  EMA of (c_k / (2 - c_k)) eta_k^2 ||g_k||^2, the noise-level step_sq
-        spa/ratio           spa/step_sq / spa/grad_sq_scaled: ~1 noise, > 1 momentum helps, < 1 oscillation
+        spa/ratio           spa/step_sq / spa/grad_sq_scaled: > 1 aligned (momentum accelerates), ~1 idle
+                            (noise), < 1 momentum damps (removing it at this eta is unsafe)
         spa/cosine          EMA of cos(g_k, m_k) (m_k: the momentum buffer before the step)
         spa/eta, spa/c      the SPA hyper-parameters of the step (group 0)
         spa/lr, spa/momentum  their SGD+M equivalents (Theorem 1)
