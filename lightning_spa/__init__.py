@@ -24,6 +24,7 @@ _LAZY = {
     "MomentumOff": "lightning_spa.callbacks",
     "MeasuredMomentumOff": "lightning_spa.callbacks",
     "MomentumOffDecision": "lightning_spa.decision",
+    "MomentumGuard": "lightning_spa.guard",
     "GroupedSGD": "lightning_spa.factory",
     "GroupedSPA": "lightning_spa.factory",
     "build_optimizer": "lightning_spa.factory",
@@ -45,6 +46,7 @@ __all__ = [
     "MomentumOff",
     "MeasuredMomentumOff",
     "MomentumOffDecision",
+    "MomentumGuard",
     "build_optimizer",
     "sgdm_optimizer_to_spa",
     "sgdm_to_spa",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from lightning_spa.callbacks import GradualSchedule, MeasuredMomentumOff, MomentumDiagnostics, MomentumOff
     from lightning_spa.decision import MomentumOffDecision
     from lightning_spa.factory import GroupedSGD, GroupedSPA, build_optimizer, spa_param_groups
+    from lightning_spa.guard import MomentumGuard
     from lightning_spa.mapping import (
         sgd_state_dict_to_spa,
         sgdm_optimizer_to_spa,

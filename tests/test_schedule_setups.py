@@ -180,7 +180,7 @@ def test_gan_style_two_spa_optimizers_each_on_its_own_clock(pl: ModuleType) -> N
         return ([0, 1] if batch_idx % 2 == 0 else [0]), True
 
     gradual = GradualSchedule([2], factor=0.5, mode="lr", transition="instant", unit="step")
-    callbacks = [gradual, MomentumOff(3, 2, "step")]
+    callbacks = [gradual, MomentumOff(3, 2, "step", guard=False)]  # the toy diverges without momentum (1e7x ||g||^2)
     module = make_module(pl, [spa(1.0, 0.5), spa(3.0, 0.25)], manual=True, plan=plan)
     _, rec = fit(pl, module, callbacks, max_epochs=2)
     assert [cb.state_dict()["clocks"] for cb in callbacks] == [

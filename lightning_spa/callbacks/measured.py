@@ -20,6 +20,7 @@ import torch
 from lightning_spa import _lightning as pl
 from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
+from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
 from lightning_spa.decision import (
@@ -30,6 +31,7 @@ from lightning_spa.decision import (
     check_band,
     check_eta_drop,
 )
+from lightning_spa.guard import GuardedRemoval, MomentumGuard
 from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import MomentumRemoval
 
@@ -47,16 +49,32 @@ class _DecidedRemoval:
     Before the decision it asks for nothing (``eta`` factor 1, ``c = c0``); after it, it is exactly
     ``MomentumRemoval(start, transition_steps)``, a pure function of the optimizer step, so a
     resumed run that restores ``start`` continues bit-exactly.
+
+    With a guard (``guarded``), setting ``start`` plans the guard's removal there (unless its state,
+    from a checkpoint, already has one) and the guard's schedule decides every step.
     """
 
-    def __init__(self, transition_steps: int) -> None:
+    def __init__(self, transition_steps: int, guarded: GuardedRemoval | None = None) -> None:
         self.transition_steps = transition_steps
-        self.start: int | None = None
+        self.guarded = guarded
+        self._start: int | None = None
+
+    @property
+    def start(self) -> int | None:
+        return self._start
+
+    @start.setter
+    def start(self, value: int | None) -> None:
+        self._start = value
+        if value is not None and self.guarded is not None and self.guarded.guard.planned_start is None:
+            self.guarded.guard.plan(value)
 
     def eta_factor(self, k: int) -> float:
         return 1.0
 
     def c_value(self, k: int, c0: float, joined: int = 0) -> float:
+        if self.guarded is not None:
+            return self.guarded.c_value(k, c0, joined)
         if self.start is None:
             return c0
         return MomentumRemoval(self.start, self.transition_steps).c_value(k, c0, joined)
@@ -127,6 +145,16 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     set below 0.9 a decision taken at a ratio under 0.9 warns too: the same step may diverge without
     momentum's averaging.
 
+    The guard (on by default, as in :class:`MomentumOff`; :class:`~lightning_spa.guard.MomentumGuard`,
+    ``THEORY.md`` section 11): its reference is ``||g||^2`` smoothed over the measured steps of the
+    decision window (read after the meter's own sync: no extra one); from the decision it watches
+    the transition and ``watch_steps`` (one epoch) after it, and aborts the removal when the smoothed
+    ``||g||^2`` exceeds ``factor`` (10) times that reference or is not finite: ``c`` is back at its
+    value before the removal from the next step, ``spa/momentum_off_aborted`` (the step of the abort)
+    is logged and put in ``trainer.callback_metrics``, with a console line. The decision stays taken;
+    the removal is retried (``spa/momentum_off_step`` logs the new start) once ``eta`` has fallen to
+    ``retry_factor`` (0.5) times its value at the abort, never otherwise. ``guard=False`` turns it off.
+
     Cost: nothing before ``W`` and after the decision (one tiny optimizer post-hook counts steps);
     in between, one measurement per measured step, like ``MomentumDiagnostics(every_n_steps=1)``
     without its logging (``benchmarks/measured_off_overhead.py``).
@@ -136,7 +164,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             where momentum damps); warns and sets ``high``.
         warmup: no measurement before this point (in ``unit``); at least the first epoch, in which
             the paper finds momentum helps most.
-        patience: how long the ratio must stay at or below ``threshold`` (in ``unit``).
+        patience: how long the ratio must stay idle, inside ``[low, high]`` (in ``unit``).
         transition_steps: optimizer steps over which ``c`` rises geometrically to 1 once decided;
             None: one epoch; 0 (or 1): instant, with a warning.
         unit: ``"epoch"`` (fractions allowed) or ``"step"`` (optimizer steps) for ``warmup`` and
@@ -147,8 +175,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         optimizers: which optimizers: None (every SPA / torch SGD+M optimizer; others skipped with a
             warning), or a list of indices and names (an optimizer class name or a param group's
             ``"name"``).
+        guard: True (default): the guard above with its defaults; a
+            :class:`~lightning_spa.guard.MomentumGuard` to choose its parameters; False: no guard.
         low: lower edge of the idle band, in ``(0, 1]``; below it momentum damps and is kept.
-            Default 0.9 (``docs/THEORY.md``, "When is momentum idle?").
+            Default 0.9 (``docs/THEORY.md`` section 10).
         high: upper edge of the idle band, ``>= 1``; above it momentum accelerates. Default 1.25.
         eta_drop: in ``(0, 1]``: after the ratio stayed below ``low`` for ``patience`` at step size
             ``eta_d``, an idle ratio counts only at ``eta <= eta_drop * eta_d``. Default 0.5.
@@ -183,12 +213,17 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         ema_decay: float = 0.95,
         log_ratio: bool = False,
         optimizers: OptimizerSelection = None,
+        guard: bool | MomentumGuard = True,
         low: float = DEFAULT_LOW,
         high: float = DEFAULT_HIGH,
         eta_drop: float = DEFAULT_ETA_DROP,
     ) -> None:
         super().__init__(optimizers)
         check_unit(unit)
+        template = check_guard(guard, "MeasuredMomentumOff")
+        self.guard = template
+        self._guards = None if template is None else GuardRunner("MeasuredMomentumOff", template)
+        self._per_epoch = 0
         self.low, self.high = check_band(low, high, threshold, "MeasuredMomentumOff")  # names a bad edge
         self.eta_drop = check_eta_drop(eta_drop)
         self.warmup = _check_amount(warmup, "warmup", unit)
@@ -239,12 +274,15 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self.warmup_steps = to_steps(self.warmup, self.unit, steps_per_epoch)
         self.patience_steps = to_steps(self.patience, self.unit, steps_per_epoch)
         length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
+        self._per_epoch = steps_per_epoch
         return _DecidedRemoval(length)
 
     def _schedule_for(self, index: int) -> _DecidedRemoval:
         # One removal per optimizer (its start is set by that optimizer's own decision), built from the template.
         assert isinstance(self.schedule, _DecidedRemoval)
-        self._removals[index] = _DecidedRemoval(self.schedule.transition_steps)
+        length = self.schedule.transition_steps
+        guarded = None if self._guards is None else self._guards.bind(index, length, self._per_epoch, None)
+        self._removals[index] = _DecidedRemoval(length, guarded)
         return self._removals[index]
 
     def _check(self, clock: OptimizerClock) -> None:
@@ -270,6 +308,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._loggers = list(trainer.loggers)
         self._trainer = trainer
         self._suffix = len(self._clocks) > 1
+        if self._guards is not None:
+            self._guards.start_fit(trainer, self._clocks)
         self._detach_meters()
         for index, clock in self._clocks.items():
             if self.decisions[index].decided:
@@ -288,6 +328,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     # ----- measuring and deciding ---------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._guards is not None:
+            guard_index = index_of(trainer, optimizer)
+            if guard_index is not None and guard_index in self._clocks:
+                self._guards.before_step(guard_index, self._clocks[guard_index])  # after the decision: watch
         if not self._meters:
             return
         index = index_of(trainer, optimizer)
@@ -298,6 +342,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if k >= self.warmup_steps and (k - self.warmup_steps) % self.every_n_steps == 0:
             meter.measure_next_step()
             meter.before_step()  # the first half now; the meter's step post-hook finishes it (runs first)
+            if self._guards is not None:  # the guard's reference: ||g||^2, read after the meter's sync
+                self._guards.stash(index, self._clocks[index])
 
     def _on_reading(self, index: int, reading: Reading) -> None:
         """Called by the meter in its step post-hook, before the clock's: the decision reaches step ``k + 1``."""
@@ -305,6 +351,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if reading.status != "ok" or decision.decided:
             return
         k = self._clocks[index].steps  # the step just taken (the clock advances in its own post-hook, next)
+        if self._guards is not None and reading.hypers:
+            self._guards.fold_stashed(index, k, reading.hypers[0].eta)
         ratio = reading.ratio
         suffix = f"/opt{index}" if self._suffix else ""
         if self.log_ratio and math.isfinite(ratio):
@@ -359,19 +407,37 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._meter_states = self._live_meter_states()
         self._detach_meters()
         self._trainer = None
+        if self._guards is not None:
+            self._guards.end_fit()
 
     # ----- checkpoints --------------------------------------------------------------------
     def _live_meter_states(self) -> dict[str, Any]:
         return {str(i): m.state_dict() for i, m in self._meters.items() if not self.decisions[i].decided}
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run holds what the uninterrupted one would (issue 17: callback_metrics after a resume).
+        starts = {i: d.transition_start for i, d in self.decisions.items() if d.transition_start is not None}
+        if self._guards is not None:
+            self._guards.publish(trainer, starts)
+        elif starts:
+            suffix = {i: f"/opt{i}" if self._suffix else "" for i in starts}
+            trainer.callback_metrics.update(
+                {f"spa/momentum_off_step{suffix[i]}": torch.tensor(float(s)) for i, s in starts.items()}
+            )
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        if self._guards is not None:
+            state["guards"] = self._guards.state_dict()
         state["decisions"] = {str(i): d.state_dict() for i, d in self.decisions.items()}
         state["meters"] = self._live_meter_states() if self._in_fit else self._meter_states
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self._guards is not None:  # before the decisions: a loaded guard keeps its own plan
+            self._guards.load_state_dict(state_dict.get("guards", {}), self._in_fit)
         decisions = {int(i): s for i, s in state_dict.get("decisions", {}).items()}
         meters = {int(i): s for i, s in state_dict.get("meters", {}).items()}
         if not self._in_fit:

@@ -31,12 +31,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
+from lightning_spa import _lightning as pl
 from lightning_spa._lightning import rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
+from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
-from lightning_spa.callbacks._select import OptimizerSelection
+from lightning_spa.callbacks._select import OptimizerSelection, index_of
+from lightning_spa.guard import MomentumGuard
 from lightning_spa.schedule import (
     MomentumRemoval,
     StepDecay,
@@ -234,7 +237,23 @@ class MomentumOff(SPAScheduleCallback):
     Works on :class:`~lightning_spa.SPA` and ``torch.optim.SGD(momentum=...)``, per param group
     (a group added mid-run from the step it joins); composes with :class:`GradualSchedule`
     regardless of callback order (``c`` is the larger of the two). Pure function of the
-    optimizer's step count: resumes are bit-exact and DDP ranks agree without any collective.
+    optimizer's step count (and of the guard's saved state): resumes are bit-exact and DDP ranks
+    agree without any collective.
+
+    The guard (on by default; :class:`~lightning_spa.guard.MomentumGuard`, ``THEORY.md`` section
+    11). Momentum can be what keeps a step size stable (on a quadratic of curvature ``L``: ``eta L <
+    2 (2 - c) / c`` with momentum, ``eta L < 2`` without), so each optimizer's removal is watched:
+    ``||g||^2`` (the gradient the optimizer receives, before clipping) is measured over the
+    ``reference_steps`` (20) steps before ``m`` and smoothed (EMA, decay 0.9) over the transition
+    and ``watch_steps`` after it (one epoch); when the smoothed value exceeds ``factor`` (10) times
+    its level before the removal, or is not finite, the removal is **aborted**: ``c`` is back at its
+    value before the removal from the next step, a console line says so and
+    ``spa/momentum_off_aborted`` (the step of the abort; ``/opt<i>`` with several optimizers) is
+    logged and put in ``trainer.callback_metrics``. It is **retried** (after a new reference) once
+    ``eta`` has fallen to ``retry_factor`` (0.5) times its value at the abort, e.g. past a
+    :class:`GradualSchedule` milestone (``spa/momentum_off_step`` logs the new start), never
+    otherwise. Cost: one ``||g||^2`` and one host sync per watched step; nothing outside the watch.
+    ``guard=False`` turns it off.
 
     Args:
         after_epochs: when momentum starts to go, in ``unit`` (epochs may be fractional). 0
@@ -246,6 +265,8 @@ class MomentumOff(SPAScheduleCallback):
         optimizers: which optimizers to schedule: None (every SPA / torch SGD+M optimizer; others
             skipped with a warning), or a list of indices into ``configure_optimizers``'s
             optimizers and names (an optimizer class name, or a param group's ``"name"``).
+        guard: True (default): the guard above with its defaults; a
+            :class:`~lightning_spa.guard.MomentumGuard` to choose its parameters; False: no guard.
 
     Raises:
         ValueError: at construction, invalid arguments; at fit start, an unsupported optimizer
@@ -268,9 +289,14 @@ class MomentumOff(SPAScheduleCallback):
         transition_steps: int | None = None,
         unit: Literal["epoch", "step"] = "epoch",
         optimizers: OptimizerSelection = None,
+        guard: bool | MomentumGuard = True,
     ) -> None:
         super().__init__(optimizers)
         check_unit(unit)
+        template = check_guard(guard, "MomentumOff")
+        self.guard = template
+        self._guards = None if template is None else GuardRunner("MomentumOff", template)
+        self._per_epoch = 0
         if not (math.isfinite(float(after_epochs)) and float(after_epochs) >= 0):
             raise ValueError(f"`after_epochs` must be finite and >= 0, got {after_epochs}.")
         if unit == "step" and float(after_epochs) != int(after_epochs):
@@ -302,7 +328,16 @@ class MomentumOff(SPAScheduleCallback):
     def _build(self, steps_per_epoch: int) -> MomentumRemoval:
         check_length(steps_per_epoch, self.unit, self.transition_steps, "MomentumOff")
         length = self.transition_steps if self.transition_steps is not None else steps_per_epoch
+        self._per_epoch = steps_per_epoch
         return MomentumRemoval(to_steps(self.after_epochs, self.unit, steps_per_epoch), length)
+
+    def _schedule_for(self, index: int) -> Any:
+        # Guarded: one removal per optimizer, whose start and aborts are that optimizer's guard's.
+        assert isinstance(self.schedule, MomentumRemoval)
+        if self._guards is None:
+            return self.schedule
+        removal = self.schedule
+        return self._guards.bind(index, removal.transition_steps, self._per_epoch, removal.start)
 
     def _check(self, clock: OptimizerClock) -> None:
         assert isinstance(self.schedule, MomentumRemoval)
@@ -316,3 +351,37 @@ class MomentumOff(SPAScheduleCallback):
                 "learning rate (1/c0) in one step (paper Figure 1d). Use the default transition_steps=None (one epoch) "
                 "for a gradual switch."
             )
+
+    # ----- the guard ----------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._guards is not None:
+            self._guards.start_fit(trainer, self._clocks)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._guards is not None:  # a resumed run holds what the uninterrupted one would
+            self._guards.publish(trainer)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._guards is None:
+            return
+        index = index_of(trainer, optimizer)
+        if index is not None and index in self._clocks:
+            self._guards.before_step(index, self._clocks[index])
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._guards is not None:
+            self._guards.end_fit()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._guards is not None:
+            state["guards"] = self._guards.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self._guards is not None:
+            self._guards.load_state_dict(state_dict.get("guards", {}), self._in_fit)

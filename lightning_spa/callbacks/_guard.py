@@ -1,0 +1,245 @@
+r"""The Lightning side of :class:`~lightning_spa.guard.MomentumGuard`: feed it, report it, save it.
+
+Layer: a thin adapter between the pure guard (:mod:`lightning_spa.guard`) and the callbacks that
+remove momentum (:class:`~lightning_spa.callbacks.MomentumOff`,
+:class:`~lightning_spa.callbacks.MeasuredMomentumOff`). One :class:`GuardRunner` per callback holds
+one bound guard per optimizer; the callback calls :meth:`GuardRunner.before_step` from
+``on_before_optimizer_step``, where the gradients are complete (averaged under DDP, unscaled under
+AMP, not yet clipped).
+
+The reading: ``||g||^2`` summed over the optimizer's gradients (:func:`grad_square_norm`), one
+host sync per watched step (the reference window, the transition and ``watch_steps`` after it;
+nothing otherwise). Under DDP every rank holds the same averaged gradient, so every rank reads
+the same number and takes the same decision with no collective; under FSDP2 the shards' squares
+are summed by one all-reduce of one number (:mod:`lightning_spa.distributed`). Under fp16 AMP a
+non-finite gradient is the grad scaler's (it skips that step): it is not fed to the guard.
+
+Logged on an abort (rank zero writes, every rank decides): ``spa/momentum_off_aborted`` = the
+optimizer step of the abort (``c`` is back at its value before the removal from the next step),
+through ``trainer.loggers`` and in ``trainer.callback_metrics``; on a retry
+``spa/momentum_off_step`` = the first step of the new removal. ``/opt<i>`` is appended with several
+optimizers. A console line (rank zero) for each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_spa import _lightning as pl
+from lightning_spa._lightning import rank_zero_info
+from lightning_spa.callbacks._adapter import OptimizerClock
+from lightning_spa.diagnostics import measure_after_step
+from lightning_spa.distributed import has_sharded_params, local_tensor, reduce_partial_sums
+from lightning_spa.guard import GuardedRemoval, MomentumGuard
+
+__all__ = ["ABORTED", "GuardRunner", "check_guard", "grad_square_norm"]
+
+#: The logged name of an abort (``/opt<i>`` appended with several optimizers).
+ABORTED = "spa/momentum_off_aborted"
+#: The logged name of a removal's first step (also logged by MeasuredMomentumOff at its decision).
+OFF_STEP = "spa/momentum_off_step"
+#: ``watch_steps=None`` when the dataloader has no length (no epoch to take).
+_WATCH_WITHOUT_EPOCHS = 100
+
+
+def check_guard(guard: Any, owner: str) -> MomentumGuard | None:
+    """Validates a callback's ``guard=`` argument: True (the defaults), False (off) or a MomentumGuard."""
+    if isinstance(guard, MomentumGuard):
+        return guard
+    if guard is True:
+        return MomentumGuard()
+    if guard is False:
+        return None
+    raise ValueError(
+        f"{owner}: `guard` must be True (the default guard), False (no guard) or a lightning_spa.MomentumGuard(...), "
+        f"got {guard!r}."
+    )
+
+
+@torch.no_grad()
+def grad_square_norm(optimizer: Optimizer, sharded: bool) -> torch.Tensor:
+    """``||g||^2`` over every parameter of ``optimizer`` with a gradient, as a 0-dim tensor on its device.
+
+    ``sharded``: the optimizer holds DTensor parameters (FSDP2); their local squares are summed
+    across ranks with one all-reduce, which every rank must call at the same step.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = local_tensor(params[0]).device if params else torch.device("cpu")
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    grads = [p.grad for p in params if p.grad is not None]
+    one_device = all(g.device == grads[0].device and not g.is_sparse for g in grads)
+    if not sharded and grads and one_device:  # the common case: one foreach norm
+        return torch.stack(torch._foreach_norm(grads, 2)).to(dtype).square().sum()
+    parts = measure_after_step(optimizer, device, dtype)  # (2, groups, 1): sharded, ordinary parameters
+    shards = parts[0].sum().reshape(1)
+    if sharded:
+        shards = reduce_partial_sums(shards)
+    return shards[0] + parts[1].sum()
+
+
+class GuardRunner:
+    """One callback's guards, one per optimizer (module docstring).
+
+    Args:
+        owner: the callback's name, for messages.
+        template: the guard's parameters (:func:`check_guard`'s result).
+    """
+
+    def __init__(self, owner: str, template: MomentumGuard) -> None:
+        self.owner, self.template = owner, template
+        self.guards: dict[int, MomentumGuard] = {}
+        self.removals: dict[int, GuardedRemoval] = {}
+        self._loaded: dict[int, dict[str, Any]] = {}
+        self._loggers: list[Any] = []
+        self._trainer: pl.Trainer | None = None
+        self._suffix = False
+        self._amp_scaler = False
+        self._sharded: dict[int, bool] = {}
+        self._pending: dict[int, torch.Tensor] = {}
+
+    # ----- setup --------------------------------------------------------------------------
+    def bind(self, index: int, transition_steps: int, steps_per_epoch: int, start: int | None) -> GuardedRemoval:
+        """A fresh guard (the checkpoint's state if there is one) for optimizer ``index``; its schedule.
+
+        ``start``: the removal's first step when known now (MomentumOff), None (MeasuredMomentumOff).
+        """
+        watch = steps_per_epoch if steps_per_epoch > 0 else _WATCH_WITHOUT_EPOCHS
+        guard = self.template.bind(transition_steps, watch)
+        if index in self._loaded:
+            guard.load_state_dict(self._loaded.pop(index))
+        elif start is not None:
+            guard.plan(start)
+        self.guards[index] = guard
+        self.removals[index] = GuardedRemoval(guard)
+        return self.removals[index]
+
+    def start_fit(self, trainer: pl.Trainer, clocks: dict[int, OptimizerClock]) -> None:
+        self._trainer, self._loggers = trainer, list(trainer.loggers)
+        self._suffix = len(clocks) > 1
+        self._amp_scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._sharded = {
+            i: has_sharded_params([p for g in c.optimizer.param_groups for p in g["params"]]) for i, c in clocks.items()
+        }
+        self._pending = {}
+
+    def end_fit(self) -> None:
+        self._trainer, self._loggers, self._pending = None, [], {}
+
+    # ----- reading ------------------------------------------------------------------------
+    def _eta(self, clock: OptimizerClock) -> float:
+        """``eta`` of the coming step of param group 0 (SPA: as written in the group, whoever wrote it)."""
+        if clock.kind == "spa":
+            lr = clock.optimizer.param_groups[0]["lr"]
+            return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+        return clock.values(0, clock.steps)[0]
+
+    def _read(self, index: int, clock: OptimizerClock) -> float | None:
+        value = float(grad_square_norm(clock.optimizer, self._sharded.get(index, False)))  # the host sync
+        if self._amp_scaler and not math.isfinite(value):
+            return None  # the scaler skips this step; it is not the removal's doing
+        return value
+
+    def before_step(self, index: int, clock: OptimizerClock) -> None:
+        """From ``on_before_optimizer_step`` of optimizer ``index``: retry check, then the reading if wanted."""
+        guard = self.guards.get(index)
+        if guard is None:
+            return
+        k = clock.steps  # the coming step
+        if guard.aborted and guard.retry_due(k, self._eta(clock)):
+            self._report_retry(index, k, guard)
+        if not guard.needs(k):
+            return
+        value = self._read(index, clock)
+        if value is not None and guard.observe(k, value, self._eta(clock)):
+            self._report_abort(index, k, guard, value)
+
+    def stash(self, index: int, clock: OptimizerClock) -> None:
+        """Computes ``||g||^2`` now without reading it (no sync): :meth:`fold_stashed` reads it after the step."""
+        self._pending[index] = grad_square_norm(clock.optimizer, self._sharded.get(index, False))
+
+    def fold_stashed(self, index: int, step: int, eta: float) -> None:
+        """Folds the stashed reading of ``step`` into the guard's reference (MeasuredMomentumOff's decision window)."""
+        pending = self._pending.pop(index, None)
+        guard = self.guards.get(index)
+        if pending is None or guard is None:
+            return
+        value = float(pending)
+        if math.isfinite(value):
+            guard.observe(step, value, eta)
+
+    # ----- reporting ----------------------------------------------------------------------
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self._loggers:
+            logger.log_metrics(metrics, step=step)
+        if self._trainer is not None:
+            self._trainer.callback_metrics.update({key: torch.tensor(v) for key, v in metrics.items()})
+
+    def _name(self, base: str, index: int) -> str:
+        return f"{base}/opt{index}" if self._suffix else base
+
+    def _report_abort(self, index: int, k: int, guard: MomentumGuard, value: float) -> None:
+        self._log({self._name(ABORTED, index): float(k)}, k)
+        ref = guard.reference
+        why = (
+            "is not finite"
+            if not math.isfinite(value)
+            else (
+                f"smoothed to {guard.smoothed:.4g}, above {guard.factor:g} x its level before the removal ({ref:.4g})"
+            )
+        )
+        if guard.retry_factor is None:
+            retry = "No retry (retry_factor=None)."
+        else:
+            retry = (
+                f"It is retried once eta falls to {guard.retry_factor:g} x its value now "
+                f"({guard.retry_factor * (guard.eta_at_abort or 0.0):.4g}), e.g. after an LR milestone."
+            )
+        rank_zero_info(
+            f"{self.owner}: optimizer {index}: ||g||^2 at optimizer step {k} {why}: training destabilises without "
+            f"momentum at this step size. Momentum removal aborted: c is back at its value before the removal from "
+            f"step {k + 1}. {retry}"
+        )
+
+    def _report_retry(self, index: int, k: int, guard: MomentumGuard) -> None:
+        start = guard.planned_start
+        assert start is not None
+        self._log({self._name(OFF_STEP, index): float(start)}, k)
+        rank_zero_info(
+            f"{self.owner}: optimizer {index}: eta has fallen to {guard.retry_factor:g} x its value at the abort: "
+            f"momentum removal retried from optimizer step {start} (reference over steps {k}..{start - 1})."
+        )
+
+    def publish(self, trainer: pl.Trainer, off_steps: dict[int, int] | None = None) -> None:
+        """Puts the values an uninterrupted run would hold into ``trainer.callback_metrics`` (after a resume).
+
+        ``off_steps``: per optimizer, the ``spa/momentum_off_step`` the callback itself logged (its decision);
+        a retry's start replaces it.
+        """
+        metrics: dict[str, float] = {}
+        for index, step in (off_steps or {}).items():
+            metrics[self._name(OFF_STEP, index)] = float(step)
+        for index, guard in self.guards.items():
+            if len(guard.episodes) > 1 or (off_steps and index in off_steps):
+                start = guard.planned_start
+                if start is not None:
+                    metrics[self._name(OFF_STEP, index)] = float(start)
+            if guard.aborted_steps:
+                metrics[self._name(ABORTED, index)] = float(guard.aborted_steps[-1])
+        trainer.callback_metrics.update({key: torch.tensor(v) for key, v in metrics.items()})
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): g.state_dict() for i, g in self.guards.items()}
+
+    def load_state_dict(self, state: dict[str, Any], in_fit: bool) -> None:
+        loaded = {int(i): s for i, s in state.items()}
+        if not in_fit:
+            self._loaded = loaded
+            return
+        for index, guard_state in loaded.items():  # strategies that restore after setup: apply now
+            if index in self.guards:
+                self.guards[index].load_state_dict(guard_state)
