@@ -405,6 +405,22 @@ def test_reproduction_script_smoke(tmp_path: Path) -> None:
     assert rows[2].split(" | ")[5:7] == ["23", "45"]
 
 
+def test_setups_study_smoke(tmp_path: Path) -> None:
+    """A shortened run of examples/reproduce/momentum_off_setups.py: the table, the replay, the PNG."""
+    pytest.importorskip("matplotlib")
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
+    args = ["--epochs", "4", "--seeds", "1", "--setups", "digits-eta1", "--out", str(tmp_path)]
+    table = importlib.import_module("momentum_off_setups").main(args)
+    assert (tmp_path / "momentum_off_setups.md").read_text() == table
+    assert (tmp_path / "momentum_off_setups.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| digits-eta1 | ")]
+    assert [r[1] for r in rows[:3]] == ["momentum throughout", "MomentumOff()", "MeasuredMomentumOff()"]
+    assert rows[1][6] == "23"  # MomentumOff(): c starts to rise after epoch 1 (23 steps)
+    assert len(rows) == 3 + 3 + 1  # three arms, three phases of the ratio, one replay row
+
+
 def test_sampling_study_smoke(tmp_path: Path) -> None:
     """A shortened run of examples/reproduce/measured_off_sampling.py: one row per (EMA start, sampling rate)."""
     import importlib
