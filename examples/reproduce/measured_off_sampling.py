@@ -35,9 +35,10 @@ STEPS_PER_EPOCH = 23  # 1,437 training images, batch 64
 
 def replay(
     steps: list[int], step_sq: list[float], scaled: list[float], n: int, start: int, decay: float, warmup: int,
-    patience: int,
+    patience: int, eta: float = 1.0,
 ) -> tuple[dict[int, float], int | None]:  # fmt: skip
-    """The ratio an EMA of every ``n``-th step from ``start`` reads, and the rule's decision step."""
+    """The ratio an EMA of every ``n``-th step from ``start`` reads, and the rule's decision step (constant ``eta``:
+    once the ratio has damped for the patience, never)."""
     ema = DiagnosticsEMA(1, decay, torch.device("cpu"))
     rule = MomentumOffDecision(warmup_steps=warmup, patience_steps=patience)
     ratios: dict[int, float] = {}
@@ -47,7 +48,7 @@ def replay(
         ema.update(torch.tensor([[a, 0.0, b, 0.0, 0.0, 0.0]], dtype=torch.float64), k, default_gap=n)
         ratios[k] = float(ema.corrected()[0, 4])
         if k >= warmup:
-            rule.observe(k, ratios[k])
+            rule.observe(k, ratios[k], eta)
     return ratios, rule.decided_step
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> str:
         for n in args.every:
             decided, medians, highs = [], [], []
             for steps, a, b in runs:
-                ratios, d = replay(steps, a, b, n, start, args.ema_decay, w, p)
+                ratios, d = replay(steps, a, b, n, start, args.ema_decay, w, p, args.eta)
                 decided.append("never" if d is None else str(d))
                 values = [r for k, r in ratios.items() if k in late]
                 medians.append(statistics.median(values))
