@@ -69,7 +69,7 @@ def plot_summary(log_dir: str | Path, out: str | Path, title: str = "") -> Path:
     line(ax_ratio, "spa/ratio", "spa/ratio")
     ax_ratio.axhline(1.0, color="black", lw=0.8, ls=":", label="1: noise level")
     ax_ratio.set_yscale("log")
-    ax_ratio.set_title("alignment ratio (> 1: momentum helps)")
+    ax_ratio.set_title("alignment ratio (> 1 accelerates, ~1 idle, < 1 damps)")
     draw_hyperparameters(ax_hyper, s)
     for ax in axes.flat:
         ax.grid(alpha=0.3)

@@ -39,7 +39,7 @@ _WARNINGS = {
 
 
 class MomentumDiagnostics(Callback):
-    r"""Logs whether momentum is helping: the alignment ratio of Defazio (2020), Figure 2.
+    r"""Logs what momentum is doing (accelerating, idle, damping): the alignment ratio of Defazio (2020), Figure 2.
 
     For each measured :class:`~lightning_spa.SPA` or :class:`torch.optim.SGD` (without Nesterov and
     dampening) it logs at its optimizer step ``k`` (``THEORY.md`` section 4)::
