@@ -13,8 +13,8 @@ diverges. The alignment ratio cannot warn: at ``c = 1`` it is 1 by construction.
 
 The signal: ``G_k = ||g_k||^2``, the squared norm of the loss gradient the optimizer receives at
 step ``k`` (after AMP unscaling, before clipping), compared with its level just before the removal.
-It stays informative as ``c -> 1``: in the unstable direction the iterate, hence ``g``, grows by
-``|1 - c eta L - beta|``-ish factors per step (``|1 - eta L|`` at ``c = 1``), while on a stable
+It stays informative as ``c -> 1``: once ``eta L > 2 (2 - c) / c`` the iterate, hence ``g``, grows
+geometrically in the unstable direction (by ``|1 - eta L|`` a step at ``c = 1``), while on a stable
 problem removing momentum at the same ``eta`` keeps the effective step ``alpha / (1 - beta) = eta``,
 so ``G`` stays at its level (on a noisy quadratic with small ``eta L`` the stationary ``E G`` is the
 same with and without momentum). The training loss would do as well on one process, but under DDP

@@ -156,6 +156,29 @@ def test_stable_removal_completes(pl: ModuleType, kind: str, optimizer: str) -> 
     assert "spa/momentum_off_aborted" not in trainer.callback_metrics
 
 
+class _InfAt(Stiff):
+    """The stable problem (L = 0.5) with an inf loss, hence inf gradients, at one optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(L=0.5)
+        self.inf_step = step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.inf if self.trainer.global_step == self.inf_step else loss
+
+
+@pytest.mark.parametrize("amp", [True, False], ids=["16-mixed", "32"])
+def test_a_non_finite_gradient_aborts_except_an_amp_overflow(pl: ModuleType, amp: bool) -> None:
+    """Under 16-mixed the grad scaler skips the overflowing step: not the removal's doing, no abort. Without a
+    scaler the inf gradient reaches the weights: the guard aborts at that step."""
+    model, callback = _InfAt(START + 5), MomentumOff(after_epochs=START, unit="step", transition_steps=T)
+    plugins = [pl.plugins.MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if amp else []
+    fit(pl, model, [callback], epochs=8, plugins=plugins)
+    assert guard_of(callback).aborted_steps == ([] if amp else [START + 5])
+    assert math.isfinite(model.objective()) == amp
+
+
 # ----- retry -----------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ The reading: ``||g||^2`` summed over the optimizer's gradients (:func:`grad_squa
 host sync per watched step (the reference window, the transition and ``watch_steps`` after it;
 nothing otherwise). Under DDP every rank holds the same averaged gradient, so every rank reads
 the same number and takes the same decision with no collective; under FSDP2 the shards' squares
-are summed by one all-reduce of one number (:mod:`lightning_spa.distributed`). Under fp16 AMP a
+are summed by one all-reduce of one number (:mod:`lightning_spa.distributed`) on a watched step (in
+MeasuredMomentumOff's decision window, where the meter all-reduces already, the guard reads nothing
+under FSDP2 and takes its reference from the first watched step). Under fp16 AMP a
 non-finite gradient is the grad scaler's (it skips that step): it is not fed to the guard.
 
 Logged on an abort (rank zero writes, every rank decides): ``spa/momentum_off_aborted`` = the
@@ -158,8 +160,14 @@ class GuardRunner:
             self._report_abort(index, k, guard, value)
 
     def stash(self, index: int, clock: OptimizerClock) -> None:
-        """Computes ``||g||^2`` now without reading it (no sync): :meth:`fold_stashed` reads it after the step."""
-        self._pending[index] = grad_square_norm(clock.optimizer, self._sharded.get(index, False))
+        """Computes ``||g||^2`` now without reading it (no sync): :meth:`fold_stashed` reads it after the step.
+
+        Not with sharded parameters: the meter already all-reduces once on a measured step, and a
+        second all-reduce is not worth a reference; the guard then takes the first reading of its
+        watch (the gradient at the last iterate before the removal) as the reference.
+        """
+        if not self._sharded.get(index, False):
+            self._pending[index] = grad_square_norm(clock.optimizer, False)
 
     def fold_stashed(self, index: int, step: int, eta: float) -> None:
         """Folds the stashed reading of ``step`` into the guard's reference (MeasuredMomentumOff's decision window)."""
