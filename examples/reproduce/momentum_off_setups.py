@@ -27,7 +27,7 @@ The momentum-throughout traces also replay the rule (before its decision a Measu
 run): where the old one-sided rule (``ratio <= 1.1``) and the band with a patience of one and two epochs
 would decide.
 
-Run with one thread (about 10 minutes for 5 seeds on a busy CPU)::
+Run with one thread (2-5 minutes for 5 seeds, 60 fits, on a busy CPU)::
 
     OMP_NUM_THREADS=1 python examples/reproduce/momentum_off_setups.py --seeds 5 --out examples/reproduce/results
 """
