@@ -9,7 +9,7 @@ logger, validation, checkpointing or progress bar. Configurations:
   decides, so every step is measured, the cost of the phase between the warm-up and the decision
   (the default measures every step there, with the meter's cheap measurement: two squared norms
   per parameter after the step, :mod:`lightning_spa.diagnostics`);
-- ``decided``: ``MeasuredMomentumOff(warmup=0, patience=0, unit="step", transition_steps=10**9)``:
+- ``decided``: ``MeasuredMomentumOff(warmup=0, patience=0, unit="step", transition_steps=10**9, low=0.01)``:
   decided at step 0, so no step after it is measured (the meter is detached; ``c`` moves so slowly
   that the step itself is unchanged): the cost after the decision.
 
@@ -102,7 +102,8 @@ def run_once(config: str, steps: int) -> tuple[float, float]:
     if config == "measuring":
         measured = _Timed(warmup=0, patience=10**9, unit="step", transition_steps=10)
     elif config == "decided":
-        measured = _Timed(warmup=0, patience=0, unit="step", transition_steps=10**9)
+        # low=0.01: the first step's ratio c (2 - c) counts as idle, so the rule decides at step 0
+        measured = _Timed(warmup=0, patience=0, unit="step", transition_steps=10**9, low=0.01)
     if measured is not None:
         callbacks.append(measured)
     trainer = pl.Trainer(

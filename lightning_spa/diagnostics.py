@@ -16,10 +16,11 @@ For optimizer step ``k`` of SPA (``eta_k``, ``c_k``) or of torch SGD+M (``alpha_
     cosine         = Re<g_k, m_k> / (||g_k|| ||m_k||)   (undefined on a step without history)
     ratio          = EMA(step_sq) / EMA(grad_sq_scaled)
 
-``ratio`` is 1 when the gradients are noise uncorrelated with the past step, above 1 when they
-are aligned with the momentum buffer (momentum accelerates) and below 1 when consecutive
-gradients are anti-correlated (momentum damps: ``THEORY.md`` section 10). The first step has no
-momentum yet, so its ratio is ``c (2 - c)``.
+``ratio`` is 1 when the gradients are noise uncorrelated with the past step (momentum idle), above
+1 when they are aligned with the momentum buffer (momentum accelerates) and below 1 when they are
+anti-correlated (the iterates oscillate, or batches drawn without replacement): momentum damps, and
+removing it at this ``eta`` is unsafe (``THEORY.md`` section 10). The first step has no momentum
+yet, so its ratio is ``c (2 - c)``.
 
 Two ways to measure a step, both exact per parameter (each parameter's own history, see below):
 

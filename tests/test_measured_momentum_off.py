@@ -1,9 +1,10 @@
 """MeasuredMomentumOff: momentum off when the alignment ratio says so (issue 11).
 
-Problems (``tests/measured_off_problem.py``): pure noise (ratio ~1: decides at warm-up + patience
-exactly), a deterministic quadratic (ratio ~(2-c)/c: never decides), and a quadratic with noise
-(high ratio, then the noise level: a decision step that depends on the trajectory). Float64, one
-parameter vector, one step per batch: seconds each.
+Problems (``tests/measured_off_problem.py``): pure noise (ratio ~1, idle: decides at warm-up + patience
+exactly), a deterministic quadratic (ratio ~(2-c)/c, accelerating: never decides), a quadratic with noise
+(high ratio, then the noise level: a decision step that depends on the trajectory), and a noisy quadratic
+at a step beyond plain SGD's limit (ratio 1 / (1 + (1-c) eta L / (2-c)) < 1, damping: never decides).
+Float64, one parameter vector, one step per batch: seconds each.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from multiprocess import run_script
 
 from lightning_spa.callbacks.measured import MeasuredMomentumOff
 from lightning_spa.callbacks.schedules import GradualSchedule
-from lightning_spa.decision import MomentumOffDecision
+from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW, MomentumOffDecision
 from lightning_spa.schedule import MomentumRemoval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_pure_noise_switches_off_after_warmup_plus_patience(warmup: int, patienc
     callback = MeasuredMomentumOff(warmup=warmup, patience=patience, unit="step", transition_steps=12, log_ratio=True)
     record = Record()
     fit(Objective(h=0.0), [callback, record], steps=80)
-    decided = warmup + patience  # the noise ratio (1 +- a few %) is below 1.1 at every measured step
+    decided = warmup + patience  # the noise ratio (1 +- a few %) is inside [0.9, 1.25] at every measured step
     assert callback.decided_steps == {0: decided}
     # c0 until the decision's step, then MomentumOff's geometric transition over 12 steps from the next one
     assert record.values == pytest.approx(expected_c(0.2, decided + 1, 12, range(80)), rel=1e-12)
@@ -110,10 +111,11 @@ def test_decision_equals_the_rule_on_the_shared_measurement() -> None:
     fit(Objective(**MIXED), [callback, _RatioTap(callback, ratios)], steps=150)  # type: ignore[arg-type]
     decided = callback.decided_steps[0]
     assert decided is not None and 25 < decided < 150  # the mixed problem needs the ratio to fall first
-    rule = MomentumOffDecision(1.1, 10, 15)
+    rule = MomentumOffDecision(warmup_steps=10, patience_steps=15)
     steps = range(10, 10 + len(ratios))
     assert [rule.observe(k, r) for k, r in zip(steps, ratios, strict=True)].index(True) + 10 == decided
-    assert ratios[0] > 1.1  # high while W is far from the target
+    assert ratios[0] > DEFAULT_HIGH  # accelerating while W is far from the target
+    assert DEFAULT_LOW <= ratios[-1] <= DEFAULT_HIGH  # idle at the decision
 
 
 def test_torch_sgd_and_spa_decide_at_the_same_step() -> None:
@@ -261,6 +263,10 @@ def test_unified_lightning_package() -> None:
     [
         ({"threshold": 0}, "`threshold` must be finite and > 0"),
         ({"threshold": "1.1"}, "`threshold` must be a number"),
+        ({"threshold": 1.1, "high": 1.3}, "give `high` only"),
+        ({"low": 1.2}, "`low` must be <= 1"),
+        ({"high": 0.9}, "`high` must be >= 1"),
+        ({"low": -0.1}, "`low` must be finite and > 0"),
         ({"warmup": -1}, "`warmup` must be a finite number >= 0"),
         ({"patience": math.nan}, "`patience` must be a finite number >= 0"),
         ({"warmup": 2.5, "unit": "step"}, r"`warmup` in optimizer steps \(unit='step'\) must be an integer"),
@@ -283,12 +289,61 @@ def test_instant_switch_warns() -> None:
             steps=3)  # fmt: skip
 
 
-def test_decision_in_the_oscillating_regime_warns() -> None:
-    """eta * h = 1.6 on a noisy quadratic: the iterates oscillate and the ratio sits well below 1."""
+def test_damping_never_switches_and_warns_once() -> None:
+    """Noisy quadratic, h = 8, eta = 0.5, c = 0.2: eta h = 4 is stable with momentum (< 2 (2-c)/c = 18), not
+    without (> 2). Heavy ball's stationary ratio is 1 / (1 + (1-c) eta h / (2-c)) = 0.36 < low: momentum damps,
+    so it is kept, with one warning once the ratio has been below ``low`` for the patience (step 10 + 15)."""
     callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
-    with pytest.warns(UserWarning, match="the iterates oscillate"):
-        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.2, c=0.2), [callback], steps=30)
-    assert callback.decided_steps == {0: 25}
+    ratios: list[float] = []
+    record = Record()
+    with pytest.warns(UserWarning, match=r"keeps momentum.*below 0.9 since step 10.*momentum damps") as caught:
+        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.5, c=0.2), [callback, record, _RatioTap(callback, ratios)],
+            steps=120)  # fmt: skip
+    assert sum("keeps momentum" in str(w.message) for w in caught) == 1
+    assert callback.decided_steps == {0: None} and callback.decisions[0].damping_step == 25
+    assert record.values == [0.2] * 120
+    expected = 1 / (1 + (1 - 0.2) * 0.5 * 8.0 / (2 - 0.2))
+    assert expected == pytest.approx(0.36)
+    assert sum(ratios[-50:]) / 50 == pytest.approx(expected, rel=0.05)
+
+
+def test_after_damping_switches_only_once_eta_has_fallen() -> None:
+    """Damping at eta h = 4 (ratio 0.36), then eta cut 20x from step 60 (over 15 steps): eta h = 0.2, stationary ratio
+    1 / (1 + 0.8 * 0.2 / 1.8) = 0.918, idle. The switch waits for that: not before eta <= 0.5 * 0.5, and only once
+    the EMA has forgotten the damping phase (its old terms are 400x larger, so that takes ~120 steps)."""
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+    gradual = GradualSchedule(milestones=[60], factor=0.05, mode="lr", transition_steps=15, unit="step")
+    ratios: list[float] = []
+    record = Record()
+    with pytest.warns(UserWarning, match="keeps momentum"):
+        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.5, c=0.2), [gradual, callback, record,
+            _RatioTap(callback, ratios)], steps=300)  # fmt: skip
+    decided = callback.decided_steps[0]
+    assert decided is not None and decided >= 60 + 15
+    assert record.values[: decided + 1] == [0.2] * (decided + 1) and record.values[-1] == 1.0
+    expected = 1 / (1 + (1 - 0.2) * 0.5 * 0.05 * 8.0 / (2 - 0.2))
+    assert expected == pytest.approx(0.918, abs=1e-3)
+    assert ratios[-1] == pytest.approx(expected, rel=0.05)  # the reading at the decision
+    assert max(ratios[:50]) < DEFAULT_LOW  # damping at the full step
+
+
+def test_a_band_widened_below_the_oscillation_level_decides_and_warns() -> None:
+    """eta h = 1.6: ratio 1 / (1 + 0.8 * 1.6 / 1.8) = 0.584; with ``low=0.5`` that reads idle, and the decision
+    taken below 0.9 warns that momentum was damping."""
+    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8, low=0.5)
+    with pytest.warns(UserWarning, match=r"ratio at 0\.[5-7].*low=0.5.*momentum was damping"):
+        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.2, c=0.2), [callback], steps=40)
+    decided = callback.decided_steps[0]
+    assert decided is not None and 25 <= decided < 40  # W + P, or a little later: the start (W = T + noise) settles
+
+
+def test_threshold_is_deprecated_and_becomes_high() -> None:
+    with pytest.warns(FutureWarning, match=r"MeasuredMomentumOff\(threshold=...\) is deprecated.*high=1.1"):
+        callback = MeasuredMomentumOff(threshold=1.1, warmup=10, patience=15, unit="step", transition_steps=8)
+    assert (callback.low, callback.high) == (DEFAULT_LOW, 1.1)
+    with pytest.warns(UserWarning, match="keeps momentum"):  # damping (ratio 0.36): the old rule switched at 25
+        fit(Objective(dim=2000, h=8.0, noise=1.0, eta=0.5, c=0.2), [callback], steps=40)
+    assert callback.decided_steps == {0: None}
 
 
 def test_logs_the_decision_and_one_console_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -350,6 +405,22 @@ def test_reproduction_script_smoke(tmp_path: Path) -> None:
     assert len(rows) == 4  # header + three arms
     # MomentumOff(after_epochs=1): the switch starts at step 23 and c reaches 1 one epoch later (step 45)
     assert rows[2].split(" | ")[5:7] == ["23", "45"]
+
+
+def test_setups_study_smoke(tmp_path: Path) -> None:
+    """A shortened run of examples/reproduce/momentum_off_setups.py: the table, the replay, the PNG."""
+    pytest.importorskip("matplotlib")
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
+    args = ["--epochs", "4", "--seeds", "1", "--setups", "digits-eta1", "--out", str(tmp_path)]
+    table = importlib.import_module("momentum_off_setups").main(args)
+    assert (tmp_path / "momentum_off_setups.md").read_text() == table
+    assert (tmp_path / "momentum_off_setups.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| digits-eta1 | ")]
+    assert [r[1] for r in rows[:3]] == ["momentum throughout", "MomentumOff()", "MeasuredMomentumOff()"]
+    assert rows[1][6] == "23"  # MomentumOff(): c starts to rise after epoch 1 (23 steps)
+    assert len(rows) == 3 + 3 + 1  # three arms, three phases of the ratio, one replay row
 
 
 def test_sampling_study_smoke(tmp_path: Path) -> None:

@@ -477,7 +477,7 @@ trainer:
   logger: false
   callbacks:
     - class_path: lightning_spa.MeasuredMomentumOff
-      init_args: {threshold: 100.0, warmup: 2, patience: 1, unit: step, transition_steps: 3}
+      init_args: {low: 0.01, high: 100.0, warmup: 2, patience: 1, unit: step, transition_steps: 3}
     - class_path: lightning_spa.MomentumDiagnostics
       init_args: {every_n_steps: 1}
 model:
@@ -504,7 +504,7 @@ def test_cli_yaml_measured_momentum_off(package: ModuleType, tmp_path: Path) -> 
     assert isinstance(t, package.Trainer) and t.global_step == 10
     kinds = {type(cb) for cb in t.callbacks}
     assert MeasuredMomentumOff in kinds and MomentumDiagnostics in kinds
-    # a threshold far above any ratio: decided at step warmup + patience = 3 (every step measured),
+    # an idle band wider than any ratio: decided at step warmup + patience = 3 (every step measured),
     # momentum goes from the next step; c then reaches 1 over 3 steps while eta stays 0.3
     assert float(t.callback_metrics["spa/momentum_off_step"]) == 2 + 1 + 1
     group = t.optimizers[0].param_groups[0]

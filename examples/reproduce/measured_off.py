@@ -7,7 +7,10 @@ epoch):
 - ``momentum throughout``;
 - ``MomentumOff(after_epochs=1)``: ``c -> 1`` from the start of epoch 2, geometric over one epoch;
 - ``MeasuredMomentumOff()``: the same switch, started once the alignment ratio (measured every
-  step from the end of epoch 1, EMA decay 0.95) has stayed at or below 1.1 for one epoch.
+  step from the end of epoch 1, EMA decay 0.95) has stayed idle, inside ``[0.9, 1.25]``, for one
+  epoch (after a damping episode at ``eta_d``: only at ``eta <= 0.5 eta_d``).
+
+Both switches at their defaults, with the guard (``THEORY.md`` section 11).
 
 Reports the final validation accuracy and loss, the switch step of each seed and the optimizer
 state (momentum buffers: SPA drops them once ``c`` reaches 1) over training. Writes
@@ -34,6 +37,7 @@ from _common import fit_digits, mean_std, write_table
 
 from lightning_spa import SPA, GradualSchedule, MomentumOff
 from lightning_spa.callbacks.measured import MeasuredMomentumOff
+from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW
 
 ARMS = ("momentum throughout", "MomentumOff(after_epochs=1)", "MeasuredMomentumOff()")
 STEPS_PER_EPOCH = 23  # 1,437 training images, batch 64
@@ -127,8 +131,9 @@ def main(argv: list[str] | None = None) -> str:
         "0.1). 'switch step': the first optimizer step with c > 0.1, per seed; 'c = 1 from': the first step with "
         "c = 1, per seed. Optimizer state: "
         "bytes held by the optimizer's tensors after each step (SPA's momentum buffers; dropped once c = 1), mean "
-        "over the run and at the end, mean over seeds. MeasuredMomentumOff defaults: threshold 1.1, warm-up 1 "
-        "epoch, patience 1 epoch, measured every step from the warm-up on, EMA decay 0.95, transition one epoch."
+        "over the run and at the end, mean over seeds. MeasuredMomentumOff defaults: idle band [0.9, 1.25], "
+        "eta_drop 0.5, warm-up 1 epoch, patience 1 epoch, measured every step from the warm-up on, EMA decay 0.95, "
+        "transition one epoch, guard on."
     )
     args.out.mkdir(parents=True, exist_ok=True)
     header = ["arm", "val accuracy", "per seed", "val loss", "diverged seeds", "switch step (per seed)",
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> str:
         if decided is not None:
             ax_ratio.axvline(decided, color=f"C{n}", ls="--", lw=1)
     ax_ratio.axhline(1.0, color="k", lw=0.8)
-    ax_ratio.axhline(1.1, color="k", lw=0.8, ls=":", label="threshold 1.1")
+    ax_ratio.axhspan(DEFAULT_LOW, DEFAULT_HIGH, color="g", alpha=0.12, label="idle band (<: damping, >: accelerating)")
     ax_ratio.axvspan(0, STEPS_PER_EPOCH, color="0.9", label="warm-up (not measured)")
     ax_ratio.set_yscale("log")
     last = max([d for _, _, d in ratios if d is not None], default=0)

@@ -6,7 +6,7 @@ Trains the digits CNN (SPA ``eta``, ``c = 0.1``, constant schedule) with
 into the same bias-corrected EMA (:class:`lightning_spa.meter.DiagnosticsEMA`, decay per step, so a
 sample ``n`` steps after the last weighs ``1 - decay**n``) and the same rule
 (:class:`lightning_spa.decision.MomentumOffDecision`, MeasuredMomentumOff's defaults: warm-up and
-patience one epoch, threshold 1.1), as MeasuredMomentumOff(every_n_steps=n) would. Also for an EMA
+patience one epoch, idle band [0.9, 1.25]), as MeasuredMomentumOff(every_n_steps=n) would. Also for an EMA
 started at step 0 (what MomentumDiagnostics shows), to show why the callback starts it at the
 warm-up. Writes ``measured_off_sampling.md``.
 
@@ -27,7 +27,7 @@ import torch
 from _common import fit_digits, write_table
 
 from lightning_spa import SPA, MomentumDiagnostics
-from lightning_spa.decision import MomentumOffDecision
+from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW, MomentumOffDecision
 from lightning_spa.meter import DiagnosticsEMA
 
 STEPS_PER_EPOCH = 23  # 1,437 training images, batch 64
@@ -35,11 +35,12 @@ STEPS_PER_EPOCH = 23  # 1,437 training images, batch 64
 
 def replay(
     steps: list[int], step_sq: list[float], scaled: list[float], n: int, start: int, decay: float, warmup: int,
-    patience: int,
+    patience: int, eta: float = 1.0,
 ) -> tuple[dict[int, float], int | None]:  # fmt: skip
-    """The ratio an EMA of every ``n``-th step from ``start`` reads, and the rule's decision step."""
+    """The ratio an EMA of every ``n``-th step from ``start`` reads, and the rule's decision step (constant ``eta``:
+    once the ratio has damped for the patience, never)."""
     ema = DiagnosticsEMA(1, decay, torch.device("cpu"))
-    rule = MomentumOffDecision(1.1, warmup, patience)
+    rule = MomentumOffDecision(warmup_steps=warmup, patience_steps=patience)
     ratios: dict[int, float] = {}
     for k, a, b in zip(steps, step_sq, scaled, strict=True):
         if k < start or (k - start) % n:
@@ -47,7 +48,7 @@ def replay(
         ema.update(torch.tensor([[a, 0.0, b, 0.0, 0.0, 0.0]], dtype=torch.float64), k, default_gap=n)
         ratios[k] = float(ema.corrected()[0, 4])
         if k >= warmup:
-            rule.observe(k, ratios[k])
+            rule.observe(k, ratios[k], eta)
     return ratios, rule.decided_step
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> str:
         for n in args.every:
             decided, medians, highs = [], [], []
             for steps, a, b in runs:
-                ratios, d = replay(steps, a, b, n, start, args.ema_decay, w, p)
+                ratios, d = replay(steps, a, b, n, start, args.ema_decay, w, p, args.eta)
                 decided.append("never" if d is None else str(d))
                 values = [r for k, r in ratios.items() if k in late]
                 medians.append(statistics.median(values))
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> str:
     notes = (
         f"Digits CNN, SPA eta {args.eta:g}, c 0.1, constant schedule, batch 64 ({STEPS_PER_EPOCH} steps an epoch), "
         f"{args.epochs} epochs, {args.seeds} seeds; raw samples of every step replayed into DiagnosticsEMA (decay "
-        f"{args.ema_decay:g} per step) and MomentumOffDecision (threshold 1.1, warm-up {w}, patience {p} steps). "
+        f"{args.ema_decay:g} per step) and MomentumOffDecision (idle band [{DEFAULT_LOW:g}, {DEFAULT_HIGH:g}], "
+        f"warm-up {w}, patience {p} steps). "
         f"'decision step' per seed; 'median ratio': median over epochs 4-{args.epochs} of the ratio read, median "
         "over seeds (and its range over seeds); 'max': its maximum in that window, median over seeds."
     )

@@ -49,7 +49,7 @@ def log_step(trainer: pl.Trainer | None, default: int) -> int:
 
 
 class MomentumDiagnostics(Callback):
-    r"""Logs whether momentum is helping: the alignment ratio of Defazio (2020), Figure 2.
+    r"""Logs what momentum is doing (accelerating, idle, damping): the alignment ratio of Defazio (2020), Figure 2.
 
     For each measured :class:`~lightning_spa.SPA` or :class:`torch.optim.SGD` (without Nesterov and
     dampening) it logs at its optimizer step ``k`` (``THEORY.md`` section 4)::
@@ -58,7 +58,8 @@ class MomentumDiagnostics(Callback):
         spa/grad_sq         EMA of eta_k^2 ||g_k||^2     (g_k as the optimizer uses it: weight decay,
                                                            maximize and gradient clipping included)
         spa/grad_sq_scaled  EMA of (c_k / (2 - c_k)) eta_k^2 ||g_k||^2, the noise-level step_sq
-        spa/ratio           spa/step_sq / spa/grad_sq_scaled: ~1 noise, > 1 momentum helps, < 1 oscillation
+        spa/ratio           spa/step_sq / spa/grad_sq_scaled: > 1 aligned (momentum accelerates), ~1 idle
+                            (noise), < 1 momentum damps (removing it at this eta is unsafe)
         spa/cosine          EMA of cos(g_k, m_k) (m_k: the momentum buffer before the step)
         spa/eta, spa/c      the SPA hyper-parameters of the step (group 0)
         spa/lr, spa/momentum  their SGD+M equivalents (Theorem 1: lr = c_k eta_k,

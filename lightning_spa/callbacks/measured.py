@@ -1,4 +1,4 @@
-r"""MeasuredMomentumOff: momentum off once the alignment ratio says it stopped helping (Figures 2 + 3).
+r"""MeasuredMomentumOff: momentum off once the alignment ratio says it is idle (Figures 2 + 3).
 
 The measurement is :class:`~lightning_spa.meter.MomentumMeter`, the one behind
 :class:`~lightning_spa.callbacks.MomentumDiagnostics` (same math, same bias-corrected EMA, the
@@ -24,16 +24,23 @@ from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
 from lightning_spa.callbacks.diagnostics import log_step
-from lightning_spa.decision import DEFAULT_THRESHOLD, MomentumOffDecision
+from lightning_spa.decision import (
+    DEFAULT_ETA_DROP,
+    DEFAULT_HIGH,
+    DEFAULT_LOW,
+    MomentumOffDecision,
+    check_band,
+    check_eta_drop,
+)
 from lightning_spa.guard import GuardedRemoval, MomentumGuard
 from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import MomentumRemoval
 
 __all__ = ["MeasuredMomentumOff"]
 
-# A decision taken with the smoothed ratio below this warns: the iterates oscillate (THEORY.md section 4).
-# A heuristic from examples/reproduce/results/measured_off.md (5 digits seeds at SPA eta 1: the one decided at
-# 0.79 diverged once momentum was off; those decided at 0.89-0.96 did not).
+# A decision taken with the smoothed ratio below this (inside a band widened by the user) warns: momentum was
+# damping. From examples/reproduce/results/measured_off.md (5 digits seeds at SPA eta 1, one-sided rule: the one
+# decided at 0.79 diverged once momentum was off; those decided at 0.89-0.96 did not).
 _OSCILLATION = 0.9
 
 
@@ -91,15 +98,24 @@ def _check_amount(value: Any, name: str, unit: str) -> float:
 
 
 class MeasuredMomentumOff(SPAScheduleCallback):
-    r"""Turns momentum off when the measured alignment ratio says it stopped helping.
+    r"""Turns momentum off when the measured alignment ratio says it is idle.
 
-    The paper's Insight 1 (``THEORY.md`` section 4): the smoothed ratio
-    ``EMA(||x_{k+1}-x_k||^2) / EMA((c/(2-c)) eta^2 ||g_k||^2)`` is far above 1 while momentum helps
-    and near 1 (or below) once the gradients are noise. This callback measures it on each selected
-    optimizer from the end of a warm-up, and once it has stayed at or below ``threshold`` for
-    ``patience`` it starts the gradual switch of :class:`MomentumOff` (``c -> 1`` geometrically
-    over ``transition_steps`` with ``eta`` kept; SGD+M: ``lr / (1 - momentum)``, momentum 0), then
-    stops measuring.
+    The paper's Insight 1 (``THEORY.md`` sections 4 and 10): the smoothed ratio
+    ``EMA(||x_{k+1}-x_k||^2) / EMA((c/(2-c)) eta^2 ||g_k||^2)`` reads
+
+    - **above 1**: the gradients are aligned with the momentum buffer, momentum *accelerates*;
+    - **near 1**: the gradients are noise uncorrelated with the past step, momentum is *idle*;
+    - **below 1**: consecutive gradients are anti-correlated (oscillation across a valley, or batches
+      drawn without replacement), momentum *damps*: removing it at this ``eta`` is unsafe (on a
+      quadratic the stable ``eta`` shrinks by ``(2 - c) / c``, 19x at ``c = 0.1``).
+
+    This callback measures it on each selected optimizer from the end of a warm-up, and once it has
+    stayed inside the idle band ``[low, high]`` for ``patience`` it starts the gradual switch of
+    :class:`MomentumOff` (``c -> 1`` geometrically over ``transition_steps`` with ``eta`` kept;
+    SGD+M: ``lr / (1 - momentum)``, momentum 0), then stops measuring. While the ratio is below
+    ``low`` momentum is kept (a warning says so once), and once it has damped at a step size
+    ``eta_d`` an idle reading counts only after ``eta`` has fallen to ``eta_drop * eta_d`` (e.g. at
+    the next cut of the schedule): that step size needed momentum.
 
     The rule (:class:`~lightning_spa.decision.MomentumOffDecision`), with ``W``, ``P`` the warm-up
     and patience in optimizer steps of that optimizer's own clock (steps actually taken):
@@ -110,9 +126,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     - from ``W``, every ``every_n_steps``-th step is measured (every step by default: with
       heavy-tailed gradient norms a sparse sample misses the rare large ``||g||^2`` that the
       normaliser needs, and the ratio reads high: ``examples/reproduce/results/measured_off_sampling.md``);
-    - a ratio ``<= threshold`` at step ``s`` opens a window, a ratio above closes it; the decision is
-      taken at the first measured step ``k`` with ``k - s >= P``; momentum goes from step ``k + 1``.
-      Measured every step, a ratio that stays low decides at ``W + P`` exactly.
+    - a ratio in ``[low, high]`` at step ``s`` (after a damping episode: at ``eta <= eta_drop * eta_d``)
+      opens a window, a ratio outside closes it; the decision
+      is taken at the first measured step ``k`` with ``k - s >= P``; momentum goes from step ``k + 1``.
+      Measured every step, a ratio that stays idle decides at ``W + P`` exactly.
 
     Works on :class:`~lightning_spa.SPA` and ``torch.optim.SGD(momentum=...)`` (through Theorem 1,
     like :class:`MomentumOff`), composes with :class:`GradualSchedule` and :class:`MomentumOff`
@@ -126,9 +143,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     less momentum, logged at the deciding step; ``/opt<i>`` with several optimizers; also put in
     ``trainer.callback_metrics``) and, with
     ``log_ratio=True``, the smoothed ratio the rule reads as ``spa/off_ratio`` at each measured
-    step. One console line (rank zero) per decision, and a warning when the ratio at the decision is
-    below 0.9: the iterates oscillate (the step is large for the model) and, without momentum's
-    averaging, the same step may diverge.
+    step. One console line (rank zero) per decision, and a warning (once per optimizer) when the
+    ratio has stayed below ``low`` for ``patience``: momentum damps there and is kept. With ``low``
+    set below 0.9 a decision taken at a ratio under 0.9 warns too: the same step may diverge without
+    momentum's averaging.
 
     The guard (on by default, as in :class:`MomentumOff`; :class:`~lightning_spa.guard.MomentumGuard`,
     ``THEORY.md`` section 11): its reference is ``||g||^2`` smoothed over the measured steps of the
@@ -146,11 +164,11 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     (``benchmarks/measured_off_overhead.py``).
 
     Args:
-        threshold: the smoothed ratio at or below which momentum counts as not helping (1 is the
-            noise level). Default 1.1.
+        threshold: deprecated name of ``high`` (the one-sided rule "ratio <= threshold" also switched
+            where momentum damps); warns and sets ``high``.
         warmup: no measurement before this point (in ``unit``); at least the first epoch, in which
             the paper finds momentum helps most.
-        patience: how long the ratio must stay at or below ``threshold`` (in ``unit``).
+        patience: how long the ratio must stay idle, inside ``[low, high]`` (in ``unit``).
         transition_steps: optimizer steps over which ``c`` rises geometrically to 1 once decided;
             None: one epoch; 0 (or 1): instant, with a warning.
         unit: ``"epoch"`` (fractions allowed) or ``"step"`` (optimizer steps) for ``warmup`` and
@@ -163,6 +181,11 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             ``"name"``).
         guard: True (default): the guard above with its defaults; a
             :class:`~lightning_spa.guard.MomentumGuard` to choose its parameters; False: no guard.
+        low: lower edge of the idle band, in ``(0, 1]``; below it momentum damps and is kept.
+            Default 0.9 (``docs/THEORY.md`` section 10).
+        high: upper edge of the idle band, ``>= 1``; above it momentum accelerates. Default 1.25.
+        eta_drop: in ``(0, 1]``: after the ratio stayed below ``low`` for ``patience`` at step size
+            ``eta_d``, an idle ratio counts only at ``eta <= eta_drop * eta_d``. Default 0.5.
 
     Raises:
         ValueError: at construction, an invalid argument (the message names it and the valid
@@ -180,12 +203,12 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         trainer:
           callbacks:
             - class_path: lightning_spa.MeasuredMomentumOff
-              init_args: {threshold: 1.1, warmup: 1, patience: 1, unit: epoch}
+              init_args: {low: 0.9, high: 1.25, warmup: 1, patience: 1, unit: epoch}
     """
 
     def __init__(
         self,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         warmup: float = 1,
         patience: float = 1,
         transition_steps: int | None = None,
@@ -195,6 +218,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         log_ratio: bool = False,
         optimizers: OptimizerSelection = None,
         guard: bool | MomentumGuard = True,
+        low: float = DEFAULT_LOW,
+        high: float = DEFAULT_HIGH,
+        eta_drop: float = DEFAULT_ETA_DROP,
     ) -> None:
         super().__init__(optimizers)
         check_unit(unit)
@@ -202,8 +228,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self.guard = template
         self._guards = None if template is None else GuardRunner("MeasuredMomentumOff", template)
         self._per_epoch = 0
-        MomentumOffDecision(threshold)  # validates `threshold`, naming it
-        self.threshold = float(threshold)
+        self.low, self.high = check_band(low, high, threshold, "MeasuredMomentumOff")  # names a bad edge
+        self.eta_drop = check_eta_drop(eta_drop)
         self.warmup = _check_amount(warmup, "warmup", unit)
         self.patience = _check_amount(patience, "patience", unit)
         if transition_steps is not None and (
@@ -232,8 +258,8 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         self._trainer: pl.Trainer | None = None
         self._suffix = False
         self._state_key = self._generate_state_key(
-            threshold=self.threshold, warmup=self.warmup, patience=self.patience, unit=self.unit,
-            transition_steps=self.transition_steps, optimizers=self.optimizers,
+            low=self.low, high=self.high, eta_drop=self.eta_drop, warmup=self.warmup, patience=self.patience,
+            unit=self.unit, transition_steps=self.transition_steps, optimizers=self.optimizers,
         )  # fmt: skip
 
     @property
@@ -265,7 +291,10 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     def _check(self, clock: OptimizerClock) -> None:
         removal = self._removals[clock.index]
-        decision = MomentumOffDecision(self.threshold, self.warmup_steps, self.patience_steps)
+        decision = MomentumOffDecision(
+            low=self.low, high=self.high, warmup_steps=self.warmup_steps, patience_steps=self.patience_steps,
+            eta_drop=self.eta_drop,
+        )  # fmt: skip
         if clock.index in self._loaded_decisions:
             decision.load_state_dict(self._loaded_decisions.pop(clock.index))
         removal.start = decision.transition_start
@@ -351,7 +380,18 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if self.log_ratio and math.isfinite(ratio):
             for logger in self._loggers:
                 logger.log_metrics({f"spa/off_ratio{suffix}": ratio}, step=log_step(self._trainer, k))
-        if not decision.observe(k, ratio):
+        damping = decision.damping_step
+        etas = [h.eta for h in reading.hypers if math.isfinite(h.eta)]
+        if not decision.observe(k, ratio, max(etas) if etas else None):
+            if damping is None and decision.damping_step is not None:
+                rank_zero_warn(
+                    f"MeasuredMomentumOff: optimizer {index} keeps momentum: the smoothed alignment ratio has been "
+                    f"below {self.low:g} since step {decision.below_since} ({ratio:.3g} at step {k}). Below 1 momentum "
+                    "damps (the iterates oscillate, or batches drawn without replacement anti-correlate the "
+                    "gradients); removing it at this eta is unsafe (THEORY.md section 10). Momentum goes if the "
+                    f"ratio comes into [{self.low:g}, {self.high:g}] (idle) for the patience once eta has fallen to "
+                    f"{self.eta_drop:g} times its value now (e.g. at the next cut of the schedule)."
+                )
             return
         start = decision.transition_start
         assert start is not None
@@ -364,15 +404,16 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         if ratio < _OSCILLATION:
             rank_zero_warn(
                 f"MeasuredMomentumOff: optimizer {index} decided at step {k} with the smoothed alignment ratio at "
-                f"{ratio:.3g}, below 1: the iterates oscillate, i.e. the step size is large for this model, and "
-                "momentum's averaging was damping it. Without momentum the same step may diverge (on the bundled "
-                "digits at SPA eta 1 one seed in five did, decided at a ratio of 0.79). Consider a smaller eta."
+                f"{ratio:.3g} (low={self.low:g}), below 1: momentum was damping (the iterates oscillate or the "
+                "gradients are anti-correlated), and removing it at this eta is unsafe: the same step may diverge "
+                "without momentum's averaging (on the bundled digits at SPA eta 1 one seed in five did, decided at "
+                f"a ratio of 0.79). Keep `low` at its default ({DEFAULT_LOW}) or use a smaller eta."
             )
         rank_zero_info(
-            f"MeasuredMomentumOff: optimizer {index}: smoothed alignment ratio {ratio:.3g} <= {self.threshold:g} "
-            f"since step {decision.below_since} (warm-up {decision.warmup_steps}, patience "
-            f"{decision.patience_steps} steps); "
-            f"momentum off from optimizer step {start}, over {self._removals[index].transition_steps} steps."
+            f"MeasuredMomentumOff: optimizer {index}: smoothed alignment ratio {ratio:.3g}, idle (in "
+            f"[{self.low:g}, {self.high:g}]) since step {decision.idle_since} (warm-up {decision.warmup_steps}, "
+            f"patience {decision.patience_steps} steps); momentum off from optimizer step {start}, over "
+            f"{self._removals[index].transition_steps} steps."
         )
 
     def on_train_batch_end(
