@@ -43,6 +43,15 @@ The rule, for one optimizer (all steps are that optimizer's steps actually taken
    never. Each retry needs ``eta`` to fall by the factor again, so the number of aborts is at most
    ``log(eta_0 / eta_min) / log(1 / retry_factor) + 1``.
 4. **passed**: after ``s + T - 1 + W`` the removal stands; nothing more is watched.
+5. **damping check** (``damping``, a caller that measures the alignment ratio: ``MomentumOff``):
+   the smoothed ratio ``rho`` of ``THEORY.md`` section 4 over the reference window is fed in
+   (:meth:`MomentumGuard.observe_ratio`); at the planned start ``s`` (:meth:`MomentumGuard.check_start`)
+   a last reading ``rho < damping`` says momentum is *damping* (section 10: the iterates oscillate or
+   the gradients are anti-correlated, and plain SGD at this ``eta`` may diverge within a step or two,
+   faster than any ``||g||^2`` signal). The removal is then **postponed**: recorded as an abort at
+   ``s`` (``c`` moved for one step at most, back at ``c0`` from ``s + 1``), retried as in 3, and the
+   retry checked again. ``damping = 0.9``, the lower edge of the idle band of
+   :mod:`lightning_spa.decision` (same evidence). ``None``: no check.
 
 Why these defaults. Divergence is exponential: at ``c = 1`` the unstable direction's ``G`` grows by
 ``(eta L - 1)^2`` per step (4x at ``eta L = 3``), so a large ``factor`` costs a few steps only, while
@@ -75,16 +84,20 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from lightning_spa.decision import DEFAULT_LOW
 from lightning_spa.schedule import MomentumRemoval
 
 __all__ = ["GuardedRemoval", "MomentumGuard"]
 
 
-def _check_number(value: Any, name: str, low: float, high: float, fix: str, *, low_open: bool = True) -> float:
+def _check_number(
+    value: Any, name: str, low: float, high: float, fix: str, *, low_open: bool = True, high_open: bool = True
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number ({fix}), got {value!r}.")
-    if (value <= low if low_open else value < low) or value >= high:
-        raise ValueError(f"`{name}` must be in {'(' if low_open else '['}{low:g}, {high:g}) ({fix}), got {value!r}.")
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must be in {interval} ({fix}), got {value!r}.")
     return float(value)
 
 
@@ -111,6 +124,10 @@ class MomentumGuard:
             callback's choice (one epoch of optimizer steps). Default None.
         retry_factor: retry once ``eta`` has fallen to at most this multiple of ``eta`` at the abort,
             in ``(0, 1)``; None: never retry. Default 0.5.
+        damping: postpone a removal whose smoothed alignment ratio over the reference window is below
+            this (momentum damps: item 5 of the module docstring), in ``(0, 1]``; None: no check
+            (then only ``||g||^2`` is watched). Default 0.9. Only callers that measure the ratio
+            use it (``MomentumOff``; ``MeasuredMomentumOff`` decides on the ratio itself).
 
     Raises:
         ValueError: an argument outside its range (the message names it and the valid range).
@@ -127,6 +144,7 @@ class MomentumGuard:
         reference_steps: int = 20,
         watch_steps: int | None = None,
         retry_factor: float | None = 0.5,
+        damping: float | None = DEFAULT_LOW,
     ) -> None:
         self.factor = _check_number(factor, "factor", 1.0, math.inf, "the smoothed ||g||^2 over its reference; e.g. 10")
         self.ema_decay = _check_number(ema_decay, "ema_decay", 0.0, 1.0, "e.g. 0.9", low_open=False)
@@ -137,6 +155,9 @@ class MomentumGuard:
         if retry_factor is not None:
             retry_factor = _check_number(retry_factor, "retry_factor", 0.0, 1.0, "None: never retry; e.g. 0.5")
         self.retry_factor = retry_factor
+        if damping is not None:
+            damping = _check_number(damping, "damping", 0.0, 1.0, "None: no check; e.g. 0.9", high_open=False)
+        self.damping = damping
         self.transition_steps = 1  # set by bind(): the removal's length T (0 or 1: instant)
         self._watch = 0 if watch_steps is None else watch_steps
         self._clear()
@@ -148,6 +169,7 @@ class MomentumGuard:
         self.smoothed: float | None = None  # S_k during the watch
         self.eta_at_abort: float | None = None
         self.last_step: int | None = None
+        self.start_ratio: float | None = None  # the last smoothed ratio read in the reference window
 
     def bind(self, transition_steps: int, watch_steps: int) -> MomentumGuard:
         """A fresh guard with these parameters for one optimizer's removal of ``transition_steps``.
@@ -156,7 +178,9 @@ class MomentumGuard:
             transition_steps: the removal's length ``T`` (0 or 1: instant).
             watch_steps: ``W`` to use when this guard's ``watch_steps`` is None.
         """
-        guard = MomentumGuard(self.factor, self.ema_decay, self.reference_steps, self.watch_steps, self.retry_factor)
+        guard = MomentumGuard(
+            self.factor, self.ema_decay, self.reference_steps, self.watch_steps, self.retry_factor, self.damping
+        )
         guard.transition_steps = _check_int(transition_steps, "transition_steps", 0, "0 or 1: instant")
         fallback = _check_int(watch_steps, "watch_steps", 0, "steps watched after c reached 1")
         guard._watch = self.watch_steps if self.watch_steps is not None else fallback
@@ -215,6 +239,30 @@ class MomentumGuard:
             raise ValueError(f"MomentumGuard: a removal from step {self.planned_start} is already planned.")
         self.episodes.append([start, None])
         self.smoothed = None
+        self.start_ratio = None
+
+    def wants_ratio(self, k: int) -> bool:
+        """Whether step ``k``'s smoothed alignment ratio is wanted: the reference window of a planned removal."""
+        start = self.planned_start
+        if self.damping is None or start is None or self.aborted:
+            return False
+        return start - self.reference_steps <= k < start
+
+    def observe_ratio(self, step: int, ratio: float) -> None:
+        """Folds in the smoothed alignment ratio after step ``step`` (kept when in the reference window)."""
+        if self.wants_ratio(step) and math.isfinite(ratio):
+            self.start_ratio = float(ratio)
+
+    def check_start(self, k: int, eta: float) -> bool:
+        """At the planned start ``k``: True (the removal postponed: an abort at ``k``) when momentum damps.
+
+        Item 5 of the module docstring: the last ratio read in the reference window is below ``damping``.
+        """
+        if self.damping is None or self.aborted or k != self.planned_start or self.start_ratio is None:
+            return False
+        if self.start_ratio >= self.damping:
+            return False
+        return self._abort(k, eta)
 
     def observe(self, step: int, grad_sq: float, eta: float) -> bool:
         """Folds in ``||g||^2`` of optimizer step ``step`` (used with step size ``eta``); True when it aborts.
@@ -283,6 +331,7 @@ class MomentumGuard:
             "smoothed": self.smoothed,
             "eta_at_abort": self.eta_at_abort,
             "last_step": self.last_step,
+            "start_ratio": self.start_ratio,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -297,12 +346,14 @@ class MomentumGuard:
         self.smoothed = opt(state.get("smoothed"), float)
         self.eta_at_abort = opt(state.get("eta_at_abort"), float)
         self.last_step = opt(state.get("last_step"), int)
+        self.start_ratio = opt(state.get("start_ratio"), float)
 
     def __repr__(self) -> str:
         retry = "None" if self.retry_factor is None else f"{self.retry_factor:g}"
         return (
             f"MomentumGuard(factor={self.factor:g}, ema_decay={self.ema_decay:g}, "
-            f"reference_steps={self.reference_steps}, watch_steps={self.watch_steps}, retry_factor={retry})"
+            f"reference_steps={self.reference_steps}, watch_steps={self.watch_steps}, retry_factor={retry}, "
+            f"damping={self.damping})"
         )
 
 

@@ -166,6 +166,9 @@ class GuardRunner:
         k = clock.steps  # the coming step
         if guard.aborted and guard.retry_due(k, self._eta(clock)):
             self._report_retry(index, k, guard)
+        if guard.check_start(k, self._eta(clock)):  # momentum damps: the removal is postponed
+            self._report_postponed(index, k, guard)
+            return
         if not guard.needs(k):
             return
         value = self._read(index, clock)
@@ -223,6 +226,21 @@ class GuardRunner:
             f"{self.owner}: optimizer {index}: ||g||^2 at optimizer step {k} {why}: training destabilises without "
             f"momentum at this step size. Momentum removal aborted: c is back at its value before the removal from "
             f"step {k + 1}. {retry}"
+        )
+
+    def _report_postponed(self, index: int, k: int, guard: MomentumGuard) -> None:
+        self._log({self._name(ABORTED, index): float(k)}, k)
+        retry = (
+            "No retry (retry_factor=None)."
+            if guard.retry_factor is None
+            else f"It is retried once eta falls to {guard.retry_factor:g} x its value now "
+            f"({guard.retry_factor * (guard.eta_at_abort or 0.0):.4g}), e.g. after an LR milestone."
+        )
+        rank_zero_info(
+            f"{self.owner}: optimizer {index}: the smoothed alignment ratio before the removal is "
+            f"{guard.start_ratio:.3g}, below {guard.damping:g}: momentum damps (the iterates oscillate or the "
+            "gradients are anti-correlated), and removing it at this eta is unsafe (THEORY.md section 10). Momentum "
+            f"removal postponed: c is back at its value before the removal from step {k + 1}. {retry}"
         )
 
     def _report_retry(self, index: int, k: int, guard: MomentumGuard) -> None:

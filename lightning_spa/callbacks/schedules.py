@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from itertools import pairwise
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
 from lightning_spa.callbacks._select import OptimizerSelection, index_of
 from lightning_spa.guard import MomentumGuard
+from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import (
     MomentumRemoval,
     StepDecay,
@@ -266,8 +268,15 @@ class MomentumOff(SPAScheduleCallback):
     logged and put in ``trainer.callback_metrics``. It is **retried** (after a new reference) once
     ``eta`` has fallen to ``retry_factor`` (0.5) times its value at the abort, e.g. past a
     :class:`GradualSchedule` milestone (``spa/momentum_off_step`` logs the new start), never
-    otherwise. Cost: one ``||g||^2`` and one host sync per watched step; nothing outside the watch.
-    ``guard=False`` turns it off.
+    otherwise. Before the removal starts the guard also measures the alignment ratio over the
+    reference window (:class:`~lightning_spa.meter.MomentumMeter`, the cheap measurement): below
+    ``damping`` (0.9) momentum is *damping* (``THEORY.md`` section 10) and removing it at this
+    ``eta`` is unsafe, often faster than ``||g||^2`` can show (a ReLU net can die within two steps),
+    so the removal is **postponed** instead: logged as an abort at its start (``c`` is back at ``c0``
+    from the next step), with a console line, and retried like an abort. Cost: one ``||g||^2`` and
+    one host sync per watched step, one cheap measurement per reference step; nothing outside
+    those. ``guard=False`` turns it off; ``guard=MomentumGuard(damping=None)`` keeps only the
+    ``||g||^2`` watch.
 
     Args:
         after_epochs: when momentum starts to go, in ``unit`` (epochs may be fractional). 0
@@ -311,6 +320,9 @@ class MomentumOff(SPAScheduleCallback):
         self.guard = template
         self._guards = None if template is None else GuardRunner("MomentumOff", template)
         self._per_epoch = 0
+        # the guard's damping check: per optimizer, the meter of the alignment ratio over its reference window
+        self._meters: dict[int, MomentumMeter] = {}
+        self._loaded_meters: dict[int, dict[str, Any]] = {}
         if not (math.isfinite(float(after_epochs)) and float(after_epochs) >= 0):
             raise ValueError(f"`after_epochs` must be finite and >= 0, got {after_epochs}.")
         if unit == "step" and float(after_epochs) != int(after_epochs):
@@ -386,25 +398,67 @@ class MomentumOff(SPAScheduleCallback):
         if self._guards is not None:  # a resumed run holds what the uninterrupted one would
             self._guards.publish(trainer)
 
+    def _start(self, trainer: pl.Trainer) -> None:
+        # Before the clocks hook the optimizers: a meter's reading of a step reaches the guard before the clock
+        # writes the next one.
+        self._detach_meters()
+        if self._guards is None or self._guards.template.damping is None:
+            return
+        for index, clock in self._clocks.items():
+            decay = self._guards.template.ema_decay
+            meter = MomentumMeter(
+                clock.optimizer, every_n_steps=None, ema_decay=decay, cosine_every_n_steps=None
+            )  # the ratio alone: the cheap measurement, on the steps the guard asks for
+            if index in self._loaded_meters:
+                meter.load_state_dict(self._loaded_meters.pop(index))
+            meter.listeners.append(partial(self._on_ratio, index))
+            self._meters[index] = meter.attach()
+        self._loaded_meters = {}
+
+    def _on_ratio(self, index: int, reading: Reading) -> None:
+        if self._guards is not None and index in self._guards.guards:
+            self._guards.guards[index].observe_ratio(reading.step, reading.ratio)
+
+    def _detach_meters(self) -> None:
+        for meter in self._meters.values():
+            meter.detach()
+        self._meters = {}
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._guards is None:
             return
         index = index_of(trainer, optimizer)
-        if index is not None and index in self._clocks:
-            self._guards.before_step(index, self._clocks[index])
+        if index is None or index not in self._clocks:
+            return
+        self._guards.before_step(index, self._clocks[index])
+        meter, guard = self._meters.get(index), self._guards.guards.get(index)
+        if meter is not None and guard is not None and guard.wants_ratio(self._clocks[index].steps):
+            meter.measure_next_step()
+            meter.before_step()  # the first half now; the meter's step post-hook finishes it
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         if self._guards is not None:
             self._guards.end_fit()
+        self._loaded_meters = {i: m.state_dict() for i, m in self._meters.items()}  # for a later fit's set-up
+        self._detach_meters()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if state and self._guards is not None:  # nothing before the first set-up (see the base class)
             state["guards"] = self._guards.state_dict()
+            meters = {str(i): m.state_dict() for i, m in self._meters.items()}
+            state["ratio_meters"] = meters or {str(i): s for i, s in self._loaded_meters.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if self._guards is not None:
             self._guards.load_state_dict(state_dict.get("guards", {}), self._in_fit and bool(self._clocks))
+            meters = {int(i): s for i, s in state_dict.get("ratio_meters", {}).items()}
+            if self._meters:  # a fit that is set up: apply now
+                for index, meter_state in meters.items():
+                    if index in self._meters:
+                        self._meters[index].load_state_dict(meter_state)
+            else:
+                self._loaded_meters = meters
