@@ -43,10 +43,11 @@ from lightning_spa.state_dicts import (
     _copy_group_options,
     _scaled_initial_lr,
     _sgd_group_to_spa,
+    group_spa_to_sgdm,
     sgd_state_dict_to_spa,
     spa_state_dict_to_sgd,
 )
-from lightning_spa.theorem import constant_sgdm_to_spa, constant_spa_to_sgdm, step_momentum, step_spa_to_sgdm
+from lightning_spa.theorem import constant_sgdm_to_spa, step_spa_to_sgdm
 
 __all__ = [
     "NoSPAEquivalentError",
@@ -437,22 +438,12 @@ def spa_optimizer_to_sgdm(spa: Any) -> Any:
     groups, momenta = [], []
     for i, group in enumerate(spa.param_groups):
         eta, c = float(group["lr"]), float(group["c"])
-        pairs = {
-            (float(st["prev_eta"]), float(st["prev_c"]))
+        histories = [
+            (st["prev_eta"], st["prev_c"])
             for p in group["params"]
             if (st := spa.state.get(p)) and st.get("momentum_buffer") is not None
-        }
-        if len(pairs) > 1:
-            raise ValueError(
-                f"Parameters of param group {i} carry different momentum histories (some skipped steps); "
-                "step them together first."
-            )
-        lr, momentum = constant_spa_to_sgdm(eta, c)
-        if pairs:
-            prev_eta, prev_c = pairs.pop()
-            if eta == 0.0:
-                raise ValueError(f"Param group {i} has eta = 0 with momentum history: no SGD+M step reproduces it.")
-            momentum = step_momentum(eta, prev_eta, prev_c)
+        ]
+        lr, momentum = group_spa_to_sgdm(i, eta, c, histories)
         momenta.append(momentum)
         opts = _copy_group_options(group, ("c", "lr", "initial_lr"))
         opts.update(_scaled_initial_lr(group, c))  # lr / eta

@@ -96,6 +96,33 @@ def sgd_state_dict_to_spa(
     return {"state": state, "param_groups": groups}
 
 
+def group_spa_to_sgdm(index: int, eta: float, c: float, histories: Sequence[tuple[Any, Any]]) -> tuple[float, float]:
+    """``(lr, momentum)`` of the SGD group that continues SPA param group ``index`` (Theorem 1).
+
+    ``histories``: ``(prev_eta, prev_c)`` of each of its parameters with a momentum buffer. Without
+    history ``momentum = 1 - c``; with one, the Theorem-1 momentum of the next step.
+
+    Raises:
+        ValueError: different histories in one group, or ``eta = 0`` with history.
+    """
+    pairs = {(float(prev_eta), float(prev_c)) for prev_eta, prev_c in histories}
+    if len(pairs) > 1:
+        raise ValueError(
+            f"Parameters of param group {index} carry different momentum histories {sorted(pairs)} (some skipped "
+            "steps while eta changed): one SGD momentum cannot continue them all; step them together first."
+        )
+    lr, momentum = constant_spa_to_sgdm(eta, c)
+    if pairs:
+        prev_eta, prev_c = pairs.pop()
+        if eta == 0.0:
+            raise ValueError(
+                f"param group {index} has eta = 0 with momentum history: no SGD+M step reproduces it "
+                "(convert at a step with eta > 0)."
+            )
+        momentum = step_momentum(eta, prev_eta, prev_c)
+    return lr, momentum
+
+
 def spa_state_dict_to_sgd(state_dict: dict[str, Any]) -> dict[str, Any]:
     """An SPA state dict as the ``torch.optim.SGD`` state dict that continues it (Theorem 1).
 
@@ -121,21 +148,8 @@ def spa_state_dict_to_sgd(state_dict: dict[str, Any]) -> dict[str, Any]:
         eta, c = float(group["lr"]), float(group["c"])
         saved = state_dict["state"]
         with_history = [k for k in group["params"] if saved.get(k, {}).get("momentum_buffer") is not None]
-        pairs = {(float(saved[k]["prev_eta"]), float(saved[k]["prev_c"])) for k in with_history}
-        if len(pairs) > 1:
-            raise ValueError(
-                f"Parameters of param group {i} carry different momentum histories {sorted(pairs)} (some skipped "
-                "steps while eta changed): one SGD momentum cannot continue them all; step them together first."
-            )
-        lr, momentum = constant_spa_to_sgdm(eta, c)
-        if pairs:
-            prev_eta, prev_c = pairs.pop()
-            if eta == 0.0:
-                raise ValueError(
-                    f"param group {i} has eta = 0 with momentum history: no SGD+M step reproduces it "
-                    "(convert at a step with eta > 0)."
-                )
-            momentum = step_momentum(eta, prev_eta, prev_c)
+        histories = [(saved[k]["prev_eta"], saved[k]["prev_c"]) for k in with_history]
+        lr, momentum = group_spa_to_sgdm(i, eta, c, histories)
         new = _copy_group_options(group, ("c", "lr", "initial_lr"))
         new.update(_scaled_initial_lr(group, c))  # lr / eta
         groups.append(
