@@ -43,15 +43,18 @@ The rule, for one optimizer (all steps are that optimizer's steps actually taken
    never. Each retry needs ``eta`` to fall by the factor again, so the number of aborts is at most
    ``log(eta_0 / eta_min) / log(1 / retry_factor) + 1``.
 4. **passed**: after ``s + T - 1 + W`` the removal stands; nothing more is watched.
-5. **damping check** (``damping``, a caller that measures the alignment ratio: ``MomentumOff``):
+5. **idle check** (``low``, ``high``; a caller that measures the alignment ratio: ``MomentumOff``):
    the smoothed ratio ``rho`` of ``THEORY.md`` section 4 over the reference window is fed in
    (:meth:`MomentumGuard.observe_ratio`); at the planned start ``s`` (:meth:`MomentumGuard.check_start`)
-   a last reading ``rho < damping`` says momentum is *damping* (section 10: the iterates oscillate or
-   the gradients are anti-correlated, and plain SGD at this ``eta`` may diverge within a step or two,
-   faster than any ``||g||^2`` signal). The removal is then **postponed**: recorded as an abort at
-   ``s`` (``c`` moved for one step at most, back at ``c0`` from ``s + 1``), retried as in 3, and the
-   retry checked again. ``damping = 0.9``, the lower edge of the idle band of
-   :mod:`lightning_spa.decision` (same evidence). ``None``: no check.
+   momentum goes only if the last reading is *idle*, ``low <= rho <= high``. Below ``low`` it damps
+   (section 10: the iterates oscillate or the gradients are anti-correlated, and plain SGD at this
+   ``eta`` may diverge); above ``high`` it accelerates (the early, aligned phase, where the step is
+   large and a ReLU net can die within a step or two of plain SGD, faster than any ``||g||^2``
+   signal: the digits runs of ``examples/reproduce/results/momentum_off_setups.md`` read 1.7 to 10
+   at epoch 1). Outside the band the removal is **postponed**: recorded as an abort at ``s`` (``c``
+   moved for one step at most, back at ``c0`` from ``s + 1``), retried as in 3, and the retry
+   checked again. ``[0.9, 1.25]``: the idle band of :mod:`lightning_spa.decision` (same evidence);
+   ``None`` drops a side. Without a reading (nothing measured) the removal goes ahead.
 
 Why these defaults. Divergence is exponential: at ``c = 1`` the unstable direction's ``G`` grows by
 ``(eta L - 1)^2`` per step (4x at ``eta L = 3``), so a large ``factor`` costs a few steps only, while
@@ -84,7 +87,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from lightning_spa.decision import DEFAULT_LOW
+from lightning_spa.decision import DEFAULT_HIGH, DEFAULT_LOW
 from lightning_spa.schedule import MomentumRemoval
 
 __all__ = ["GuardedRemoval", "MomentumGuard"]
@@ -124,10 +127,12 @@ class MomentumGuard:
             callback's choice (one epoch of optimizer steps). Default None.
         retry_factor: retry once ``eta`` has fallen to at most this multiple of ``eta`` at the abort,
             in ``(0, 1)``; None: never retry. Default 0.5.
-        damping: postpone a removal whose smoothed alignment ratio over the reference window is below
-            this (momentum damps: item 5 of the module docstring), in ``(0, 1]``; None: no check
-            (then only ``||g||^2`` is watched). Default 0.9. Only callers that measure the ratio
-            use it (``MomentumOff``; ``MeasuredMomentumOff`` decides on the ratio itself).
+        low: postpone a removal whose smoothed alignment ratio over the reference window is below
+            this (momentum damps: item 5 of the module docstring), in ``(0, 1]``; None: no lower
+            check. Default 0.9. Only callers that measure the ratio use ``low`` and ``high``
+            (``MomentumOff``; ``MeasuredMomentumOff`` decides on the ratio itself).
+        high: postpone it when the ratio is above this (momentum accelerates), ``>= 1``; None: no
+            upper check. Default 1.25. ``low=None, high=None``: only ``||g||^2`` is watched.
 
     Raises:
         ValueError: an argument outside its range (the message names it and the valid range).
@@ -144,7 +149,8 @@ class MomentumGuard:
         reference_steps: int = 20,
         watch_steps: int | None = None,
         retry_factor: float | None = 0.5,
-        damping: float | None = DEFAULT_LOW,
+        low: float | None = DEFAULT_LOW,
+        high: float | None = DEFAULT_HIGH,
     ) -> None:
         self.factor = _check_number(factor, "factor", 1.0, math.inf, "the smoothed ||g||^2 over its reference; e.g. 10")
         self.ema_decay = _check_number(ema_decay, "ema_decay", 0.0, 1.0, "e.g. 0.9", low_open=False)
@@ -155,9 +161,11 @@ class MomentumGuard:
         if retry_factor is not None:
             retry_factor = _check_number(retry_factor, "retry_factor", 0.0, 1.0, "None: never retry; e.g. 0.5")
         self.retry_factor = retry_factor
-        if damping is not None:
-            damping = _check_number(damping, "damping", 0.0, 1.0, "None: no check; e.g. 0.9", high_open=False)
-        self.damping = damping
+        if low is not None:
+            low = _check_number(low, "low", 0.0, 1.0, "None: no lower check; e.g. 0.9", high_open=False)
+        if high is not None:
+            high = _check_number(high, "high", 1.0, math.inf, "None: no upper check; e.g. 1.25", low_open=False)
+        self.low, self.high = low, high
         self.transition_steps = 1  # set by bind(): the removal's length T (0 or 1: instant)
         self._watch = 0 if watch_steps is None else watch_steps
         self._clear()
@@ -179,7 +187,7 @@ class MomentumGuard:
             watch_steps: ``W`` to use when this guard's ``watch_steps`` is None.
         """
         guard = MomentumGuard(
-            self.factor, self.ema_decay, self.reference_steps, self.watch_steps, self.retry_factor, self.damping
+            self.factor, self.ema_decay, self.reference_steps, self.watch_steps, self.retry_factor, self.low, self.high
         )
         guard.transition_steps = _check_int(transition_steps, "transition_steps", 0, "0 or 1: instant")
         fallback = _check_int(watch_steps, "watch_steps", 0, "steps watched after c reached 1")
@@ -244,7 +252,7 @@ class MomentumGuard:
     def wants_ratio(self, k: int) -> bool:
         """Whether step ``k``'s smoothed alignment ratio is wanted: the reference window of a planned removal."""
         start = self.planned_start
-        if self.damping is None or start is None or self.aborted:
+        if (self.low is None and self.high is None) or start is None or self.aborted:
             return False
         return start - self.reference_steps <= k < start
 
@@ -254,15 +262,15 @@ class MomentumGuard:
             self.start_ratio = float(ratio)
 
     def check_start(self, k: int, eta: float) -> bool:
-        """At the planned start ``k``: True (the removal postponed: an abort at ``k``) when momentum damps.
+        """At the planned start ``k``: True (the removal postponed: an abort at ``k``) unless momentum is idle.
 
-        Item 5 of the module docstring: the last ratio read in the reference window is below ``damping``.
+        Item 5 of the module docstring: the last ratio read in the reference window is outside ``[low, high]``.
         """
-        if self.damping is None or self.aborted or k != self.planned_start or self.start_ratio is None:
+        if self.aborted or k != self.planned_start or self.start_ratio is None:
             return False
-        if self.start_ratio >= self.damping:
-            return False
-        return self._abort(k, eta)
+        below = self.low is not None and self.start_ratio < self.low
+        above = self.high is not None and self.start_ratio > self.high
+        return self._abort(k, eta) if below or above else False
 
     def observe(self, step: int, grad_sq: float, eta: float) -> bool:
         """Folds in ``||g||^2`` of optimizer step ``step`` (used with step size ``eta``); True when it aborts.
@@ -353,7 +361,7 @@ class MomentumGuard:
         return (
             f"MomentumGuard(factor={self.factor:g}, ema_decay={self.ema_decay:g}, "
             f"reference_steps={self.reference_steps}, watch_steps={self.watch_steps}, retry_factor={retry}, "
-            f"damping={self.damping})"
+            f"low={self.low}, high={self.high})"
         )
 
 

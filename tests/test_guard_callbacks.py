@@ -185,8 +185,10 @@ def test_a_non_finite_gradient_aborts_except_an_amp_overflow(pl: ModuleType, amp
 def test_retry_after_eta_has_fallen_by_the_factor(pl: ModuleType) -> None:
     """GradualSchedule('lr') divides eta by 10 over steps 160..184 (eta_{160+j} = 10^(-(j+1)/25)): the first
     step with eta <= 0.5 (retry_factor x eta at the abort, 1) is j = 7 (10^(-8/25) = 0.479 < 0.5 < 10^(-7/25)),
-    i.e. step 167; the new removal starts R = 20 steps later, at 187, and completes (eta L = 0.3 < 2)."""
-    callback, record = MomentumOff(after_epochs=START, unit="step", transition_steps=T), Record()
+    i.e. step 167; the new removal starts R = 20 steps later, at 187, and completes (eta L = 0.3 < 2).
+    The ||g||^2 watch alone (low=None, high=None: no idle check, which would postpone this toy's retry too)."""
+    only_grad = MomentumGuard(low=None, high=None)
+    callback, record = MomentumOff(after_epochs=START, unit="step", transition_steps=T, guard=only_grad), Record()
     decay = GradualSchedule(milestones=[160], factor=0.1, mode="lr", unit="step", transition_steps=25)
     model = Stiff()
     trainer = fit(pl, model, [callback, decay, record])
@@ -273,7 +275,8 @@ def test_callback_metrics_hold_the_decision_after_a_resume(package: ModuleType, 
 
 
 def test_logged_through_the_loggers(pl: ModuleType, tmp_path: Path) -> None:
-    callback = MomentumOff(after_epochs=START, unit="step", transition_steps=T)
+    only_grad = MomentumGuard(low=None, high=None)  # the ||g||^2 abort, then the retry
+    callback = MomentumOff(after_epochs=START, unit="step", transition_steps=T, guard=only_grad)
     decay = GradualSchedule(milestones=[160], factor=0.1, mode="lr", unit="step", transition_steps=25)
     logger = pl.loggers.CSVLogger(tmp_path, name="run")
     fit(pl, Stiff(), [callback, decay], logger=logger, log_every_n_steps=1)

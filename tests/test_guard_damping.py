@@ -1,8 +1,8 @@
-"""The guard's damping check (``lightning_spa.guard`` item 5): MomentumOff postpones a removal where momentum damps.
+"""The guard's idle check (``lightning_spa.guard`` item 5): MomentumOff postpones a removal where momentum damps.
 
 A noisy quadratic (``tests/measured_off_problem.py``) at ``eta h = 4``, ``c = 0.2``: stable with momentum
 (``eta h < 2 (2 - c) / c = 18``), not without (``eta h < 2``); its stationary ratio is
-``1 / (1 + (1 - c) eta h / (2 - c)) = 0.36`` (``THEORY.md`` section 10), below ``damping = 0.9``. Pure noise
+``1 / (1 + (1 - c) eta h / (2 - c)) = 0.36`` (``THEORY.md`` section 10), below ``low = 0.9``. Pure noise
 (``h = 0``) reads 1: momentum is idle there and the removal goes ahead.
 """
 
@@ -59,8 +59,9 @@ def test_damping_postpones_the_removal(optimizer: str, caplog: pytest.LogCapture
 
 
 def test_without_the_check_the_same_removal_goes_ahead() -> None:
-    """damping=None: the removal starts (only ||g||^2 is watched), so c leaves c0 after START."""
-    callback = MomentumOff(after_epochs=START, unit="step", transition_steps=T, guard=MomentumGuard(damping=None))
+    """low=None, high=None: the removal starts (only ||g||^2 is watched), so c leaves c0 after START."""
+    only_grad = MomentumGuard(low=None, high=None)
+    callback = MomentumOff(after_epochs=START, unit="step", transition_steps=T, guard=only_grad)
     record = Record()
     fit(Objective(**DAMPING), [callback, record], steps=START + 3)  # type: ignore[arg-type]
     assert record.c[START + 1] > 0.2
@@ -107,5 +108,15 @@ def test_pure_rule() -> None:
     restored = MomentumGuard().bind(transition_steps=T, watch_steps=5)
     restored.load_state_dict(damped.state_dict())
     assert restored.state_dict() == damped.state_dict()
-    with pytest.raises(ValueError, match="`damping` must be in"):
-        MomentumGuard(damping=1.5)
+    with pytest.raises(ValueError, match="`low` must be in"):
+        MomentumGuard(low=1.5)
+    with pytest.raises(ValueError, match="`high` must be in"):
+        MomentumGuard(high=0.5)
+    aligned = MomentumGuard().bind(transition_steps=T, watch_steps=5)
+    aligned.plan(START)
+    aligned.observe_ratio(START - 1, 1.7)  # momentum accelerates: postponed too
+    assert aligned.check_start(START, eta=1.0)
+    unbounded = MomentumGuard(high=None).bind(transition_steps=T, watch_steps=5)
+    unbounded.plan(START)
+    unbounded.observe_ratio(START - 1, 1.7)
+    assert not unbounded.check_start(START, eta=1.0)

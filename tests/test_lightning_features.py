@@ -310,21 +310,33 @@ def test_lr_find_then_momentum_off(package: ModuleType) -> None:
         def configure_optimizers(self) -> Any:
             return SPA(self.parameters(), lr=self.lr, c=C0)
 
-    module = Tunable()
+    def tuned_fit(cb: MomentumOff) -> tuple[Any, Any]:
+        module = Tunable()
+        rec = recorder(package)
+        trainer = trainer_for(package, [cb, rec], max_epochs=6)
+        finder = tuner_module.Tuner(trainer).lr_find(
+            module, train_dataloaders=StatefulLoader(), min_lr=1e-3, max_lr=3.0, num_training=24
+        )
+        assert finder is not None and module.lr == finder.suggestion()
+        module.losses.clear()
+        rec.values.clear()
+        trainer.fit(module, train_dataloaders=StatefulLoader())
+        assert rec.key("lr") == [module.lr] * 6 * BATCHES  # lr_find's eta, untouched
+        assert all(math.isfinite(v) for v in module.losses)
+        assert sum(module.losses[-BATCHES:]) < sum(module.losses[:BATCHES])
+        return module, rec
+
+    start = 2 * BATCHES
+    # The formula (no idle check): c goes to 1 over epoch 2 and the fit still ends below its start.
+    _, rec = tuned_fit(MomentumOff(after_epochs=2, guard=MomentumGuard(low=None, high=None)))
+    assert rec.key("c") == pytest.approx([removal_c(k, start, BATCHES) for k in range(6 * BATCHES)])
+    # At the defaults the guard reads the ratio first: at the found lr it is not idle here, so the removal is
+    # postponed at its start (and says so), with c back at c0 from the next step.
     cb = MomentumOff(after_epochs=2)
-    rec = recorder(package)
-    trainer = trainer_for(package, [cb, rec], max_epochs=6)
-    finder = tuner_module.Tuner(trainer).lr_find(
-        module, train_dataloaders=StatefulLoader(), min_lr=1e-3, max_lr=3.0, num_training=24
-    )
-    assert finder is not None and module.lr == finder.suggestion()
-    module.losses.clear()
-    rec.values.clear()
-    trainer.fit(module, train_dataloaders=StatefulLoader())
-    assert rec.key("lr") == [module.lr] * 6 * BATCHES  # lr_find's eta, untouched
-    assert rec.key("c") == pytest.approx([removal_c(k, 2 * BATCHES, BATCHES) for k in range(6 * BATCHES)])
-    assert all(math.isfinite(v) for v in module.losses)
-    assert sum(module.losses[-BATCHES:]) < sum(module.losses[:BATCHES])
+    _, rec = tuned_fit(cb)
+    guard = cb._guards.guards[0]  # type: ignore[union-attr]
+    assert guard.start_ratio is not None and not 0.9 <= guard.start_ratio <= 1.25
+    assert guard.aborted_steps == [start] and rec.key("c")[start + 1 :] == [C0] * (6 * BATCHES - start - 1)
 
 
 # ----- 17.1: StochasticWeightAveraging ---------------------------------------------------------------------
@@ -370,7 +382,8 @@ def test_swa_takes_the_lr_over_from_gradual_schedule_on_spa(package: ModuleType)
 def test_swa_and_momentum_off_on_spa_c_keeps_its_schedule(package: ModuleType) -> None:
     """On SPA, momentum removal writes c only: it goes on under SWALR, across the SWA start."""
     module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
-    cb = MomentumOff(after_epochs=1.5)  # steps 6-9: across the SWA start (step 8)
+    # steps 6-9: across the SWA start (step 8); the formula, without the idle check (this toy is not idle at step 6)
+    cb = MomentumOff(after_epochs=1.5, guard=MomentumGuard(low=None, high=None))
     _, rec = fit(package, module, [cb, swa(package)], max_epochs=SWA_EPOCHS)
     assert rec.key("c") == pytest.approx([removal_c(k, 6, BATCHES) for k in range(SWA_EPOCHS * BATCHES)])
     assert rec.key("lr") == pytest.approx([ETA0] * HANDOVER + swalr_alone(ETA0), rel=1e-12)
@@ -554,7 +567,9 @@ def make_manual_module(L: ModuleType) -> Any:
 
 
 def manual_callbacks() -> list[Any]:
-    return [GradualSchedule([2], factor=0.5, mode="lr"), MomentumOff(after_epochs=1)]
+    # the formula, without the idle check (this toy is not idle after epoch 1)
+    off = MomentumOff(after_epochs=1, guard=MomentumGuard(low=None, high=None))
+    return [GradualSchedule([2], factor=0.5, mode="lr"), off]
 
 
 def expected_manual(per_epoch: int, steps: int) -> tuple[list[float], list[float]]:

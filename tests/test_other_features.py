@@ -19,7 +19,7 @@ import torch
 from test_lightning_features import BATCHES, C0, ETA0, StatefulLoader, fit, make_module, removal_c
 from torch import nn
 
-from lightning_spa import SPA, MomentumDiagnostics, MomentumOff
+from lightning_spa import SPA, MomentumDiagnostics, MomentumGuard, MomentumOff
 
 
 def _loss(module: nn.Module, loader: StatefulLoader, dtype: torch.dtype) -> float:
@@ -48,7 +48,8 @@ def test_bf16_true_trains_with_momentum_off_and_diagnostics(package: ModuleType)
 def test_gradient_accumulation_epochs_count_optimizer_steps(package: ModuleType) -> None:
     """accumulate_grad_batches=2 over 4 batches: 2 optimizer steps an epoch; one epoch of removal is 2 steps."""
     module = make_module(package, lambda p: SPA(p, lr=ETA0, c=C0))
-    _, rec = fit(package, module, [MomentumOff(after_epochs=1)], max_epochs=3, accumulate_grad_batches=2)
+    off = MomentumOff(after_epochs=1, guard=MomentumGuard(low=None, high=None))  # the formula: no idle check
+    _, rec = fit(package, module, [off], max_epochs=3, accumulate_grad_batches=2)
     per_epoch = BATCHES // 2
     assert rec.key("c") == pytest.approx([removal_c(k, per_epoch, per_epoch) for k in range(3 * per_epoch)])
 
@@ -79,6 +80,7 @@ def test_backbone_finetuning_owns_the_lr_momentum_off_writes_c_on_spa(package: M
         return fit(package, _finetuning_module(package), [finetuning(unfreeze_backbone_at_epoch=1), *callbacks],
                    max_epochs=4)[1]  # fmt: skip
 
-    plain, removed = run([]), run([MomentumOff(after_epochs=2)])
+    # the formula: no idle check (this regression's ratio is not idle at epoch 2, so the removal would wait)
+    plain, removed = run([]), run([MomentumOff(after_epochs=2, guard=MomentumGuard(low=None, high=None))])
     assert removed.key("lr") == plain.key("lr")  # the finetuning callback's lr, untouched
     assert removed.key("c") == pytest.approx([removal_c(k, 2 * BATCHES, BATCHES) for k in range(4 * BATCHES)])

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_spa import SPA, GradualSchedule, MomentumOff
+from lightning_spa import SPA, GradualSchedule, MomentumGuard, MomentumOff
 from lightning_spa.demos import DigitsCNN, DigitsDataModule
 from lightning_spa.optim import SPASpikeWarning
 
@@ -141,7 +141,9 @@ def test_too_fast_transition_is_refused_before_training() -> None:
 
 def test_spa_and_torch_sgd_reach_the_same_parameters_float64() -> None:
     def callbacks() -> list[pl.Callback]:
-        return [GradualSchedule([4], unit="step", transition_steps=T, warmup_steps=3), MomentumOff(20, 4, "step")]
+        # the formula on both optimizers: no idle check (this regression reads aligned at step 20, so it would postpone)
+        off = MomentumOff(20, 4, "step", guard=MomentumGuard(low=None, high=None))
+        return [GradualSchedule([4], unit="step", transition_steps=T, warmup_steps=3), off]
 
     pl.seed_everything(0, verbose=False)
     init = [p.detach().double() for p in DigitsCNN(channels=4).parameters()]  # what fit() starts from
@@ -234,7 +236,8 @@ def test_both_callbacks_compose(order: str) -> None:
 
 def test_momentum_off_in_sgd_terms_keeps_the_effective_step() -> None:
     with pytest.warns(UserWarning, match=r"MomentumOff\(transition_steps=0\) switches momentum off at once"):
-        _, _, rec = fit([MomentumOff(after_epochs=3, transition_steps=0, unit="step")], sgd(0.1, 0.9), max_steps=5)
+        off = MomentumOff(after_epochs=3, transition_steps=0, unit="step", guard=MomentumGuard(low=None, high=None))
+        _, _, rec = fit([off], sgd(0.1, 0.9), max_steps=5)  # the formula (no idle check: steps 0-2 read c(2-c))
     assert rec.key("lr") == pytest.approx([0.1] * 3 + [1.0] * 2)  # lr / (1 - momentum)
     # Theorem 1: step 3 still carries (1 - c_2) * eta_2 / eta_3 = 0.9 of the old buffer, then 0 (Figure 1d)
     assert rec.key("momentum") == pytest.approx([0.9] * 4 + [0.0])

@@ -236,11 +236,17 @@ class GuardRunner:
             else f"It is retried once eta falls to {guard.retry_factor:g} x its value now "
             f"({guard.retry_factor * (guard.eta_at_abort or 0.0):.4g}), e.g. after an LR milestone."
         )
+        ratio = guard.start_ratio if guard.start_ratio is not None else math.nan
+        what = (
+            f"below {guard.low:g}: momentum damps (the iterates oscillate or the gradients are anti-correlated)"
+            if guard.low is not None and ratio < guard.low
+            else f"above {guard.high:g}: momentum accelerates (the gradients align with it; early in training)"
+        )
         rank_zero_info(
-            f"{self.owner}: optimizer {index}: the smoothed alignment ratio before the removal is "
-            f"{guard.start_ratio:.3g}, below {guard.damping:g}: momentum damps (the iterates oscillate or the "
-            "gradients are anti-correlated), and removing it at this eta is unsafe (THEORY.md section 10). Momentum "
-            f"removal postponed: c is back at its value before the removal from step {k + 1}. {retry}"
+            f"{self.owner}: optimizer {index}: the smoothed alignment ratio before the removal is {ratio:.3g}, "
+            f"{what}, and removing it at this eta is unsafe: momentum goes only where it is idle (THEORY.md "
+            f"section 10). Momentum removal postponed: c is back at its value before the removal from step {k + 1}. "
+            f"{retry}"
         )
 
     def _report_retry(self, index: int, k: int, guard: MomentumGuard) -> None:

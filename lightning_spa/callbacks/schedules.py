@@ -269,14 +269,16 @@ class MomentumOff(SPAScheduleCallback):
     ``eta`` has fallen to ``retry_factor`` (0.5) times its value at the abort, e.g. past a
     :class:`GradualSchedule` milestone (``spa/momentum_off_step`` logs the new start), never
     otherwise. Before the removal starts the guard also measures the alignment ratio over the
-    reference window (:class:`~lightning_spa.meter.MomentumMeter`, the cheap measurement): below
-    ``damping`` (0.9) momentum is *damping* (``THEORY.md`` section 10) and removing it at this
-    ``eta`` is unsafe, often faster than ``||g||^2`` can show (a ReLU net can die within two steps),
-    so the removal is **postponed** instead: logged as an abort at its start (``c`` is back at ``c0``
-    from the next step), with a console line, and retried like an abort. Cost: one ``||g||^2`` and
-    one host sync per watched step, one cheap measurement per reference step; nothing outside
-    those. ``guard=False`` turns it off; ``guard=MomentumGuard(damping=None)`` keeps only the
-    ``||g||^2`` watch.
+    reference window (:class:`~lightning_spa.meter.MomentumMeter`, the cheap measurement): momentum
+    goes only where it is *idle*, the ratio in ``[low, high]`` (0.9, 1.25: the idle band of
+    :class:`MeasuredMomentumOff`). Below, momentum damps (``THEORY.md`` section 10); above, it
+    accelerates (the early phase, where the step is large): removing it there can kill a run faster
+    than ``||g||^2`` can show (a ReLU net can die within two steps). The removal is then
+    **postponed**: logged as an abort at its start (``c`` is back at ``c0`` from the next step), with
+    a console line, and retried like an abort (once ``eta`` has halved), the retry checked again.
+    Cost: one ``||g||^2`` and one host sync per watched step, one cheap measurement per reference
+    step; nothing outside those. ``guard=False`` turns it off; ``guard=MomentumGuard(low=None,
+    high=None)`` keeps only the ``||g||^2`` watch.
 
     Args:
         after_epochs: when momentum starts to go, in ``unit`` (epochs may be fractional). 0
@@ -320,7 +322,7 @@ class MomentumOff(SPAScheduleCallback):
         self.guard = template
         self._guards = None if template is None else GuardRunner("MomentumOff", template)
         self._per_epoch = 0
-        # the guard's damping check: per optimizer, the meter of the alignment ratio over its reference window
+        # the guard's idle check: per optimizer, the meter of the alignment ratio over its reference window
         self._meters: dict[int, MomentumMeter] = {}
         self._loaded_meters: dict[int, dict[str, Any]] = {}
         if not (math.isfinite(float(after_epochs)) and float(after_epochs) >= 0):
@@ -402,10 +404,11 @@ class MomentumOff(SPAScheduleCallback):
         # Before the clocks hook the optimizers: a meter's reading of a step reaches the guard before the clock
         # writes the next one.
         self._detach_meters()
-        if self._guards is None or self._guards.template.damping is None:
+        template = None if self._guards is None else self._guards.template
+        if template is None or (template.low is None and template.high is None):
             return
         for index, clock in self._clocks.items():
-            decay = self._guards.template.ema_decay
+            decay = template.ema_decay
             meter = MomentumMeter(
                 clock.optimizer, every_n_steps=None, ema_decay=decay, cosine_every_n_steps=None
             )  # the ratio alone: the cheap measurement, on the steps the guard asks for
