@@ -87,7 +87,16 @@ def package_of(trainer: Any) -> str | None:
     ``__main__``) belongs to the package it derives from; ``None`` for an object that is neither
     package's ``Trainer``.
     """
-    return next((name for name, cls in _TRAINERS if isinstance(trainer, cls)), None)
+    kind = type(trainer)
+    try:
+        return _PACKAGE_OF_TYPE[kind]  # resolved on every hook's attribute access: a dict look-up, not isinstance
+    except KeyError:
+        found = next((name for name, cls in _TRAINERS if isinstance(trainer, cls)), None)
+        _PACKAGE_OF_TYPE[kind] = found
+        return found
+
+
+_PACKAGE_OF_TYPE: dict[type, str | None] = {}
 
 
 # The package of the app_cli() building classes now, if any (see _AppCLI).
