@@ -60,8 +60,8 @@ class _Timed(MeasuredMomentumOff):
 
     inside = 0.0
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # the callback builds its meters here
         for meter in self._meters.values():
             finish = meter._finish
 
