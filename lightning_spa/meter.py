@@ -207,7 +207,7 @@ class Reading:
             (the EMAs after this step; NaN where undefined). Empty when nothing was measured.
         status: ``"ok"``; ``"nonfinite"`` (a gradient was inf/NaN: not folded in); ``"skipped"``
             (an AMP scaler skipped the step: not counted, measured again when taken); ``"spike"``
-            (torch SGD with ``momentum >= 1``, which has no SPA form: not measured).
+            (torch SGD with ``momentum >= 1``: no constant-schedule SPA form, not measured).
     """
 
     step: int

@@ -35,7 +35,7 @@ _WARNINGS = {
     "skipped": "the AMP grad scaler skipped optimizer {where} (inf/NaN gradients); it is not counted and is "
     "measured when it is taken.",
     "spike": "torch SGD momentum >= 1 at optimizer {where} (the spike of an instant hyper-parameter change) has "
-    "no SPA form; that step is not measured.",
+    "no constant-schedule SPA form (c = 1 - momentum <= 0); that step is not measured.",
 }
 
 
