@@ -108,4 +108,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from multiprocess import end_ranks
+
     main()
+    end_ranks()

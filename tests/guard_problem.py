@@ -85,10 +85,10 @@ def main() -> None:
         "metric": float(trainer.callback_metrics["spa/momentum_off_aborted"]),
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():  # a clean exit of gloo's threads on both ranks
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from multiprocess import end_ranks
+
     main()
+    end_ranks()

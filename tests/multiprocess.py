@@ -34,3 +34,14 @@ def run_script(args: list[str], cwd: Path, what: str, extra_env: dict[str, str] 
         proc.communicate()
         pytest.fail(f"{what} did not finish within {TIMEOUT_S} s: a rank hangs")
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def end_ranks() -> None:
+    """Called by each rank of a multi-process script when it is done: a barrier, then the process group
+    destroyed, so that gloo's threads are joined before the interpreter exits (otherwise a rank can die
+    at exit with "terminate called without an active exception", seen under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

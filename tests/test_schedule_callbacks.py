@@ -428,4 +428,7 @@ def test_ddp_ranks_use_identical_values_without_collectives(tmp_path: Path) -> N
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ddp":
+    from multiprocess import end_ranks
+
     _ddp_program(Path(sys.argv[2]))
+    end_ranks()
