@@ -55,12 +55,16 @@ def _loader() -> DataLoader:  # 8 steps an epoch: checkpoints at step 8 end an e
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True).sin()), batch_size=8)
 
 
-def _fit(package: ModuleType, form: str, max_steps: int, tmp_path: Path, ckpt_path=None, scheduler=None):  # type: ignore[no-untyped-def]
-    model = _module(package, form, scheduler)
-    trainer = package.Trainer(
+def _trainer(package: ModuleType, max_steps: int, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return package.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
+
+
+def _fit(package: ModuleType, form: str, max_steps: int, tmp_path: Path, ckpt_path=None, scheduler=None):  # type: ignore[no-untyped-def]
+    model = _module(package, form, scheduler)
+    trainer = _trainer(package, max_steps, tmp_path)
     trainer.fit(model, _loader(), ckpt_path=ckpt_path)
     if ckpt_path is None:
         trainer.save_checkpoint(tmp_path / f"{form}-{max_steps}.ckpt")
@@ -88,10 +92,7 @@ def test_sgd_and_scheduler_checkpoint_resumed_with_spa_and_scheduler_is_refused_
     ckpt = tmp_path / "sgd-8.ckpt"
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     model = _module(package, "spa", scheduler)
-    trainer = package.Trainer(
-        max_steps=14, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = _trainer(package, 14, tmp_path)
     with pytest.raises(ValueError, match="LR scheduler") as err:
         trainer.fit(model, _loader(), ckpt_path=ckpt)
     message = str(err.value)
