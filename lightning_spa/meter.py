@@ -324,6 +324,18 @@ class MomentumMeter:
 
     # -- hooks ----------------------------------------------------------------------------------
 
+    @classmethod
+    def ratio_only(
+        cls, optimizer: Optimizer, ema_decay: float, state: dict[str, Any] | None, listener: Callable[[Reading], None]
+    ) -> MomentumMeter:
+        """An attached meter of the ratio alone for the callbacks that decide on it (the cheap measurement, no
+        cosine, on the steps its driver asks for with :meth:`measure_next_step`), from ``state`` if given."""
+        meter = cls(optimizer, every_n_steps=None, ema_decay=ema_decay, cosine_every_n_steps=None)
+        if state is not None:
+            meter.load_state_dict(state)
+        meter.listeners.append(listener)
+        return meter.attach()
+
     def attach(self, before_hook: bool = False) -> MomentumMeter:
         """Registers the clock (a step post-hook, moved ahead of the optimizer's other post-hooks so that
         it reads the hyper-parameters as the step used them); ``before_hook=True`` also calls

@@ -324,13 +324,9 @@ class MeasuredMomentumOff(SPAScheduleCallback):
         for index, clock in self._clocks.items():
             if self.decisions[index].decided:
                 continue
-            meter = MomentumMeter(
-                clock.optimizer, every_n_steps=None, ema_decay=self.ema_decay, cosine_every_n_steps=None
-            )  # the ratio alone: the cheap measurement
-            if index in self._loaded_meters:
-                meter.load_state_dict(self._loaded_meters.pop(index))
-            meter.listeners.append(partial(self._on_reading, index))
-            self._meters[index] = meter.attach()
+            state = self._loaded_meters.pop(index, None)
+            listener = partial(self._on_reading, index)
+            self._meters[index] = MomentumMeter.ratio_only(clock.optimizer, self.ema_decay, state, listener)
         self._loaded_meters = {}
 
     def _detach_meters(self) -> None:
@@ -354,15 +350,15 @@ class MeasuredMomentumOff(SPAScheduleCallback):
 
     # ----- measuring and deciding ---------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._guards is not None:
-            guard_index = index_of(trainer, optimizer)
-            if guard_index is not None and guard_index in self._clocks:
-                self._guards.before_step(guard_index, self._clocks[guard_index])  # after the decision: watch
-        if not self._meters:
+        if self._guards is None and not self._meters:
             return
         index = index_of(trainer, optimizer)
-        meter = self._meters.get(index) if index is not None else None
-        if meter is None or index is None:
+        if index is None or index not in self._clocks:
+            return
+        if self._guards is not None:
+            self._guards.before_step(index, self._clocks[index])  # after the decision: watch
+        meter = self._meters.get(index)
+        if meter is None:
             return
         k = self._clocks[index].steps  # the coming step
         warmup = self.decisions[index].warmup_steps  # this optimizer's (manual optimization: see _retime)

@@ -407,15 +407,10 @@ class MomentumOff(SPAScheduleCallback):
         template = None if self._guards is None else self._guards.template
         if template is None or (template.low is None and template.high is None):
             return
-        for index, clock in self._clocks.items():
-            decay = template.ema_decay
-            meter = MomentumMeter(
-                clock.optimizer, every_n_steps=None, ema_decay=decay, cosine_every_n_steps=None
-            )  # the ratio alone: the cheap measurement, on the steps the guard asks for
-            if index in self._loaded_meters:
-                meter.load_state_dict(self._loaded_meters.pop(index))
-            meter.listeners.append(partial(self._on_ratio, index))
-            self._meters[index] = meter.attach()
+        for index, clock in self._clocks.items():  # measured on the steps the guard asks for (wants_ratio)
+            state = self._loaded_meters.pop(index, None)
+            listener = partial(self._on_ratio, index)
+            self._meters[index] = MomentumMeter.ratio_only(clock.optimizer, template.ema_decay, state, listener)
         self._loaded_meters = {}
 
     def _on_ratio(self, index: int, reading: Reading) -> None:
