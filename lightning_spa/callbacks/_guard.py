@@ -81,6 +81,16 @@ def grad_square_norm(optimizer: Optimizer, sharded: bool) -> torch.Tensor:
     return torch.tensor(sum(tables[0]), dtype=torch.float64)
 
 
+def _retry_text(guard: MomentumGuard) -> str:
+    """The console's word on what happens after an abort or a postponement."""
+    if guard.retry_factor is None:
+        return "No retry (retry_factor=None)."
+    return (
+        f"It is retried once eta falls to {guard.retry_factor:g} x its value now "
+        f"({guard.retry_factor * (guard.eta_at_abort or 0.0):.4g}), e.g. after an LR milestone."
+    )
+
+
 class GuardRunner:
     """One callback's guards, one per optimizer (module docstring).
 
@@ -215,27 +225,14 @@ class GuardRunner:
                 f"smoothed to {guard.smoothed:.4g}, above {guard.factor:g} x its level before the removal ({ref:.4g})"
             )
         )
-        if guard.retry_factor is None:
-            retry = "No retry (retry_factor=None)."
-        else:
-            retry = (
-                f"It is retried once eta falls to {guard.retry_factor:g} x its value now "
-                f"({guard.retry_factor * (guard.eta_at_abort or 0.0):.4g}), e.g. after an LR milestone."
-            )
         rank_zero_info(
             f"{self.owner}: optimizer {index}: ||g||^2 at optimizer step {k} {why}: training destabilises without "
             f"momentum at this step size. Momentum removal aborted: c is back at its value before the removal from "
-            f"step {k + 1}. {retry}"
+            f"step {k + 1}. {_retry_text(guard)}"
         )
 
     def _report_postponed(self, index: int, k: int, guard: MomentumGuard) -> None:
         self._log({self._name(ABORTED, index): float(k)}, k)
-        retry = (
-            "No retry (retry_factor=None)."
-            if guard.retry_factor is None
-            else f"It is retried once eta falls to {guard.retry_factor:g} x its value now "
-            f"({guard.retry_factor * (guard.eta_at_abort or 0.0):.4g}), e.g. after an LR milestone."
-        )
         ratio = guard.start_ratio if guard.start_ratio is not None else math.nan
         what = (
             f"below {guard.low:g}: momentum damps (the iterates oscillate or the gradients are anti-correlated)"
@@ -246,7 +243,7 @@ class GuardRunner:
             f"{self.owner}: optimizer {index}: the smoothed alignment ratio before the removal is {ratio:.3g}, "
             f"{what}, and removing it at this eta is unsafe: momentum goes only where it is idle (THEORY.md "
             f"section 10). Momentum removal postponed: c is back at its value before the removal from step {k + 1}. "
-            f"{retry}"
+            f"{_retry_text(guard)}"
         )
 
     def _report_retry(self, index: int, k: int, guard: MomentumGuard) -> None:
