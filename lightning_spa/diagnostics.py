@@ -71,6 +71,7 @@ everything after them is host arithmetic in float64 on the numbers of one transf
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -260,6 +261,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 _HALF = frozenset((torch.float16, torch.bfloat16, torch.complex32))
 _DTYPE = operator.attrgetter("dtype")
+_NO_VALUES = torch.zeros(0)  # Sums.values before compute() (not written to: a fresh tensor per Sums costs a kernel)
 
 
 def _square_norms(ts: list[Tensor], dtype: torch.dtype, dense: bool = False) -> Tensor:
@@ -300,7 +302,7 @@ class Sums:
         self._dots: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] = ([], [])
         self._dot_meta: tuple[list[Any], list[Any]] = ([], [])
         self.tensor_weights: list[Tensor] = []
-        self.values = torch.zeros(0)  # set by compute()
+        self.values = _NO_VALUES  # set by compute()
         self.n_sharded = 0
         self.norms = False  # values are norms, not yet squared (of_norms)
         self.meta: list[tuple[int, int, float, int | None]] = []
@@ -382,6 +384,9 @@ def read_sums(parts: list[Sums], sharded: bool, extras: Sequence[Tensor] = ()) -
     Returns:
         ``(tables, extras)``: each part's table (:meth:`Sums.reduce`) and the values of ``extras``.
     """
+    if len(parts) == 1 and not extras and not parts[0].tensor_weights and not (sharded and parts[0].n_sharded):
+        only = parts[0]  # the cheap measurement's case: one table, nothing else to read
+        return [only.reduce(only.values.tolist())], []
     vectors = [p.values for p in parts]
     if sharded and any(p.n_sharded for p in parts):
         reduced = reduce_partial_sums(torch.cat([p.values[: p.n_sharded] for p in parts]))
@@ -551,22 +556,40 @@ def measure_cheap(
     return sums.compute(device, dtype)
 
 
+_GRAD, _BUF = operator.attrgetter("grad"), operator.itemgetter("momentum_buffer")
+_HISTORY = operator.itemgetter("momentum_buffer", "prev_eta", "prev_c")
+_IS_NONE = functools.partial(operator.is_, None)
+
+
 def _cheap_norms(optimizer: Optimizer) -> Sums | None:
-    """:func:`measure_cheap` without weight decay or sharding, float histories: the entries built in one
-    pass, no per-entry method calls (the measured steps of ``MeasuredMomentumOff`` are every step).
-    None where a history is a tensor (SPA's tensor mode: the general path weighs it)."""
+    """:func:`measure_cheap` without weight decay or sharding, float histories: every tensor in one
+    ``foreach`` norm (:meth:`Sums.of_norms`), the entries of a group whose parameters all have a
+    gradient and share one history listed with C-level ``map`` (the measured steps of
+    ``MeasuredMomentumOff`` are every step), other groups parameter by parameter. None where a
+    history is a tensor (SPA's tensor mode: the general path weighs it)."""
     spa, state_of = isinstance(optimizer, SPA), optimizer.state
     ts: list[Tensor] = []
     meta: list[tuple[int, int, float, int | None]] = []
-    add, note = ts.append, meta.append
     for gi, group in enumerate(optimizer.param_groups):
         lr = 0.0 if spa else _as_float(group["lr"])
-        for p in group["params"]:
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        if not any(map(_IS_NONE, grads)):
+            shared = _shared_history(list(map(state_of.get, params)), spa, lr) if state_of else (None, 0.0)
+            if shared is not None:
+                bufs, a = shared
+                ts += grads
+                meta += [(gi, 0, 1.0, None)] * len(grads)
+                if bufs is not None:
+                    ts += bufs
+                    meta += [(gi, 1, a * a, None)] * len(bufs)
+                continue
+        for p in params:  # parameters without a gradient, or their own histories
             g = p.grad
             if g is None:
                 continue
-            add(g)
-            note((gi, 0, 1.0, None))
+            ts.append(g)
+            meta.append((gi, 0, 1.0, None))
             state = state_of.get(p)
             buf = state.get("momentum_buffer") if state else None
             if buf is None:
@@ -578,9 +601,30 @@ def _cheap_norms(optimizer: Optimizer) -> Sums | None:
                 a = q * e
             else:
                 a = lr
-            add(buf)
-            note((gi, 1, a * a, None))
+            ts.append(buf)
+            meta.append((gi, 1, a * a, None))
     return Sums.of_norms(len(optimizer.param_groups), 2, ts, meta)
+
+
+def _shared_history(states: list[Any], spa: bool, lr: float) -> tuple[list[Tensor] | None, float] | None:
+    """``(buffers, a)`` of a group whose parameters all keep a buffer with one float history (SPA: the
+    same ``prev_eta``, ``prev_c``; ``a = prev_c * prev_eta``; torch SGD: ``a = lr``), ``(None, 0)`` when
+    none keeps one; None otherwise (the caller goes parameter by parameter)."""
+    if not states:
+        return None, 0.0
+    if states[0] is None:
+        return (None, 0.0) if all(map(_IS_NONE, states)) else None
+    try:
+        if not spa:
+            bufs = list(map(_BUF, states))
+            return (bufs, lr) if not any(map(_IS_NONE, bufs)) else None
+        bufs, etas, cs = (list(t) for t in zip(*map(_HISTORY, states), strict=True))
+    except (TypeError, KeyError):  # a parameter without a state or a buffer
+        return None
+    e0, q0, n = etas[0], cs[0], len(states)
+    if type(e0) is float and type(q0) is float and etas.count(e0) == n and cs.count(q0) == n:
+        return (bufs, q0 * e0) if not any(map(_IS_NONE, bufs)) else None
+    return None
 
 
 # ----------------------------------------------------------------------------- host arithmetic

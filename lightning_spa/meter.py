@@ -203,11 +203,14 @@ class Reading:
         step: the optimizer's clock at the step (steps it took before this one).
         hypers: each param group's hyper-parameters of the step.
         groups: each param group's name (its ``"name"`` key, else its index).
-        values: one row per group then one for the whole optimizer, columns :data:`EMA_NAMES`
-            (the EMAs after this step; NaN where undefined). Empty when nothing was measured.
+        values: one row per group then one for the whole optimizer (only the latter from a meter with
+            ``per_group=False``), columns :data:`EMA_NAMES` (the EMAs after this step; NaN where
+            undefined). Empty when nothing was measured.
         status: ``"ok"``; ``"nonfinite"`` (a gradient was inf/NaN: not folded in); ``"skipped"``
             (an AMP scaler skipped the step: not counted, measured again when taken); ``"spike"``
             (torch SGD with ``momentum >= 1``: no constant-schedule SPA form, not measured).
+        g_sq: the step's own ``||g_k||^2`` over every group (the sample, not smoothed, no ``eta``:
+            the gradient the step consumed, weight decay included); NaN when nothing was measured.
     """
 
     step: int
@@ -215,6 +218,7 @@ class Reading:
     groups: list[str]
     values: list[list[float]]
     status: str
+    g_sq: float = math.nan
 
     @property
     def ratio(self) -> float:
@@ -253,6 +257,8 @@ class MomentumMeter:
             ``1`` (default): always full; ``None``: never (no cosine). Steps the cheap one cannot
             measure (SPA at ``c = 1``, torch SGD at momentum 0, sparse gradients, fused AMP
             unscaling) always get the full one.
+        per_group: keep an EMA per param group (their rows in :attr:`Reading.values`); False: only
+            the whole optimizer's row (what a rule on the total ratio reads, at half the host work).
 
     Attributes:
         listeners: callables that receive each :class:`Reading` (called inside ``optimizer.step()``).
@@ -266,13 +272,14 @@ class MomentumMeter:
         every_n_steps: int | None = 1,
         ema_decay: float = 0.99,
         cosine_every_n_steps: int | None = 1,
+        per_group: bool = True,
     ) -> None:
         _check_every(every_n_steps, "every_n_steps")
         _check_every(cosine_every_n_steps, "cosine_every_n_steps")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay!r}.")
         self.optimizer, self.every_n_steps = optimizer, every_n_steps
-        self.cosine_every_n_steps = cosine_every_n_steps
+        self.cosine_every_n_steps, self.per_group = cosine_every_n_steps, per_group
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.sharded = has_sharded_params(params)
         self.device = local_tensor(params[0]).device if params else torch.device("cpu")
@@ -293,6 +300,7 @@ class MomentumMeter:
         self._pending: tuple[FirstHalf | None, list[float | None] | None] | None = None
         # SPA: each group's (eta, c) of the previous step (the Theorem-1 momentum of the next one)
         self._prev: list[tuple[Any, Any]] | None = None
+        self._hyper_cache: list[tuple[Any, GroupHyper] | None] = []  # per group: (what it was read from, value)
         #: Whether the coming step is to be measured (kept up to date by the step post-hook).
         self.due = False
         self._update_due()
@@ -329,8 +337,9 @@ class MomentumMeter:
         cls, optimizer: Optimizer, ema_decay: float, state: dict[str, Any] | None, listener: Callable[[Reading], None]
     ) -> MomentumMeter:
         """An attached meter of the ratio alone for the callbacks that decide on it (the cheap measurement, no
-        cosine, on the steps its driver asks for with :meth:`measure_next_step`), from ``state`` if given."""
-        meter = cls(optimizer, every_n_steps=None, ema_decay=ema_decay, cosine_every_n_steps=None)
+        cosine, the whole optimizer's row only, on the steps its driver asks for with :meth:`measure_next_step`),
+        from ``state`` if given."""
+        meter = cls(optimizer, every_n_steps=None, ema_decay=ema_decay, cosine_every_n_steps=None, per_group=False)
         if state is not None:
             meter.load_state_dict(state)
         meter.listeners.append(listener)
@@ -425,7 +434,8 @@ class MomentumMeter:
         names = [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
         if len(names) != len(self.groups):  # groups added mid-run (e.g. BaseFinetuning): extend the EMAs
             self.groups = names
-            self.ema.extend(len(names) + 1)
+            if self.per_group:
+                self.ema.extend(len(names) + 1)
 
     def _fit_rows(self, samples: list[list[float]]) -> list[list[float]]:
         """Pads ``samples`` with empty group rows when the EMAs have more (a checkpoint saved after
@@ -436,12 +446,27 @@ class MomentumMeter:
         return [*samples[:-1], *([[0.0] * len(samples[0])] * extra), samples[-1]]
 
     def _hypers(self, fallback: list[float | None] | None) -> list[GroupHyper]:
-        optimizer, prev = self.optimizer, self._prev
+        optimizer, prev, cache = self.optimizer, self._prev, self._hyper_cache
+        groups = optimizer.param_groups
+        if len(cache) != len(groups):
+            cache[:] = [None] * len(groups)
         out = []
-        for i, group in enumerate(optimizer.param_groups):
+        for i, group in enumerate(groups):
             before = None if prev is None or i >= len(prev) else (float(prev[i][0]), float(prev[i][1]))
             scale = fallback[i] if before is None and fallback is not None and i < len(fallback) else None
-            out.append(group_hyper(optimizer, group, before, scale))
+            # what group_hyper reads (a schedule held constant reads the same values at every measured step)
+            lr, c = group["lr"], group.get("c")
+            if type(lr) is not float or (c is not None and type(c) is not float):  # a tensor may change in place
+                out.append(group_hyper(optimizer, group, before, scale))
+                continue
+            key = (lr, c, group.get("momentum"), group.get("weight_decay"), group.get("maximize"), before, scale)
+            hit = cache[i]
+            if hit is not None and hit[0] == key:
+                out.append(hit[1])
+                continue
+            hyper = group_hyper(optimizer, group, before, scale)
+            cache[i] = (key, hyper)
+            out.append(hyper)
         return out
 
     def _cheap_ok(self, hypers: list[GroupHyper]) -> bool:
@@ -479,14 +504,17 @@ class MomentumMeter:
             samples = cheap_samples(tables[0], hypers)
         else:
             samples = full_samples(first, tables[0], tables[1], hypers, scale_value, tail)
+        if not self.per_group:
+            samples = samples[-1:]
         self._reconcile(unsure_value)
         step = self._taken - self._skipped  # the step's index (this step is not counted yet)
         taken = inf_value == 0.0
         ok = self.ema.update(self._fit_rows(samples), step, default_gap=self.every_n_steps or 1, accept=taken)
         status = "ok" if ok else "nonfinite" if taken else "skipped"
         rows = self.ema.rows()
-        rows = [*rows[: len(hypers)], rows[-1]]  # the groups this optimizer has now, then the total
-        self._emit(Reading(step, hypers, list(self.groups), rows, status))
+        if self.per_group:
+            rows = [*rows[: len(hypers)], rows[-1]]  # the groups this optimizer has now, then the total
+        self._emit(Reading(step, hypers, list(self.groups), rows, status, samples[-1][4]))
         return status
 
     def _emit(self, reading: Reading) -> None:
@@ -502,7 +530,10 @@ class MomentumMeter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._taken, self._skipped, self._unsure, self._pending = int(state["step"]), 0, [], None
-        self.ema.load_state_dict(state["ema"])
+        ema = state["ema"]
+        if not self.per_group and len(ema["values"]) > 1:  # saved with group rows: the whole optimizer's is the last
+            ema = {**ema, **{key: ema[key][-1:] for key in ("values", "weights", "last") if key in ema}}
+        self.ema.load_state_dict(ema)
         prev = state.get("prev")  # absent in checkpoints from before it was saved: the buffer scale stands in
         self._prev = None if prev is None else [(float(e), float(c)) for e, c in prev]
         self._update_due()

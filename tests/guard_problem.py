@@ -32,9 +32,12 @@ X0 = 5.0
 
 
 class Stiff(LightningModule):
-    def __init__(self, L: float = 3.0, eta: float = 1.0, c: float = 0.1, optimizer: str = "spa") -> None:
+    def __init__(
+        self, L: float = 3.0, eta: float = 1.0, c: float = 0.1, optimizer: str = "spa", weight_decay: float = 0.0
+    ) -> None:
         super().__init__()
         self.L, self.eta, self.c, self.optimizer_name = L, eta, c, optimizer
+        self.weight_decay = weight_decay
         start = torch.zeros(1 + FLAT, dtype=torch.float64)
         start[0] = X0
         self.x = torch.nn.Parameter(start)
@@ -51,8 +54,8 @@ class Stiff(LightningModule):
         from lightning_spa import SPA
 
         if self.optimizer_name == "spa":
-            return SPA([self.x], lr=self.eta, c=self.c)
-        return torch.optim.SGD([self.x], lr=self.c * self.eta, momentum=1.0 - self.c)
+            return SPA([self.x], lr=self.eta, c=self.c, weight_decay=self.weight_decay)
+        return torch.optim.SGD([self.x], lr=self.c * self.eta, momentum=1.0 - self.c, weight_decay=self.weight_decay)
 
 
 def loader(batches: int = 20, batch_size: int = 1) -> DataLoader:

@@ -131,6 +131,32 @@ def test_measured_removal_is_aborted_and_c_restored(pl: ModuleType, optimizer: s
     assert float(trainer.callback_metrics["spa/momentum_off_step"]) == decided + 1
 
 
+class _GradSquares(Callback):
+    """``||grad||^2`` of each optimizer step as ``on_before_optimizer_step`` sees it (before Lightning's clipping)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.values.append(sum(float(p.grad.double().square().sum()) for p in pl_module.parameters()))
+
+
+@pytest.mark.parametrize("setup", ["plain", "clipped", "weight_decay"])
+def test_measured_reference_is_the_gradient_before_clipping(pl: ModuleType, setup: str) -> None:
+    """MeasuredMomentumOff's reference in the decision window is ``||grad||^2`` before clipping, smoothed over
+    every 4th measured step: taken from the meter's reading where that is the same number ("plain"), from a norm
+    of its own where the meter's ``g`` differs (clipped after the hook; ``+ wd x``)."""
+    warmup, d = 3, MomentumGuard().ema_decay
+    callback, squares = MeasuredMomentumOff(warmup=warmup, patience=10**6, unit="step"), _GradSquares()
+    model = Stiff(L=0.5, weight_decay=0.1 if setup == "weight_decay" else 0.0)
+    fit(pl, model, [callback, squares], epochs=3, gradient_clip_val=0.1 if setup == "clipped" else None)
+    value = weight = 0.0
+    for k in range(warmup, len(squares.values), 4):
+        value, weight = d * value + (1 - d) * squares.values[k], d * weight + (1 - d)
+    assert callback.decided_steps[0] is None
+    assert guard_of(callback).reference == pytest.approx(value / weight, rel=1e-12)
+
+
 # ----- a stable problem never aborts -----------------------------------------------------------------
 
 

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_spa import SPA
-from lightning_spa.callbacks._select import check_selection, index_of, select_optimizers, unsupported_reason
+from lightning_spa import SPA, GradualSchedule
+from lightning_spa.callbacks._adapter import OptimizerClock
+from lightning_spa.callbacks._select import check_selection, select_optimizers, unsupported_reason
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -82,10 +83,14 @@ def test_check_selection_accepts_a_single_entry_and_none() -> None:
     assert check_selection((0, "SPA"), "X") == [0, "SPA"]
 
 
-def test_index_of_unwraps_lightning_optimizers() -> None:
+def test_clock_of_unwraps_lightning_optimizers() -> None:
+    """The per-step hooks find an optimizer's clock from what Lightning hands them (raw or wrapped)."""
     from pytorch_lightning.core.optimizer import LightningOptimizer
 
     t = gan()
-    assert index_of(t, t.optimizers[2]) == 2
-    assert index_of(t, LightningOptimizer(t.optimizers[0])) == 0
-    assert index_of(t, SPA(_params())) is None
+    callback = GradualSchedule(milestones=[1])
+    callback._clocks = {i: OptimizerClock(t.optimizers[i], "spa", i, [], "X") for i in (0, 2)}
+    assert callback._clock_of(t.optimizers[2]) is callback._clocks[2]
+    assert callback._clock_of(LightningOptimizer(t.optimizers[0])) is callback._clocks[0]
+    assert callback._clock_of(t.optimizers[1]) is None  # not selected
+    assert callback._clock_of(SPA(_params())) is None

@@ -26,19 +26,20 @@ optimizers. A console line (rank zero) for each.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from lightning_spa import _lightning as pl
-from lightning_spa._lightning import rank_zero_info
+from lightning_spa._lightning import PACKAGES, rank_zero_info
 from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.diagnostics import measure_after_step, read_sums
 from lightning_spa.distributed import has_sharded_params, local_tensor
 from lightning_spa.guard import GuardedRemoval, MomentumGuard
 
-__all__ = ["ABORTED", "GuardRunner", "check_guard", "grad_square_norm"]
+__all__ = ["ABORTED", "GuardRunner", "check_guard", "grad_norms", "grad_square_norm", "square_sum"]
 
 #: The logged name of an abort (``/opt<i>`` appended with several optimizers).
 ABORTED = "spa/momentum_off_aborted"
@@ -62,23 +63,51 @@ def check_guard(guard: Any, owner: str) -> MomentumGuard | None:
     )
 
 
-@torch.no_grad()
-def grad_square_norm(optimizer: Optimizer, sharded: bool) -> torch.Tensor:
-    """``||g||^2`` over every parameter of ``optimizer`` with a gradient, as a 0-dim tensor on its device.
+_GRAD, _IS_SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
+
+@torch.no_grad()
+def grad_norms(optimizer: Optimizer, sharded: bool) -> torch.Tensor:
+    """A 1-dim tensor on the optimizer's device whose squares sum to ``||g||^2`` over every parameter of
+    ``optimizer`` with a gradient (no host read; :func:`square_sum` reads it).
+
+    The common case (one device, dense, not sharded) is one ``foreach`` norm: the tensors' norms.
     ``sharded``: the optimizer holds DTensor parameters (FSDP2); their local squares are summed
     across ranks with one all-reduce, which every rank must call at the same step.
     """
+    grads = [g for group in optimizer.param_groups for g in map(_GRAD, group["params"]) if g is not None]
+    if not sharded and grads and not any(map(_IS_SPARSE, grads)):
+        device = grads[0].device
+        if all(g.device == device for g in grads):  # the common case: one foreach norm
+            return torch.stack(torch._foreach_norm(grads, 2))
+    # DTensor, sparse or several devices: the meter's per-group sums (sharded parts all-reduced), read on the host
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = local_tensor(params[0]).device if params else torch.device("cpu")
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    grads = [p.grad for p in params if p.grad is not None]
-    one_device = all(g.device == grads[0].device and not g.is_sparse for g in grads)
-    if not sharded and grads and one_device:  # the common case: one foreach norm
-        return torch.stack(torch._foreach_norm(grads, 2)).to(dtype).square().sum()
-    # DTensor, sparse or several devices: the meter's per-group sums (sharded parts all-reduced), read on the host
     tables, _ = read_sums([measure_after_step(optimizer, device, dtype)], sharded)
-    return torch.tensor(sum(tables[0]), dtype=torch.float64)
+    return torch.tensor([math.sqrt(sum(tables[0]))], dtype=torch.float64)
+
+
+def square_sum(norms: torch.Tensor) -> float:
+    """``sum(norms^2)`` in float64 on the host (one device read)."""
+    return sum(v * v for v in norms.tolist())
+
+
+def grad_square_norm(optimizer: Optimizer, sharded: bool) -> float:
+    """``||g||^2`` over every parameter of ``optimizer`` with a gradient, read on the host (:func:`grad_norms`)."""
+    return square_sum(grad_norms(optimizer, sharded))
+
+
+def clips_gradients(trainer: pl.Trainer) -> bool:
+    """Whether Lightning may change the gradients after ``on_before_optimizer_step`` (its gradient clipping, in
+    automatic optimization: ``gradient_clip_val`` set, or a ``configure_gradient_clipping`` of the module's own)."""
+    module = trainer.lightning_module
+    if not module.automatic_optimization:
+        return False  # manual optimization: the user clips before optimizer.step(), so before the hook
+    if trainer.gradient_clip_val:
+        return True
+    own = type(module).configure_gradient_clipping
+    return all(own is not package.LightningModule.configure_gradient_clipping for _, package in PACKAGES)
 
 
 def _retry_text(guard: MomentumGuard) -> str:
@@ -109,7 +138,8 @@ class GuardRunner:
         self._suffix = False
         self._amp_scaler = False
         self._sharded: dict[int, bool] = {}
-        self._pending: dict[int, torch.Tensor] = {}
+        self._clipping = False
+        self._pending: dict[int, tuple[int, torch.Tensor | None]] = {}  # per optimizer: (step, its norms)
 
     # ----- setup --------------------------------------------------------------------------
     def bind(self, index: int, transition_steps: int, steps_per_epoch: int, start: int | None) -> GuardedRemoval:
@@ -149,6 +179,7 @@ class GuardRunner:
         self._sharded = {
             i: has_sharded_params([p for g in c.optimizer.param_groups for p in g["params"]]) for i, c in clocks.items()
         }
+        self._clipping = clips_gradients(trainer)
         self._pending = {}
 
     def end_fit(self) -> None:
@@ -163,7 +194,7 @@ class GuardRunner:
         return clock.values(0, clock.steps)[0]
 
     def _read(self, index: int, clock: OptimizerClock) -> float | None:
-        value = float(grad_square_norm(clock.optimizer, self._sharded.get(index, False)))  # the host sync
+        value = grad_square_norm(clock.optimizer, self._sharded.get(index, False))  # the host sync
         if self._amp_scaler and not math.isfinite(value):
             return None  # the scaler skips this step; it is not the removal's doing
         return value
@@ -176,7 +207,7 @@ class GuardRunner:
         k = clock.steps  # the coming step
         if guard.aborted and guard.retry_due(k, self._eta(clock)):
             self._report_retry(index, k, guard)
-        if guard.check_start(k, self._eta(clock)):  # momentum damps: the removal is postponed
+        if k == guard.planned_start and guard.check_start(k, self._eta(clock)):  # momentum damps: postponed
             self._report_postponed(index, k, guard)
             return
         if not guard.needs(k):
@@ -186,22 +217,33 @@ class GuardRunner:
             self._report_abort(index, k, guard, value)
 
     def stash(self, index: int, clock: OptimizerClock) -> None:
-        """Computes ``||g||^2`` now without reading it (no sync): :meth:`fold_stashed` reads it after the step.
+        """Marks the coming step's ``||g||^2`` for the reference; :meth:`fold_stashed` folds it in after the step.
 
-        Not with sharded parameters: the meter already all-reduces once on a measured step, and a
-        second all-reduce is not worth a reference; the guard then takes the first reading of its
-        watch (the gradient at the last iterate before the removal) as the reference.
+        Where the meter's reading of the step is the same number (no weight decay, whose ``wd x`` the
+        meter's ``g`` holds, and no gradient clipping between this hook and the step:
+        :func:`clips_gradients`), that reading is used and nothing is computed here; otherwise one
+        ``foreach`` norm now, read after the meter's sync. Not with sharded parameters: the meter
+        already all-reduces once on a measured step, and a second all-reduce is not worth a
+        reference; the guard then takes the first reading of its watch (the gradient at the last
+        iterate before the removal) as the reference.
         """
-        if not self._sharded.get(index, False):
-            self._pending[index] = grad_square_norm(clock.optimizer, False)
-
-    def fold_stashed(self, index: int, step: int, eta: float) -> None:
-        """Folds the stashed reading of ``step`` into the guard's reference (MeasuredMomentumOff's decision window)."""
-        pending = self._pending.pop(index, None)
-        guard = self.guards.get(index)
-        if pending is None or guard is None:
+        if self._sharded.get(index, False):
             return
-        value = float(pending)
+        groups = clock.optimizer.param_groups
+        if self._clipping or any(group.get("weight_decay", 0.0) for group in groups):
+            self._pending[index] = (clock.steps, grad_norms(clock.optimizer, False))
+        else:
+            self._pending[index] = (clock.steps, None)  # the meter's reading of the step
+
+    def fold_stashed(self, index: int, step: int, eta: float, g_sq: float) -> None:
+        """Folds the stashed reading of ``step`` into the guard's reference (MeasuredMomentumOff's decision window);
+        ``g_sq`` is the meter's ``||g||^2`` of the step (:attr:`~lightning_spa.meter.Reading.g_sq`). A stash of
+        another step (its reading never came: an AMP skip) is dropped."""
+        stashed, pending = self._pending.pop(index, (None, None))
+        guard = self.guards.get(index)
+        if stashed != step or guard is None:
+            return
+        value = g_sq if pending is None else square_sum(pending)
         if math.isfinite(value):
             guard.observe(step, value, eta)
 

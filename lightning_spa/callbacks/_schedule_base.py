@@ -20,7 +20,7 @@ import math
 from typing import Any
 
 from lightning_spa import _lightning as pl
-from lightning_spa._lightning import Callback, rank_zero_warn
+from lightning_spa._lightning import Callback, rank_zero_warn, unwrap_optimizer
 from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._select import (
     OptimizerSelection,
@@ -189,6 +189,17 @@ class SPAScheduleCallback(Callback):
     @property
     def _name(self) -> str:
         return type(self).__name__
+
+    def _clock_of(self, optimizer: Any) -> OptimizerClock | None:
+        """This callback's clock of ``optimizer`` (a torch optimizer or a ``LightningOptimizer``), or None.
+
+        A look-up among the selected optimizers (those with a clock), for the per-step hooks: cheaper
+        than :func:`~lightning_spa.callbacks._select.index_of`, which walks ``trainer.optimizers``."""
+        raw = unwrap_optimizer(optimizer)
+        for clock in self._clocks.values():
+            if clock.optimizer is raw:
+                return clock
+        return None
 
     # ----- setup --------------------------------------------------------------------------
     def _prepare(self, trainer: pl.Trainer) -> None:

@@ -20,8 +20,7 @@ takes ``optimizers=`` and resolves it here at fit start:
 
 Supported: :class:`~lightning_spa.SPA`, and :class:`torch.optim.SGD` (subclasses too) without
 Nesterov and with ``dampening=0``; a schedule also needs ``0 < momentum < 1`` in every param
-group (momentum 0 has no ``c`` to schedule). :func:`index_of` maps the (possibly
-``LightningOptimizer``-wrapped) optimizer a hook receives back to its index.
+group (momentum 0 has no ``c`` to schedule).
 
 The support check imports no Lightning (plain PyTorch tools use it too); the functions that take
 a trainer import :mod:`lightning_spa._lightning` when called.
@@ -50,7 +49,6 @@ __all__ = [
     "Selected",
     "check_selection",
     "group_unsupported_reason",
-    "index_of",
     "is_instance_by_name",
     "optimizer_kind",
     "select_optimizers",
@@ -222,14 +220,6 @@ def select_optimizers(
             f"`optimizers=` to choose explicitly. {SUPPORTED}"
         )
     return selected
-
-
-def index_of(trainer: pl.Trainer, optimizer: Any) -> int | None:
-    """Index in ``trainer.optimizers`` of ``optimizer`` (a torch optimizer or a ``LightningOptimizer``), or None."""
-    from lightning_spa._lightning import unwrap_optimizer
-
-    raw = unwrap_optimizer(optimizer)
-    return next((i for i, opt in enumerate(trainer.optimizers) if unwrap_optimizer(opt) is raw), None)
 
 
 _WARNED_LR_MONITOR: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -22,7 +22,7 @@ from lightning_spa._lightning import rank_zero_info, rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
-from lightning_spa.callbacks._select import OptimizerSelection, index_of
+from lightning_spa.callbacks._select import OptimizerSelection
 from lightning_spa.callbacks.diagnostics import log_step
 from lightning_spa.decision import (
     DEFAULT_ETA_DROP,
@@ -352,21 +352,22 @@ class MeasuredMomentumOff(SPAScheduleCallback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._guards is None and not self._meters:
             return
-        index = index_of(trainer, optimizer)
-        if index is None or index not in self._clocks:
+        clock = self._clock_of(optimizer)
+        if clock is None:
             return
+        index = clock.index
         if self._guards is not None:
-            self._guards.before_step(index, self._clocks[index])  # after the decision: watch
+            self._guards.before_step(index, clock)  # after the decision: watch
         meter = self._meters.get(index)
         if meter is None:
             return
-        k = self._clocks[index].steps  # the coming step
+        k = clock.steps  # the coming step
         warmup = self.decisions[index].warmup_steps  # this optimizer's (manual optimization: see _retime)
         if k >= warmup and (k - warmup) % self.every_n_steps == 0:
             meter.measure_next_step()
             meter.before_step()  # the first half now; the meter's step post-hook finishes it (runs first)
             if self._guards is not None and (k - warmup) % (self.every_n_steps * _REFERENCE_EVERY) == 0:
-                self._guards.stash(index, self._clocks[index])  # the guard's reference, read after the meter's sync
+                self._guards.stash(index, clock)  # the guard's reference, read after the meter's sync
 
     def _on_reading(self, index: int, reading: Reading) -> None:
         """Called by the meter in its step post-hook, before the clock's: the decision reaches step ``k + 1``."""
@@ -375,7 +376,7 @@ class MeasuredMomentumOff(SPAScheduleCallback):
             return
         k = self._clocks[index].steps  # the step just taken (the clock advances in its own post-hook, next)
         if self._guards is not None and reading.hypers:
-            self._guards.fold_stashed(index, k, reading.hypers[0].eta)
+            self._guards.fold_stashed(index, k, reading.hypers[0].eta, reading.g_sq)
         ratio = reading.ratio
         suffix = f"/opt{index}" if self._suffix else ""
         if self.log_ratio and math.isfinite(ratio):

@@ -52,7 +52,7 @@ from lightning_spa._lightning import rank_zero_warn
 from lightning_spa.callbacks._adapter import OptimizerClock
 from lightning_spa.callbacks._guard import GuardRunner, check_guard
 from lightning_spa.callbacks._schedule_base import SPAScheduleCallback, check_length, check_unit, to_steps
-from lightning_spa.callbacks._select import OptimizerSelection, index_of
+from lightning_spa.callbacks._select import OptimizerSelection
 from lightning_spa.guard import MomentumGuard
 from lightning_spa.meter import MomentumMeter, Reading
 from lightning_spa.schedule import (
@@ -425,12 +425,13 @@ class MomentumOff(SPAScheduleCallback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._guards is None:
             return
-        index = index_of(trainer, optimizer)
-        if index is None or index not in self._clocks:
+        clock = self._clock_of(optimizer)
+        if clock is None:
             return
-        self._guards.before_step(index, self._clocks[index])
+        index = clock.index
+        self._guards.before_step(index, clock)
         meter, guard = self._meters.get(index), self._guards.guards.get(index)
-        if meter is not None and guard is not None and guard.wants_ratio(self._clocks[index].steps):
+        if meter is not None and guard is not None and guard.wants_ratio(clock.steps):
             meter.measure_next_step()
             meter.before_step()  # the first half now; the meter's step post-hook finishes it
 
