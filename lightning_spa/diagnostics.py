@@ -261,6 +261,11 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 _HALF = frozenset((torch.float16, torch.bfloat16, torch.complex32))
 _DTYPE = operator.attrgetter("dtype")
+_NUMEL = torch.Tensor.numel
+_FLAT_DTYPES = (torch.float32, torch.float64)
+#: Elements up to which :meth:`Sums.of_blocks` copies the tensors into matrices on the CPU (4 MiB of float32).
+_FLAT_MAX = 1 << 20
+_flatten = torch._utils._flatten_dense_tensors  # one C++ copy of the tensors into a flat vector
 _NO_VALUES = torch.zeros(0)  # Sums.values before compute() (not written to: a fresh tensor per Sums costs a kernel)
 
 
@@ -360,6 +365,38 @@ class Sums:
         for v, (row, col, w, j) in zip(values, self.meta, strict=True):
             out[row * cols + col] += v * (w if j is None else w * tensor_values[j])
         return out
+
+    @classmethod
+    def of_blocks(
+        cls, rows: int, cols: int, blocks: list[tuple[int, list[Tensor], list[Tensor] | None, float]]
+    ) -> Sums | None:
+        """``[||g||^2, a^2 ||m||^2]`` at ``(row, 0), (row, 1)`` from blocks ``(row, grads, buffers, a)`` (buffers
+        None: no history). A block's gradients and buffers (of the same parameters: the same sizes) are
+        copied into the two rows of one matrix, reduced by its Gram matrix (one BLAS call; the diagonal
+        is kept): a few kernels a block, where a ``foreach`` norm on the CPU runs one a tensor.
+
+        Only on the CPU, for float32/float64 tensors of one dtype and at most :data:`_FLAT_MAX` elements
+        (the copy); None otherwise (:meth:`of_norms` then: one ``foreach`` norm, a GPU's fused kernel)."""
+        first = blocks[0][1][0]
+        if first.device.type != "cpu" or first.dtype not in _FLAT_DTYPES:
+            return None
+        lists = [grads if bufs is None else grads + bufs for _, grads, bufs, _ in blocks]
+        if sum(sum(map(_NUMEL, ts)) for ts in lists) > _FLAT_MAX:
+            return None
+        sums = cls(rows, cols, dense=True)
+        diagonals = []
+        for (row, _, bufs, a), ts in zip(blocks, lists, strict=True):
+            try:
+                flat = _flatten(ts)
+            except RuntimeError:  # tensors on several devices
+                return None
+            if flat.dtype != first.dtype:  # several dtypes (promoted by the copy)
+                return None
+            matrix = flat.view(1 if bufs is None else 2, -1)
+            diagonals.append(torch.mm(matrix, matrix.t()).diagonal())
+            sums.meta += [(row, 0, 1.0, None)] if bufs is None else [(row, 0, 1.0, None), (row, 1, a * a, None)]
+        sums.values = diagonals[0] if len(diagonals) == 1 else torch.cat(diagonals)
+        return sums
 
     @classmethod
     def of_norms(cls, rows: int, cols: int, ts: list[Tensor], meta: list[tuple[int, int, float, int | None]]) -> Sums:
@@ -562,27 +599,23 @@ _IS_NONE = functools.partial(operator.is_, None)
 
 
 def _cheap_norms(optimizer: Optimizer) -> Sums | None:
-    """:func:`measure_cheap` without weight decay or sharding, float histories: every tensor in one
-    ``foreach`` norm (:meth:`Sums.of_norms`), the entries of a group whose parameters all have a
-    gradient and share one history listed with C-level ``map`` (the measured steps of
-    ``MeasuredMomentumOff`` are every step), other groups parameter by parameter. None where a
-    history is a tensor (SPA's tensor mode: the general path weighs it)."""
+    """:func:`measure_cheap` without weight decay or sharding, float histories. A group whose parameters all
+    have a gradient and share one history is one block ``(group, grads, buffers, a)``, listed with C-level
+    ``map`` (the measured steps of ``MeasuredMomentumOff`` are every step): :meth:`Sums.of_blocks`. Other
+    groups go parameter by parameter, and everything into one ``foreach`` norm where a block cannot be
+    reduced as one. None where a history is a tensor (SPA's tensor mode: the general path weighs it)."""
     spa, state_of = isinstance(optimizer, SPA), optimizer.state
+    blocks: list[tuple[int, list[Tensor], list[Tensor] | None, float]] = []
     ts: list[Tensor] = []
     meta: list[tuple[int, int, float, int | None]] = []
     for gi, group in enumerate(optimizer.param_groups):
         lr = 0.0 if spa else _as_float(group["lr"])
         params = group["params"]
         grads = list(map(_GRAD, params))
-        if not any(map(_IS_NONE, grads)):
+        if grads and not any(map(_IS_NONE, grads)):
             shared = _shared_history(list(map(state_of.get, params)), spa, lr) if state_of else (None, 0.0)
             if shared is not None:
-                bufs, a = shared
-                ts += grads
-                meta += [(gi, 0, 1.0, None)] * len(grads)
-                if bufs is not None:
-                    ts += bufs
-                    meta += [(gi, 1, a * a, None)] * len(bufs)
+                blocks.append((gi, grads, *shared))
                 continue
         for p in params:  # parameters without a gradient, or their own histories
             g = p.grad
@@ -603,7 +636,18 @@ def _cheap_norms(optimizer: Optimizer) -> Sums | None:
                 a = lr
             ts.append(buf)
             meta.append((gi, 1, a * a, None))
-    return Sums.of_norms(len(optimizer.param_groups), 2, ts, meta)
+    rows = len(optimizer.param_groups)
+    if blocks and not ts:
+        gram = Sums.of_blocks(rows, 2, blocks)
+        if gram is not None:
+            return gram
+    for gi, grads, bufs, a in blocks:
+        ts += grads
+        meta += [(gi, 0, 1.0, None)] * len(grads)
+        if bufs is not None:
+            ts += bufs
+            meta += [(gi, 1, a * a, None)] * len(bufs)
+    return Sums.of_norms(rows, 2, ts, meta)
 
 
 def _shared_history(states: list[Any], spa: bool, lr: float) -> tuple[list[Tensor] | None, float] | None:

@@ -469,23 +469,18 @@ class MomentumMeter:
             out.append(hyper)
         return out
 
-    def _cheap_ok(self, hypers: list[GroupHyper]) -> bool:
-        """Whether the step, with the values it used, left buffers that describe it (the check of
-        :func:`~lightning_spa.diagnostics.cheap_supported` on values that may have changed since)."""
-        if self._spa:
-            return all(h.c < 1.0 for h in hypers)
-        return all(h.momentum != 0.0 for h in hypers)
-
     def _finish(self) -> str:
         """The measurement in the step post-hook: hyper-parameters as used, the sums, one host sync."""
         assert self._pending is not None
         (first, fallback), self._pending = self._pending, None
         optimizer = self.optimizer
         hypers = self._hypers(fallback)
-        if not all(has_spa_form(h) for h in hypers):
+        if not all(map(has_spa_form, hypers)):
             self._emit(Reading(self.step, hypers, list(self.groups), [], "spike"))
             return "spike"
-        if first is None and not self._cheap_ok(hypers):  # e.g. c written to 1 inside the step
+        # The cheap measurement needs buffers that describe the step (cheap_supported's check on the values the
+        # step used, which may have changed since: e.g. c written to 1 inside the step)
+        if first is None and any((h.c >= 1.0 if self._spa else h.momentum == 0.0) for h in hypers):
             return "unmeasured"
         device, dtype = self.device, self.dtype
         if first is None:  # measure_cheap reads detached tensors only: no grad-mode switch needed
@@ -493,7 +488,8 @@ class MomentumMeter:
         else:
             parts = [first.sums, measure_after_step(optimizer, device, dtype)]
         # The step's flags travel with the sums: the one host-device sync of a measurement.
-        grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        attributes = vars(optimizer)  # set by GradScaler around a step that unscales inside it (fused SGD)
+        grad_scale, found_inf = attributes.get("grad_scale"), attributes.get("found_inf")
         unsure = self._unsure_count()
         flags = [t for t in (found_inf, unsure, grad_scale) if t is not None]
         tables, tail = read_sums(parts, self.sharded, [*flags, *(first.tensor_scales if first else ())])

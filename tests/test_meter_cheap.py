@@ -230,3 +230,38 @@ def test_half_precision_norms_accumulate_in_float32() -> None:
     bufs = [opt.state[p]["momentum_buffer"].double() for p in ps]
     expected = (0.2 * 0.5) ** 2 * sum(float(b.square().sum()) for b in bufs)  # a^2 ||m'||^2 in float64
     assert cheap.values[-1][0] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["one_block", "two_groups", "mixed_dtypes", "large", "no_grad"])
+def test_blocks_and_their_fallbacks_measure_the_displacement(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without weight decay a group whose parameters all have a gradient and one history is one block, reduced
+    # by one Gram matrix on the CPU (Sums.of_blocks); mixed dtypes, more than _FLAT_MAX elements or a
+    # parameter without a gradient take the foreach norm (Sums.of_norms). Either way step_sq is the displacement.
+    from lightning_spa import diagnostics
+
+    ps = _params()
+    if case == "mixed_dtypes":  # a float32 block with a float64 tensor would be widened by the copy
+        ps[0] = torch.nn.Parameter(ps[0].detach().float())
+    if case == "large":
+        monkeypatch.setattr(diagnostics, "_FLAT_MAX", 100)
+    groups = [{"params": ps[:1]}, {"params": ps[1:], "c": 0.5}] if case == "two_groups" else [{"params": ps}]
+    opt = SPA(groups, lr=0.5, c=0.2)
+    meter = MomentumMeter(opt, every_n_steps=1, ema_decay=0.0, cosine_every_n_steps=None).attach()
+    foreach = []
+    of_norms = diagnostics.Sums.of_norms.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        diagnostics.Sums, "of_norms", classmethod(lambda cls, *a: foreach.append(1) or of_norms(cls, *a))
+    )
+    for k in range(4):
+        opt.zero_grad()
+        _loss(ps).backward()
+        if case == "no_grad" and k == 2:
+            ps[1].grad = None
+        assert meter.before_step()
+        x0 = [p.detach().clone() for p in ps]
+        opt.step()
+        assert meter.latest is not None and meter.latest.step == k
+        rel = 1e-6 if case == "mixed_dtypes" else 1e-10
+        assert meter.latest.values[-1][0] == pytest.approx(_displacement(ps, x0), rel=rel), k
+    expected = {"one_block": 0, "two_groups": 0, "mixed_dtypes": 4, "large": 4, "no_grad": 1}[case]
+    assert len(foreach) == expected

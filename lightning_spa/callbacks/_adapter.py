@@ -277,7 +277,10 @@ class OptimizerClock:
             taken, before = self._coming[g], self._taken[g]
             if self.kind == "sgd" and before is not None:
                 self._carry_buffers_without_grad(g, (1.0 - before[1]) * before[0], (1.0 - taken[1]) * taken[0])
-            self._write_group(g, self.values(g, self.steps), taken)
+            coming = self.values(g, self.steps)
+            if coming == taken and before == taken:
+                continue  # steady: the group holds these values already (_before_step checked it), SGD's too
+            self._write_group(g, coming, taken)
 
     def _carry_buffers_without_grad(self, g: int, before: float, after: float) -> None:
         """Group ``g``'s scale went from ``before`` to ``after`` in the step just taken (module docstring)."""

@@ -202,8 +202,8 @@ class GuardRunner:
     def before_step(self, index: int, clock: OptimizerClock) -> None:
         """From ``on_before_optimizer_step`` of optimizer ``index``: retry check, then the reading if wanted."""
         guard = self.guards.get(index)
-        if guard is None:
-            return
+        if guard is None or not guard.episodes:
+            return  # no removal planned yet (MeasuredMomentumOff before its decision): nothing to retry or watch
         k = clock.steps  # the coming step
         if guard.aborted and guard.retry_due(k, self._eta(clock)):
             self._report_retry(index, k, guard)
