@@ -594,7 +594,7 @@ def measure_cheap(
 
 
 _GRAD, _BUF = operator.attrgetter("grad"), operator.itemgetter("momentum_buffer")
-_HISTORY = operator.itemgetter("momentum_buffer", "prev_eta", "prev_c")
+_HISTORY = operator.itemgetter("prev_eta", "prev_c")
 _IS_NONE = functools.partial(operator.is_, None)
 
 
@@ -662,12 +662,15 @@ def _shared_history(states: list[Any], spa: bool, lr: float) -> tuple[list[Tenso
         if not spa:
             bufs = list(map(_BUF, states))
             return (bufs, lr) if not any(map(_IS_NONE, bufs)) else None
-        bufs, etas, cs = (list(t) for t in zip(*map(_HISTORY, states), strict=True))
+        histories = set(map(_HISTORY, states))  # the (prev_eta, prev_c) pairs
+        bufs = list(map(_BUF, states))
     except (TypeError, KeyError):  # a parameter without a state or a buffer
         return None
-    e0, q0, n = etas[0], cs[0], len(states)
-    if type(e0) is float and type(q0) is float and etas.count(e0) == n and cs.count(q0) == n:
-        return (bufs, q0 * e0) if not any(map(_IS_NONE, bufs)) else None
+    if len(histories) != 1:
+        return None
+    ((e0, q0),) = histories
+    if type(e0) is float and type(q0) is float and not any(map(_IS_NONE, bufs)):
+        return bufs, q0 * e0
     return None
 
 

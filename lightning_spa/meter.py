@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -195,9 +194,8 @@ class DiagnosticsEMA:
         self.extend(n_rows)
 
 
-@dataclass(frozen=True)
-class Reading:
-    """One measured optimizer step, as host numbers.
+class Reading(NamedTuple):
+    """One measured optimizer step, as host numbers (immutable; a named tuple: built at every measured step).
 
     Attributes:
         step: the optimizer's clock at the step (steps it took before this one).
@@ -490,7 +488,7 @@ class MomentumMeter:
         # The step's flags travel with the sums: the one host-device sync of a measurement.
         attributes = vars(optimizer)  # set by GradScaler around a step that unscales inside it (fused SGD)
         grad_scale, found_inf = attributes.get("grad_scale"), attributes.get("found_inf")
-        unsure = self._unsure_count()
+        unsure = self._unsure_count() if self._unsure else None
         flags = [t for t in (found_inf, unsure, grad_scale) if t is not None]
         tables, tail = read_sums(parts, self.sharded, [*flags, *(first.tensor_scales if first else ())])
         inf_value = tail.pop(0) if found_inf is not None else 0.0

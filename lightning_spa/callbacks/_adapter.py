@@ -269,7 +269,7 @@ class OptimizerClock:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # Set by GradScaler for optimizers that unscale inside their step (torch's fused SGD): reading it
         # costs one host sync per step, in that setup only (the clock must know whether the step happened).
-        found_inf = getattr(optimizer, "found_inf", None)
+        found_inf = vars(optimizer).get("found_inf")
         if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):
             return  # the fused kernel skipped the step: the clock does not move
         self.steps += 1
