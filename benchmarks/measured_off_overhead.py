@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ import torch
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_spa import SPA
 from lightning_spa.callbacks.measured import MeasuredMomentumOff
 from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
 
@@ -93,7 +95,7 @@ class _Timer(pl.Callback):
         self.seconds_per_step = (_clock() - self.start) / max(trainer.global_step, 1)
 
 
-def run_once(config: str, steps: int) -> tuple[float, float]:
+def run_once(config: str, steps: int, weight_decay: float = 0.0) -> tuple[float, float]:
     """One fit of ``steps`` optimizer steps; returns seconds per step and seconds inside the callback per step."""
     pl.seed_everything(0, verbose=False)
     timer = _Timer()
@@ -110,7 +112,8 @@ def run_once(config: str, steps: int) -> tuple[float, float]:
         accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
-    trainer.fit(DigitsCNN(), DigitsDataModule(batch_size=64))
+    factory = None if not weight_decay else partial(SPA, lr=1.0, c=0.1, weight_decay=weight_decay)
+    trainer.fit(DigitsCNN(optimizer=factory), DigitsDataModule(batch_size=64))
     inside = measured.inside / max(trainer.global_step, 1) if measured is not None else 0.0
     return timer.seconds_per_step, inside
 
@@ -125,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         help="wall: elapsed time; cpu: this thread's CPU time (with --threads 1 all the work; robust on a machine "
         "shared with other jobs, which wall time is not)",
     )  # fmt: skip
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.0,
+        help="SPA's weight decay (0: the demo's recipe; the measurement then forms g = grad + wd x)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     global _clock
     _clock = _CLOCKS[args.clock]
@@ -136,18 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
     inside: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for config in CONFIGS:  # warm-up: imports, data, first-call overheads
-        run_once(config, 20)
+        run_once(config, 20, args.weight_decay)
     for r in range(args.rounds):
         order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
         for config in order:
-            per_step, in_callback = run_once(config, args.steps)
+            per_step, in_callback = run_once(config, args.steps, args.weight_decay)
             times[config].append(per_step)
             inside[config].append(in_callback)
     base = statistics.median(times["baseline"])
     print(f"command: python {shlex.join(['benchmarks/measured_off_overhead.py', *(argv or sys.argv[1:])])}")
     print(
         f"torch {torch.__version__}, pytorch-lightning {pl.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} steps, digits CNN batch 64; "
+        f"{torch.get_num_threads()} threads; {args.rounds} rounds x {args.steps} steps, digits CNN batch 64, "
+        f"SPA(lr=1, c=0.1, weight_decay={args.weight_decay:g}); "
         f"{args.clock} clock"
     )
     header = ("config", "median ms/step", "steps/s", "overhead, paired", "in callback ms/step", "in callback")

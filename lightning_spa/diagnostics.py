@@ -76,7 +76,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -281,6 +281,17 @@ def _square_norms(ts: list[Tensor], dtype: torch.dtype, dense: bool = False) -> 
     return torch.stack(norms).to(dtype).square()
 
 
+class Block(NamedTuple):
+    """A param group whose parameters all have a gradient and share one float history (:func:`measure_cheap`)."""
+
+    row: int  #: the group's index
+    grads: list[Tensor]
+    params: list[Tensor]  #: the parameters after the step, ``x_{k+1}`` (read with weight decay only)
+    bufs: list[Tensor] | None  #: the momentum buffers after the step (None: no history)
+    a: float  #: the step's ``x_{k+1} - x_k = -a m_{k+1}`` (SPA: ``prev_c * prev_eta``; torch SGD: ``lr``)
+    decay: float  #: ``+-weight_decay`` (``-`` when maximizing), 0.0 without
+
+
 class Sums:
     """The per-entry values of one measurement (squared norms, dot products) and where each one goes.
 
@@ -367,34 +378,44 @@ class Sums:
         return out
 
     @classmethod
-    def of_blocks(
-        cls, rows: int, cols: int, blocks: list[tuple[int, list[Tensor], list[Tensor] | None, float]]
-    ) -> Sums | None:
-        """``[||g||^2, a^2 ||m||^2]`` at ``(row, 0), (row, 1)`` from blocks ``(row, grads, buffers, a)`` (buffers
-        None: no history). A block's gradients and buffers (of the same parameters: the same sizes) are
-        copied into the two rows of one matrix, reduced by its Gram matrix (one BLAS call; the diagonal
-        is kept): a few kernels a block, where a ``foreach`` norm on the CPU runs one a tensor.
+    def of_blocks(cls, rows: int, cols: int, blocks: list[Block]) -> Sums | None:
+        """``[||g||^2, a^2 ||m||^2]`` at ``(row, 0), (row, 1)`` from :class:`Block` s. A block's gradients,
+        parameters (with weight decay) and buffers, all of the same parameters, are copied into the
+        rows of one matrix; with weight decay the gradient row becomes ``g = grad + decay (x' + a m)``
+        (``x_k = x_{k+1} + a m_{k+1}``) in place, the arithmetic of the general path; the Gram matrix
+        of the ``g`` and ``m`` rows (one BLAS call) gives both squares on its diagonal: a few kernels a
+        block, where a ``foreach`` norm on the CPU runs one a tensor.
 
         Only on the CPU, for float32/float64 tensors of one dtype and at most :data:`_FLAT_MAX` elements
-        (the copy); None otherwise (:meth:`of_norms` then: one ``foreach`` norm, a GPU's fused kernel)."""
-        first = blocks[0][1][0]
+        (the copy); None otherwise (:meth:`of_norms` then, or the general path with weight decay)."""
+        first = blocks[0].grads[0]
         if first.device.type != "cpu" or first.dtype not in _FLAT_DTYPES:
             return None
-        lists = [grads if bufs is None else grads + bufs for _, grads, bufs, _ in blocks]
+        lists = [
+            [*b.grads, *(b.params if b.decay else ()), *(b.bufs if b.bufs is not None else ())] for b in blocks
+        ]
         if sum(sum(map(_NUMEL, ts)) for ts in lists) > _FLAT_MAX:
             return None
         sums = cls(rows, cols, dense=True)
         diagonals = []
-        for (row, _, bufs, a), ts in zip(blocks, lists, strict=True):
+        for b, ts in zip(blocks, lists, strict=True):
             try:
-                flat = _flatten(ts)
+                with torch.no_grad():  # the parameters' values only
+                    flat = _flatten(ts)
             except RuntimeError:  # tensors on several devices
                 return None
             if flat.dtype != first.dtype:  # several dtypes (promoted by the copy)
                 return None
-            matrix = flat.view(1 if bufs is None else 2, -1)
+            matrix = flat.view(len(ts) // len(b.grads), -1)  # rows: grad, [x'], [m]
+            if b.decay:
+                g = matrix[0].add_(matrix[1], alpha=b.decay)
+                if b.bufs is not None:
+                    g.add_(matrix[2], alpha=b.decay * b.a)
+                matrix = matrix[::2]  # g, [m]
             diagonals.append(torch.mm(matrix, matrix.t()).diagonal())
-            sums.meta += [(row, 0, 1.0, None)] if bufs is None else [(row, 0, 1.0, None), (row, 1, a * a, None)]
+            sums.meta.append((b.row, 0, 1.0, None))
+            if b.bufs is not None:
+                sums.meta.append((b.row, 1, b.a * b.a, None))
         sums.values = diagonals[0] if len(diagonals) == 1 else torch.cat(diagonals)
         return sums
 
@@ -543,8 +564,7 @@ def measure_cheap(
     :func:`~lightning_spa.distributed.has_sharded_params`) skips the per-tensor DTensor checks.
     Reads only detached tensors (no autograd).
     """
-    groups = optimizer.param_groups
-    if not sharded and not any(g.get("weight_decay", 0.0) for g in groups):
+    if not sharded:
         fast = _cheap_norms(optimizer)
         if fast is not None:
             return fast
@@ -599,24 +619,29 @@ _IS_NONE = functools.partial(operator.is_, None)
 
 
 def _cheap_norms(optimizer: Optimizer) -> Sums | None:
-    """:func:`measure_cheap` without weight decay or sharding, float histories. A group whose parameters all
-    have a gradient and share one history is one block ``(group, grads, buffers, a)``, listed with C-level
-    ``map`` (the measured steps of ``MeasuredMomentumOff`` are every step): :meth:`Sums.of_blocks`. Other
-    groups go parameter by parameter, and everything into one ``foreach`` norm where a block cannot be
-    reduced as one. None where a history is a tensor (SPA's tensor mode: the general path weighs it)."""
+    """:func:`measure_cheap` without sharding, float histories. A group whose parameters all have a gradient
+    and share one history is one :class:`Block`, listed with C-level ``map`` (the measured steps of
+    ``MeasuredMomentumOff`` are every step): :meth:`Sums.of_blocks`. Without weight decay, other groups go
+    parameter by parameter, and everything into one ``foreach`` norm where blocks cannot be reduced as
+    such. None (the general path) where a history is a tensor (SPA's tensor mode) or where weight decay
+    meets a group or a device that is not a block's."""
     spa, state_of = isinstance(optimizer, SPA), optimizer.state
-    blocks: list[tuple[int, list[Tensor], list[Tensor] | None, float]] = []
+    blocks: list[Block] = []
     ts: list[Tensor] = []
     meta: list[tuple[int, int, float, int | None]] = []
     for gi, group in enumerate(optimizer.param_groups):
         lr = 0.0 if spa else _as_float(group["lr"])
         params = group["params"]
         grads = list(map(_GRAD, params))
+        wd = float(group.get("weight_decay", 0.0))
+        decay = -wd if group.get("maximize", False) else wd
         if grads and not any(map(_IS_NONE, grads)):
             shared = _shared_history(list(map(state_of.get, params)), spa, lr) if state_of else (None, 0.0)
             if shared is not None:
-                blocks.append((gi, grads, *shared))
+                blocks.append(Block(gi, grads, params, shared[0], shared[1], decay))
                 continue
+        if decay:
+            return None
         for p in params:  # parameters without a gradient, or their own histories
             g = p.grad
             if g is None:
@@ -641,12 +666,14 @@ def _cheap_norms(optimizer: Optimizer) -> Sums | None:
         gram = Sums.of_blocks(rows, 2, blocks)
         if gram is not None:
             return gram
-    for gi, grads, bufs, a in blocks:
-        ts += grads
-        meta += [(gi, 0, 1.0, None)] * len(grads)
-        if bufs is not None:
-            ts += bufs
-            meta += [(gi, 1, a * a, None)] * len(bufs)
+    if any(b.decay for b in blocks):
+        return None
+    for b in blocks:
+        ts += b.grads
+        meta += [(b.row, 0, 1.0, None)] * len(b.grads)
+        if b.bufs is not None:
+            ts += b.bufs
+            meta += [(b.row, 1, b.a * b.a, None)] * len(b.bufs)
     return Sums.of_norms(rows, 2, ts, meta)
 
 

@@ -232,11 +232,15 @@ def test_half_precision_norms_accumulate_in_float32() -> None:
     assert cheap.values[-1][0] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("case", ["one_block", "two_groups", "mixed_dtypes", "large", "no_grad"])
+CASES = ["one_block", "two_groups", "mixed_dtypes", "large", "no_grad", "weight_decay", "wd_maximize", "wd_no_grad"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_blocks_and_their_fallbacks_measure_the_displacement(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without weight decay a group whose parameters all have a gradient and one history is one block, reduced
-    # by one Gram matrix on the CPU (Sums.of_blocks); mixed dtypes, more than _FLAT_MAX elements or a
-    # parameter without a gradient take the foreach norm (Sums.of_norms). Either way step_sq is the displacement.
+    # A group whose parameters all have a gradient and one history is one block, reduced by one Gram matrix on
+    # the CPU (Sums.of_blocks; with weight decay g = grad + wd x_k formed in the copy); mixed dtypes, more than
+    # _FLAT_MAX elements or a parameter without a gradient take the foreach norm (Sums.of_norms), or with weight
+    # decay the general path. Either way step_sq is the displacement and grad_sq eta^2 ||g||^2.
     from lightning_spa import diagnostics
 
     ps = _params()
@@ -245,23 +249,47 @@ def test_blocks_and_their_fallbacks_measure_the_displacement(case: str, monkeypa
     if case == "large":
         monkeypatch.setattr(diagnostics, "_FLAT_MAX", 100)
     groups = [{"params": ps[:1]}, {"params": ps[1:], "c": 0.5}] if case == "two_groups" else [{"params": ps}]
-    opt = SPA(groups, lr=0.5, c=0.2)
+    wd = 0.3 if case.startswith("w") else 0.0
+    opt = SPA(groups, lr=0.5, c=0.2, weight_decay=wd, maximize=case == "wd_maximize")
     meter = MomentumMeter(opt, every_n_steps=1, ema_decay=0.0, cosine_every_n_steps=None).attach()
-    foreach = []
-    of_norms = diagnostics.Sums.of_norms.__func__  # type: ignore[attr-defined]
-    monkeypatch.setattr(
-        diagnostics.Sums, "of_norms", classmethod(lambda cls, *a: foreach.append(1) or of_norms(cls, *a))
-    )
+    paths: list[str] = []
+    of_blocks, of_norms = diagnostics.Sums.of_blocks.__func__, diagnostics.Sums.of_norms.__func__  # type: ignore[attr-defined]
+
+    def blocks_spy(cls: type, *args: object) -> object:
+        sums = of_blocks(cls, *args)
+        paths.append("blocks" if sums is not None else "refused")
+        return sums
+
+    def norms_spy(cls: type, *args: object) -> object:
+        paths.append("foreach")
+        return of_norms(cls, *args)
+
+    monkeypatch.setattr(diagnostics.Sums, "of_blocks", classmethod(blocks_spy))
+    monkeypatch.setattr(diagnostics.Sums, "of_norms", classmethod(norms_spy))
     for k in range(4):
         opt.zero_grad()
         _loss(ps).backward()
-        if case == "no_grad" and k == 2:
+        if case.endswith("no_grad") and k == 2:
             ps[1].grad = None
         assert meter.before_step()
         x0 = [p.detach().clone() for p in ps]
+        grads = [None if p.grad is None else p.grad.clone() for p in ps]
         opt.step()
         assert meter.latest is not None and meter.latest.step == k
         rel = 1e-6 if case == "mixed_dtypes" else 1e-10
         assert meter.latest.values[-1][0] == pytest.approx(_displacement(ps, x0), rel=rel), k
-    expected = {"one_block": 0, "two_groups": 0, "mixed_dtypes": 4, "large": 4, "no_grad": 1}[case]
-    assert len(foreach) == expected
+        sign = -1.0 if case == "wd_maximize" else 1.0
+        etas = [h.eta for h in meter.latest.hypers] * (2 if len(opt.param_groups) == 1 else 1)  # per parameter
+        expected = sum(
+            eta**2 * float((sign * g + wd * x).square().sum())
+            for g, x, eta in zip(grads, x0, etas, strict=True)
+            if g is not None
+        )
+        assert meter.latest.values[-1][1] == pytest.approx(expected, rel=rel), k
+    expected_paths = {
+        "mixed_dtypes": ["refused", "foreach"] * 4,
+        "large": ["refused", "foreach"] * 4,
+        "no_grad": ["blocks", "blocks", "foreach", "blocks"],
+        "wd_no_grad": ["blocks", "blocks", "blocks"],  # step 2: measure_cheap's parameter-by-parameter path
+    }.get(case, ["blocks"] * 4)
+    assert paths == expected_paths
