@@ -1,6 +1,8 @@
 """Problems for the MeasuredMomentumOff tests, and a script for the 2-process DDP check.
 
-Usage: python tests/measured_off_problem.py {single,ddp,fsdp} OUT_DIR
+Usage: python tests/measured_off_problem.py {single,ddp,fsdp} OUT_DIR [{measured,off}]
+
+``measured`` (default): ``MeasuredMomentumOff``; ``off``: ``MomentumOff`` at step 40 with its guard.
 
 ``Objective`` minimises ``0.5 * h * ||W - T||^2 + noise * <W, xi_k>`` over one float64 vector
 ``W`` of ``dim`` entries; ``xi_k`` is a standard normal vector seeded by the optimizer step, so
@@ -73,12 +75,18 @@ MIXED = {"dim": 2000, "h": 1.0, "noise": 0.3, "eta": 0.2, "c": 0.2, "offset": 3.
 
 
 def main() -> None:
+    from lightning_spa import MomentumOff
     from lightning_spa.callbacks.measured import MeasuredMomentumOff
 
     mode, out = sys.argv[1], Path(sys.argv[2])
+    which = sys.argv[3] if len(sys.argv) > 3 else "measured"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    callback = MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+    callback: Any = (
+        MeasuredMomentumOff(warmup=10, patience=15, unit="step", transition_steps=8)
+        if which == "measured"
+        else MomentumOff(after_epochs=40, unit="step", transition_steps=8)
+    )
     cs: list[float] = []
 
     class Record(pl.Callback):
@@ -100,7 +108,11 @@ def main() -> None:
     w = model.w.detach()
     sharded = type(w).__name__ == "DTensor"
     full = w.full_tensor() if sharded else w  # type: ignore[attr-defined]
-    result = {"decided": callback.decided_steps[0], "cs": cs, "w_sum": float(full.sum()), "sharded": sharded}
+    guard = callback._guards.guards[0]
+    result = {
+        "decided": callback.decided_steps[0] if which == "measured" else None, "cs": cs, "w_sum": float(full.sum()),
+        "sharded": sharded, "guard": guard.state_dict(), "guard_sharded": callback._guards._sharded[0],
+    }  # fmt: skip
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 

@@ -9,6 +9,7 @@ A noisy quadratic (``tests/measured_off_problem.py``) at ``eta h = 4``, ``c = 0.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,7 +17,8 @@ import pytorch_lightning as pl
 import torch
 from measured_off_problem import Objective, loader
 
-from lightning_spa import MomentumGuard, MomentumOff
+from lightning_spa import SPA, MomentumGuard, MomentumOff
+from lightning_spa._lightning import LightningModule
 
 START, T, STEPS = 40, 10, 80
 DAMPING = {"dim": 200, "h": 1.0, "noise": 1.0, "eta": 4.0, "c": 0.2}
@@ -120,3 +122,51 @@ def test_pure_rule() -> None:
     unbounded.plan(START)
     unbounded.observe_ratio(START - 1, 1.7)
     assert not unbounded.check_start(START, eta=1.0)
+
+
+class _TwoObjectives(LightningModule):
+    """Manual optimization over two SPA optimizers: the damping quadratic and pure noise, each with its own noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.specs = [DAMPING, IDLE]
+        gen = torch.Generator().manual_seed(0)
+        self.targets = [torch.randn(int(s["dim"]), generator=gen, dtype=torch.float64) for s in self.specs]
+        self.ws = torch.nn.ParameterList(
+            [torch.nn.Parameter(t + torch.randn(t.shape, generator=gen, dtype=torch.float64)) for t in self.targets]
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for i, (opt, spec) in enumerate(zip(self.optimizers(), self.specs, strict=True)):
+            w = self.ws[i]
+            xi = torch.randn(
+                w.shape, generator=torch.Generator().manual_seed(1000 * i + batch_idx), dtype=torch.float64
+            )
+            loss = 0.5 * spec["h"] * (w - self.targets[i]).square().sum() + spec["noise"] * (w * xi).sum()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [SPA([w], lr=s["eta"], c=s["c"]) for w, s in zip(self.ws, self.specs, strict=True)]
+
+
+def test_two_optimizers_each_checked_on_its_own_ratio(package: ModuleType) -> None:
+    """One MomentumOff over two optimizers (manual optimization), under either Lightning package: the damping one is
+    postponed at its start and keeps c0, the idle one loses its momentum; the abort is logged with its suffix."""
+    callback = MomentumOff(after_epochs=START, unit="step", transition_steps=T)
+    trainer = package.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    model = _TwoObjectives()
+    trainer.fit(model, loader(STEPS))
+    damping, idle = (callback._guards.guards[i] for i in (0, 1))  # type: ignore[union-attr]
+    assert damping.start_ratio is not None and damping.start_ratio < 0.9 and damping.aborted_steps == [START]
+    assert idle.start_ratio is not None and 0.9 <= idle.start_ratio and idle.aborted_steps == []
+    damping_c, idle_c = (float(opt.param_groups[0]["c"]) for opt in trainer.optimizers)
+    assert (damping_c, idle_c) == (0.2, 1.0)
+    assert float(trainer.callback_metrics["spa/momentum_off_aborted/opt0"]) == START
+    assert "spa/momentum_off_aborted/opt1" not in trainer.callback_metrics
+    assert all(math.isfinite(float(w.detach().abs().max())) for w in model.ws)

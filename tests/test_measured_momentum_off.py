@@ -389,6 +389,27 @@ def test_two_rank_ddp_and_fsdp2_decide_at_the_same_step_as_one_process(tmp_path:
         assert rank["w_sum"] == pytest.approx(single["w_sum"], rel=1e-12)
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_momentum_off_guard_on_two_rank_ddp_and_fsdp2_matches_one_process(tmp_path: Path) -> None:
+    """MomentumOff's guard (its ratio meter before the removal, its ||g||^2 watch after) on the same problem: every
+    rank's guard state, c sequence and result equal one process's; under FSDP2 the guard knows W is sharded."""
+    script = Path(__file__).with_name("measured_off_problem.py")
+    results = {}
+    for mode in ("single", "ddp", "fsdp"):
+        run_script([str(script), mode, str(tmp_path / mode), "off"], cwd=tmp_path, what=f"the {mode} run",
+                   extra_env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+        results[mode] = [json.loads((tmp_path / mode / f"rank{r}.json").read_text())
+                         for r in range(1 if mode == "single" else 2)]  # fmt: skip
+    single = results["single"][0]
+    assert single["guard"]["episodes"][0][0] == 40 and single["guard"]["start_ratio"] is not None
+    assert [rank["guard_sharded"] for rank in results["fsdp"]] == [True, True]
+    for rank in results["ddp"] + results["fsdp"]:
+        assert rank["guard"]["episodes"] == single["guard"]["episodes"]
+        assert rank["guard"]["start_ratio"] == pytest.approx(single["guard"]["start_ratio"], rel=1e-9)
+        assert rank["cs"] == single["cs"]
+        assert rank["w_sum"] == pytest.approx(single["w_sum"], rel=1e-12)
+
+
 # ----- the reproduction script ------------------------------------------------------------------------
 
 

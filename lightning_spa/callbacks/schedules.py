@@ -390,11 +390,6 @@ class MomentumOff(SPAScheduleCallback):
             )
 
     # ----- the guard ----------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self._guards is not None:
-            self._guards.start_fit(trainer, self._clocks)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self._guards is not None:  # a resumed run holds what the uninterrupted one would
@@ -402,7 +397,9 @@ class MomentumOff(SPAScheduleCallback):
 
     def _start(self, trainer: pl.Trainer) -> None:
         # Before the clocks hook the optimizers: a meter's reading of a step reaches the guard before the clock
-        # writes the next one.
+        # writes the next one. The guards learn the optimizers here, where the clocks exist (several: /opt<i> names).
+        if self._guards is not None:
+            self._guards.start_fit(trainer, self._clocks)
         self._detach_meters()
         template = None if self._guards is None else self._guards.template
         if template is None or (template.low is None and template.high is None):
