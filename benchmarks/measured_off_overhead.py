@@ -158,18 +158,22 @@ def main(argv: list[str] | None = None) -> None:
         f"SPA(lr=1, c=0.1, weight_decay={args.weight_decay:g}); "
         f"{args.clock} clock"
     )
-    header = ("config", "median ms/step", "steps/s", "overhead, paired", "in callback ms/step", "in callback")
-    print(f"{header[0]:<10} {header[1]:>14} {header[2]:>8} {header[3]:>17} {header[4]:>20} {header[5]:>12}")
+    header = ("config", "median ms/step", "steps/s", "overhead, paired", "paired IQR", "in callback ms/step",
+              "in callback")  # fmt: skip
+    widths = (-10, 14, 8, 17, 15, 20, 12)
+    print(" ".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for config in CONFIGS:
         med = statistics.median(times[config])
-        paired = statistics.median(t / b - 1.0 for t, b in zip(times[config], times["baseline"], strict=True))
+        ratios = [t / b - 1.0 for t, b in zip(times[config], times["baseline"], strict=True)]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         cb = statistics.median(inside[config])
         print(
-            f"{config:<10} {1e3 * med:>14.3f} {1.0 / med:>8.1f} {100 * paired:>16.2f}% {1e3 * cb:>20.4f} "
-            f"{100 * cb / base:>11.2f}%"
+            f"{config:<10} {1e3 * med:>14.3f} {1.0 / med:>8.1f} {100 * statistics.median(ratios):>16.2f}% "
+            f"{f'{100 * low:.1f}..{100 * high:.1f}%':>15} {1e3 * cb:>20.4f} {100 * cb / base:>11.2f}%"
         )
     print(
-        "overhead, paired: median over rounds of (time/step) / (baseline time/step in the same round) - 1.\n"
+        "overhead, paired: median over rounds of (time/step) / (baseline time/step in the same round) - 1; paired IQR: "
+        "the middle half of those per-round values (how noisy the machine was).\n"
         f"in callback: wall time inside the callback's hooks and its meters' post-hooks per step, median over rounds, "
         f"and as a share of the baseline step ({1e3 * base:.3f} ms)."
     )
