@@ -389,18 +389,23 @@ class Sums:
         Only on the CPU, for float32/float64 tensors of one dtype and at most :data:`_FLAT_MAX` elements
         (the copy); None otherwise (:meth:`of_norms` then, or the general path with weight decay)."""
         first = blocks[0].grads[0]
-        if first.device.type != "cpu" or first.dtype not in _FLAT_DTYPES:
+        if not first.is_cpu or first.dtype not in _FLAT_DTYPES:
             return None
-        lists = [
-            [*b.grads, *(b.params if b.decay else ()), *(b.bufs if b.bufs is not None else ())] for b in blocks
-        ]
-        if sum(sum(map(_NUMEL, ts)) for ts in lists) > _FLAT_MAX:
+        lists = [[*b.grads, *(b.params if b.decay else ()), *(b.bufs if b.bufs is not None else ())] for b in blocks]
+        # the rows of a block are tensors of the same sizes: its parameters' elements times its rows
+        if (
+            sum(sum(map(_NUMEL, b.params)) * (len(ts) // len(b.params)) for b, ts in zip(blocks, lists, strict=True))
+            > _FLAT_MAX
+        ):
             return None
         sums = cls(rows, cols, dense=True)
         diagonals = []
         for b, ts in zip(blocks, lists, strict=True):
             try:
-                with torch.no_grad():  # the parameters' values only
+                if b.decay:
+                    with torch.no_grad():  # the parameters' values only
+                        flat = _flatten(ts)
+                else:  # gradients and buffers: no autograd history to drop
                     flat = _flatten(ts)
             except RuntimeError:  # tensors on several devices
                 return None
