@@ -5,6 +5,8 @@ The approach of ``benchmarks/diagnostics_overhead.py``: a real Lightning fit loo
 logger, validation, checkpointing or progress bar. Configurations:
 
 - ``baseline``: no callback;
+- ``no-op``: a callback with the same Lightning hooks and optimizer step hooks (two post-hooks, one
+  pre-hook) doing nothing: what any such callback costs in Lightning's loop, the floor under the others;
 - ``measuring``: ``MeasuredMomentumOff(warmup=0, patience=10**9, unit="step")``: the rule never
   decides, so every step is measured, the cost of the phase between the warm-up and the decision
   (the default measures every step there, with the meter's cheap measurement: two squared norms
@@ -52,7 +54,7 @@ from lightning_spa import SPA
 from lightning_spa.callbacks.measured import MeasuredMomentumOff
 from lightning_spa.demos.digits import DigitsCNN, DigitsDataModule
 
-CONFIGS = ("baseline", "measuring", "decided")
+CONFIGS = ("baseline", "no-op", "measuring", "decided")
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 _clock = _CLOCKS["wall"]
 
@@ -87,6 +89,24 @@ class _Timed(MeasuredMomentumOff):
         self.inside += _clock() - start
 
 
+class _NoOp(pl.Callback):
+    """The hooks MeasuredMomentumOff uses (its own, its clock's and its meter's), empty."""
+
+    inside = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        optimizer.register_step_pre_hook(lambda *args: None)
+        optimizer.register_step_post_hook(lambda *args: None)
+        optimizer.register_step_post_hook(lambda *args: None)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        pass
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 class _Timer(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = _clock()
@@ -100,8 +120,10 @@ def run_once(config: str, steps: int, weight_decay: float = 0.0) -> tuple[float,
     pl.seed_everything(0, verbose=False)
     timer = _Timer()
     callbacks: list[Any] = [timer]
-    measured = None
-    if config == "measuring":
+    measured: Any = None
+    if config == "no-op":
+        measured = _NoOp()
+    elif config == "measuring":
         measured = _Timed(warmup=0, patience=10**9, unit="step", transition_steps=10)
     elif config == "decided":
         # low=0.01: the first step's ratio c (2 - c) counts as idle, so the rule decides at step 0

@@ -35,10 +35,14 @@ Two ways to measure a step, both exact per parameter (each parameter's own histo
   ``x_{k+1} - x_k = -a m_{k+1}`` with the buffer after the step, ``a = c_k t_k`` for SPA
   (``t_k = max(s_k, eta_k)`` is the ``prev_eta`` the step leaves, :func:`lightning_spa.theorem.spa_step`)
   and ``a = alpha_k`` for torch SGD, so ``step_sq = sum_p a_p^2 ||m_{k+1,p}||^2`` and
-  ``grad_sq = eta_k^2 sum_p ||g_{k,p}||^2``: two squared norms per parameter (one ``foreach`` norm),
-  of the gradient the step consumed (after clipping), no copy of the parameters. With weight decay
-  ``||g_k|| = ||grad +- wd x_k||`` with ``x_k = x_{k+1} + a m_{k+1}``, formed in one gradient-sized
-  temporary (the one torch's foreach SGD allocates at every step with weight decay). No cosine. It needs a buffer
+  ``grad_sq = eta_k^2 sum_p ||g_{k,p}||^2``: two squared norms per parameter, of the gradient the
+  step consumed (after clipping). With weight decay ``||g_k|| = ||grad +- wd x_k||`` with
+  ``x_k = x_{k+1} + a m_{k+1}``, formed in one gradient-sized temporary (the one torch's foreach SGD
+  allocates at every step with weight decay). How: a param group whose parameters share one history
+  (the steady state) is a :class:`Block`; on the CPU, for small float tensors, a block's rows are
+  copied into one matrix and reduced by its Gram matrix (a few kernels, where a ``foreach`` norm on
+  the CPU runs one per tensor: ``MeasuredMomentumOff`` measures every step); otherwise one
+  ``foreach`` norm (a GPU's fused kernel) or, with weight decay, one temporary per tensor. No cosine. It needs a buffer
   after the step (:func:`cheap_supported`): not for SPA at ``c = 1`` (buffers dropped), torch SGD
   at momentum 0, sparse gradients, or optimizers that unscale AMP gradients inside their step.
 
