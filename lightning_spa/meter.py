@@ -139,12 +139,12 @@ class DiagnosticsEMA:
         isfinite = math.isfinite
         for row in rows:
             a, b, c = row[0], row[1], row[2]
-            cos = cosine_of(row)
+            cos = cosine_of(row) if row[5] else None  # m_sq = 0 (a cheap sample, a first step): no cosine
             if not (isfinite(a) and isfinite(b) and isfinite(c)) or (cos is not None and not isfinite(cos)):
                 return False
             new.append((a, b, c, cos))
         step, decay = float(step), self.decay
-        weight_of: dict[float, float] = {}  # 1 - decay**gap, once per gap
+        weight_of: dict[float, float] = {1.0: 1.0 - decay}  # 1 - decay**gap, once per gap
         for values, weights, last, sample in zip(self.values, self.weights, self.last, new, strict=True):
             for j, value in enumerate(sample):
                 if value is None:
@@ -498,17 +498,17 @@ class MomentumMeter:
             samples = cheap_samples(tables[0], hypers)
         else:
             samples = full_samples(first, tables[0], tables[1], hypers, scale_value, tail)
-        if not self.per_group:
-            samples = samples[-1:]
-        self._reconcile(unsure_value)
+        samples = self._fit_rows(samples) if self.per_group else samples[-1:]
+        if self._unsure:
+            self._reconcile(unsure_value)
         step = self._taken - self._skipped  # the step's index (this step is not counted yet)
         taken = inf_value == 0.0
-        ok = self.ema.update(self._fit_rows(samples), step, default_gap=self.every_n_steps or 1, accept=taken)
+        ok = self.ema.update(samples, step, default_gap=self.every_n_steps or 1, accept=taken)
         status = "ok" if ok else "nonfinite" if taken else "skipped"
         rows = self.ema.rows()
         if self.per_group:
             rows = [*rows[: len(hypers)], rows[-1]]  # the groups this optimizer has now, then the total
-        self._emit(Reading(step, hypers, list(self.groups), rows, status, samples[-1][4]))
+        self._emit(Reading(step, hypers, list(self.groups), rows, status, samples[-1][4]))  # g_sq: the total row
         return status
 
     def _emit(self, reading: Reading) -> None:
