@@ -193,8 +193,8 @@ class SPAScheduleCallback(Callback):
     def _clock_of(self, optimizer: Any) -> OptimizerClock | None:
         """This callback's clock of ``optimizer`` (a torch optimizer or a ``LightningOptimizer``), or None.
 
-        A look-up among the selected optimizers (those with a clock), for the per-step hooks: cheaper
-        than :func:`~lightning_spa.callbacks._select.index_of`, which walks ``trainer.optimizers``."""
+        A look-up among this callback's clocks (its selected optimizers), for the per-step hooks: no walk of
+        ``trainer.optimizers`` (a property chain through the strategy) on every step."""
         raw = unwrap_optimizer(optimizer)
         for clock in self._clocks.values():
             if clock.optimizer is raw:
