@@ -396,13 +396,20 @@ class Sums:
         if not first.is_cpu or first.dtype not in _FLAT_DTYPES:
             return None
         lists = [[*b.grads, *(b.params if b.decay else ()), *(b.bufs if b.bufs is not None else ())] for b in blocks]
-        if sum(sum(map(_NUMEL, ts)) for ts in lists) > _FLAT_MAX:
+        # the rows of a block are tensors of the same sizes: its parameters' elements times its rows
+        if (
+            sum(sum(map(_NUMEL, b.params)) * (len(ts) // len(b.params)) for b, ts in zip(blocks, lists, strict=True))
+            > _FLAT_MAX
+        ):
             return None
         sums = cls(rows, cols, dense=True)
         diagonals = []
         for b, ts in zip(blocks, lists, strict=True):
             try:
-                with torch.no_grad():  # the parameters' values only (with weight decay)
+                if b.decay:
+                    with torch.no_grad():  # the parameters' values only
+                        flat = _flatten(ts)
+                else:  # gradients and buffers: no autograd history to drop
                     flat = _flatten(ts)
             except RuntimeError:  # tensors on several devices
                 return None

@@ -139,12 +139,12 @@ class DiagnosticsEMA:
         isfinite = math.isfinite
         for row in rows:
             a, b, c = row[0], row[1], row[2]
-            cos = cosine_of(row)
+            cos = cosine_of(row) if row[5] else None  # m_sq = 0 (a cheap sample, a first step): no cosine
             if not (isfinite(a) and isfinite(b) and isfinite(c)) or (cos is not None and not isfinite(cos)):
                 return False
             new.append((a, b, c, cos))
         step, decay = float(step), self.decay
-        weight_of: dict[float, float] = {}  # 1 - decay**gap, once per gap
+        weight_of: dict[float, float] = {1.0: 1.0 - decay}  # 1 - decay**gap, once per gap
         for values, weights, last, sample in zip(self.values, self.weights, self.last, new, strict=True):
             for j, value in enumerate(sample):
                 if value is None:
@@ -488,7 +488,7 @@ class MomentumMeter:
         # The step's flags travel with the sums: the one host-device sync of a measurement.
         attributes = vars(optimizer)  # set by GradScaler around a step that unscales inside it (fused SGD)
         grad_scale, found_inf = attributes.get("grad_scale"), attributes.get("found_inf")
-        unsure = self._unsure_count()
+        unsure = self._unsure_count() if self._unsure else None
         flags = [t for t in (found_inf, unsure, grad_scale) if t is not None]
         tables, tail = read_sums(parts, self.sharded, [*flags, *(first.tensor_scales if first else ())])
         inf_value = tail.pop(0) if found_inf is not None else 0.0
@@ -499,7 +499,8 @@ class MomentumMeter:
         else:
             samples = full_samples(first, tables[0], tables[1], hypers, scale_value, tail)
         samples = self._fit_rows(samples) if self.per_group else samples[-1:]
-        self._reconcile(unsure_value)
+        if self._unsure:
+            self._reconcile(unsure_value)
         step = self._taken - self._skipped  # the step's index (this step is not counted yet)
         taken = inf_value == 0.0
         ok = self.ema.update(samples, step, default_gap=self.every_n_steps or 1, accept=taken)
