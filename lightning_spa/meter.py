@@ -488,7 +488,7 @@ class MomentumMeter:
         # The step's flags travel with the sums: the one host-device sync of a measurement.
         attributes = vars(optimizer)  # set by GradScaler around a step that unscales inside it (fused SGD)
         grad_scale, found_inf = attributes.get("grad_scale"), attributes.get("found_inf")
-        unsure = self._unsure_count() if self._unsure else None
+        unsure = self._unsure_count() if self._unsure else None  # hot path: no call when there is nothing
         flags = [t for t in (found_inf, unsure, grad_scale) if t is not None]
         tables, tail = read_sums(parts, self.sharded, [*flags, *(first.tensor_scales if first else ())])
         inf_value = tail.pop(0) if found_inf is not None else 0.0
