@@ -293,3 +293,30 @@ def test_blocks_and_their_fallbacks_measure_the_displacement(case: str, monkeypa
         "wd_no_grad": ["blocks", "blocks", "blocks"],  # step 2: measure_cheap's parameter-by-parameter path
     }.get(case, ["blocks"] * 4)
     assert paths == expected_paths
+
+
+def test_ratio_meter_loads_a_per_group_state_and_reads_its_total_row() -> None:
+    # A checkpoint of MeasuredMomentumOff from before its meter kept one row holds a row per group plus the total:
+    # loaded into the ratio-only meter (per_group=False), the total row continues, the same as a per-group meter.
+    ps = _params()
+    opt = SPA([{"params": ps[:1]}, {"params": ps[1:], "c": 0.5}], lr=0.5, c=0.2)
+    full = MomentumMeter(opt, every_n_steps=1, ema_decay=0.9, cosine_every_n_steps=None).attach()
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(ps).backward()
+        assert full.before_step()
+        opt.step()
+    state = full.state_dict()
+    assert len(state["ema"]["values"]) == 3  # two groups and the total
+    readings: list[Reading] = []
+    ratio = MomentumMeter.ratio_only(opt, 0.9, state, readings.append)
+    assert ratio.ema.n_rows == 1 and ratio.ema.values[0] == full.ema.values[-1]
+    opt.zero_grad()
+    _loss(ps).backward()
+    assert full.before_step()
+    ratio.measure_next_step()
+    assert ratio.before_step()
+    opt.step()
+    assert full.latest is not None and len(readings) == 1 and len(readings[0].values) == 1
+    assert readings[0].values[0] == pytest.approx(full.latest.values[-1], rel=1e-12, nan_ok=True)
+    assert readings[0].ratio == pytest.approx(full.latest.ratio, rel=1e-12)
